@@ -1,0 +1,36 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make demo   -- real heatmap query (efficientnet-lite0, real ImageNet weights, bundled photo)
+#   make test   -- the test suite
+# Each creates (or reuses) .venv and installs the project into it in editable mode.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kql-installed
+
+.PHONY: demo test venv clean bench docs
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p out
+	$(VENV)/bin/kql -c "EXPLAIN SELECT HEATMAP FROM coffee USING efficientnet_lite0 PATCH 16 STRIDE 8; \
+	SELECT HEATMAP FROM coffee USING efficientnet_lite0 PATCH 16 STRIDE 8 INTO 'out/coffee_heatmap.png';"
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/occlusion_bench.py
+
+docs: $(STAMP)
+	$(PY) scripts/plot_speedup.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

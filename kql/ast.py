@@ -1,0 +1,144 @@
+"""The KQL abstract syntax tree: frozen dataclasses, one per statement.
+
+The parser (``kql.parser``) builds these from ``grammar/kql.lark``; the planner
+reads them. Nothing here knows about models or images: names are resolved by
+the planner against the session (``kql.api.Connection``).
+
+Coordinates and sizes are in pixels of the *model's input* (after resizing),
+and pairs are ``(height, width)`` / ``(y, x)`` unless a name says otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the image comes from.
+
+    kind: ``"path"`` for a quoted file path, ``"name"`` for an identifier (a
+    name bound from Python or by ``LOAD IMAGE``, else a bundled sample image).
+    """
+    kind: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Color:
+    """The occlusion patch colour.
+
+    kind: ``"black"``, ``"gray"``, ``"mean"`` (the image's per-channel mean),
+    ``"value"`` (one intensity for all channels) or ``"rgb"``.
+    value: intensities on the 0-255 pixel scale for ``value``/``rgb``, else ``None``.
+    """
+    kind: str = "gray"
+    value: Optional[tuple[float, ...]] = None
+
+
+@dataclass(frozen=True)
+class Label:
+    """Which class probability the heatmap shows.
+
+    kind: ``"predicted"`` (the top class of the unoccluded image), ``"index"``
+    or ``"name"`` (a class name, matched case-insensitively).
+    """
+    kind: str = "predicted"
+    value: Union[int, str, None] = None
+
+
+@dataclass(frozen=True)
+class Region:
+    """A crop of the model input, ``x0 <= x < x1``, ``y0 <= y < y1`` (pixels)."""
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+@dataclass(frozen=True)
+class Select:
+    """``SELECT HEATMAP FROM ... USING ... PATCH ... STRIDE ...`` and its clauses."""
+    source: Source
+    model: str
+    patch: tuple[int, int]
+    stride: tuple[int, int]
+    weights: Optional[str] = None
+    color: Color = field(default_factory=Color)
+    label: Label = field(default_factory=Label)
+    region: Optional[Region] = None
+    mode: Optional[str] = None          # "naive" | "exact" | None (the optimizer picks the best exact mode)
+    batch: Optional[int] = None         # None: sized from the memory budget
+    device: Optional[str] = None        # "cpu" | "cuda" | None (session setting)
+    into: Optional[str] = None          # output .png or .npy path
+
+
+@dataclass(frozen=True)
+class Explain:
+    """``EXPLAIN [ANALYZE] <select>``."""
+    select: Select
+    analyze: bool = False
+
+
+@dataclass(frozen=True)
+class Describe:
+    """``DESCRIBE <model> [WEIGHTS '<file>'] [INPUT <h>x<w>] [PATCH <n> STRIDE <s>]``."""
+    model: str
+    weights: Optional[str] = None
+    input_size: Optional[tuple[int, int]] = None
+    patch: Optional[tuple[int, int]] = None
+    stride: Optional[tuple[int, int]] = None
+
+
+@dataclass(frozen=True)
+class ShowModels:
+    """``SHOW MODELS``."""
+
+
+@dataclass(frozen=True)
+class ShowImages:
+    """``SHOW IMAGES``."""
+
+
+@dataclass(frozen=True)
+class ShowSettings:
+    """``SHOW SETTINGS``."""
+
+
+@dataclass(frozen=True)
+class LoadImage:
+    """``LOAD IMAGE '<file>' AS <name>``."""
+    path: str
+    name: str
+
+
+@dataclass(frozen=True)
+class LoadModel:
+    """``LOAD MODEL '<file>' AS <name> [ARCHITECTURE <arch>] [TRUSTED]``.
+
+    With ``ARCHITECTURE`` the file is a state dict for that torchvision
+    architecture, loaded with ``weights_only=True``. Without it the file is a
+    whole pickled module, which runs pickled code on load and is therefore
+    refused unless ``TRUSTED`` is given.
+    """
+    path: str
+    name: str
+    architecture: Optional[str] = None
+    trusted: bool = False
+
+
+@dataclass(frozen=True)
+class Set:
+    """``SET <option> = <value>``; value is an int, float, bool or str."""
+    option: str
+    value: Union[int, float, bool, str]
+
+
+@dataclass(frozen=True)
+class Help:
+    """``HELP [<topic>]``."""
+    topic: Optional[str] = None
+
+
+Statement = Union[Select, Explain, Describe, ShowModels, ShowImages, ShowSettings,
+                  LoadImage, LoadModel, Set, Help]
