@@ -1,0 +1,243 @@
+"""The text of ``HELP [<topic>]``: an overview, and per topic its syntax and one example.
+
+>>> print(help_text("patch").splitlines()[0])
+PATCH <n>[x<m>]
+>>> help_text("nope")
+Traceback (most recent call last):
+    ...
+kql.errors.KqlError: unknown HELP topic 'nope'; topics: BATCH, COLOR, DESCRIBE, EXACT, EXPLAIN, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, STRIDE, WEIGHTS
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from kql.errors import KqlError
+
+__all__ = ["help_text", "TOPICS"]
+
+_OVERVIEW = """\
+KQL explains a CNN's prediction by occlusion: it slides a patch over the image,
+re-runs the model for each position and records the class probability as a heatmap.
+
+Statements (end each with ';'; keywords are case-insensitive, '--' starts a comment):
+  SELECT HEATMAP FROM <image> USING <model> PATCH <n> STRIDE <n> [clauses]
+                                       compute an occlusion heatmap
+  EXPLAIN [ANALYZE] SELECT ...         show the plan (ANALYZE also runs it and times it)
+  DESCRIBE <model> [INPUT <h>x<w>] [PATCH <n> STRIDE <n>]
+                                       show a model's layers, shapes and costs
+  SHOW MODELS | IMAGES | SETTINGS      list what the session knows
+  LOAD IMAGE '<file>' AS <name>        bind an image file to a name
+  LOAD MODEL '<file>' AS <name> [ARCHITECTURE <arch>] [TRUSTED]
+                                       bind a model file to a name
+  SET <option> = <value>               change a session setting
+  HELP [<topic>]                       this text, or help on one topic
+
+SELECT clauses: WEIGHTS, PATCH, STRIDE, COLOR, LABEL, REGION, NAIVE/EXACT, BATCH, ON, INTO.
+Topics: {topics}.
+Example:
+  SELECT HEATMAP FROM coffee USING efficientnet_lite0 PATCH 16 STRIDE 8 INTO 'coffee.png';"""
+
+_SELECT = """\
+SELECT HEATMAP FROM <image> USING <model> [WEIGHTS '<file>']
+    PATCH <n>[x<m>] STRIDE <n>[x<m>]
+    [COLOR BLACK | GRAY | GREY | MEAN | <number> | (<r>, <g>, <b>)]
+    [LABEL <index> | '<class name>' | PREDICTED]
+    [REGION (<x0>, <y0>, <x1>, <y1>)]
+    [NAIVE | EXACT] [BATCH <n>] [ON CPU | CUDA] [INTO '<file>']
+
+Occludes the image with a patch at every stride step, runs the model on each
+occluded image and returns the heatmap of the chosen class probability.
+<image> is a quoted file path or a name (LOAD IMAGE, a Python binding, or a
+bundled sample such as coffee). <model> is a torchvision architecture name or
+a name bound by LOAD MODEL. PATCH and STRIDE are required; the clauses after
+USING <model> may come in any order, each at most once.
+Sizes are height x width: PATCH 16x8 is 16 rows by 8 columns; PATCH 16 is 16x16.
+Example:
+  SELECT HEATMAP FROM 'cat.jpg' USING resnet18 PATCH 16 STRIDE 4 COLOR BLACK LABEL 'tabby';"""
+
+_EXPLAIN = """\
+EXPLAIN [ANALYZE] SELECT HEATMAP ...
+
+Shows the plan the optimizer chose for a SELECT: the layers, how much of each
+is recomputed per patch position, the estimated cost and the rewrites applied.
+With ANALYZE the query also runs, and the plan shows measured times.
+Example:
+  EXPLAIN SELECT HEATMAP FROM coffee USING vgg16 PATCH 16 STRIDE 8;"""
+
+_DESCRIBE = """\
+DESCRIBE <model> [WEIGHTS '<file>'] [INPUT <h>x<w>] [PATCH <n>[x<m>] STRIDE <n>[x<m>]]
+
+Shows a model's layers with their kinds and output shapes for the given input
+size. With PATCH and STRIDE (always together) it also shows how far a patch
+change spreads through each layer.
+Example:
+  DESCRIBE resnet18 INPUT 224x224 PATCH 16 STRIDE 4;"""
+
+_SHOW = """\
+SHOW MODELS | SHOW IMAGES | SHOW SETTINGS
+
+Lists the models (built in and loaded), the images (bound and bundled), or
+the session settings with their current values.
+Example:
+  SHOW SETTINGS;"""
+
+_LOAD = """\
+LOAD IMAGE '<file>' AS <name>
+LOAD MODEL '<file>' AS <name> [ARCHITECTURE <arch>] [TRUSTED]
+
+Binds a file to a name for later queries. With ARCHITECTURE the model file is
+a state dict for that torchvision architecture and is loaded safely. Without
+it the file is a whole pickled model, which runs code when loaded: it is
+refused unless you add TRUSTED.
+Examples:
+  LOAD IMAGE 'photos/dog.png' AS dog;
+  LOAD MODEL 'ckpt/resnet18_finetuned.pt' AS mine ARCHITECTURE resnet18;"""
+
+_SET = """\
+SET <option> = <value>
+
+Changes a session setting. A value is a number, a quoted string, an
+identifier, or TRUE / FALSE / ON / OFF (booleans; quote them for the word).
+Option names are case-insensitive.
+  device        cpu | cuda          where queries run (ON CPU / ON CUDA overrides it)
+  batch_size    <int>               positions per model call; 0 (default) sizes
+                                    batches from memory_limit (BATCH overrides it)
+  memory_limit  2GB, '512MiB', ...  memory the occluded batch may take
+  progress      auto | on | off     progress bar; auto shows it on a terminal
+  mode          auto | exact | naive
+                                    the default for NAIVE / EXACT; auto picks the
+                                    fastest exact plan
+Example:
+  SET memory_limit = '2GB';"""
+
+_HELP = """\
+HELP [<topic>]
+
+Without a topic, lists the statements. With one, shows its syntax and an
+example. Topics: {topics}.
+Example:
+  HELP COLOR;"""
+
+_WEIGHTS = """\
+WEIGHTS '<file>'
+
+Loads the model's weights from a state-dict file instead of the pretrained
+ones (SELECT and DESCRIBE).
+Example:
+  SELECT HEATMAP FROM cat USING resnet18 WEIGHTS 'resnet18_cats.pt' PATCH 16 STRIDE 4;"""
+
+_PATCH = """\
+PATCH <n>[x<m>]
+
+The occlusion patch size in pixels of the model input, height x width:
+PATCH 16 is 16x16, PATCH 16x8 is 16 rows by 8 columns. Required in SELECT.
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16x8 STRIDE 4;"""
+
+_STRIDE = """\
+STRIDE <n>[x<m>]
+
+How far the patch moves between positions, height x width: STRIDE 4 moves
+4 pixels down and across, STRIDE 8x4 moves 8 down and 4 across. A smaller
+stride gives a finer heatmap and more positions to compute. Required in SELECT.
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 8x4;"""
+
+_COLOR = """\
+COLOR BLACK | GRAY | GREY | MEAN | <number> | (<r>, <g>, <b>)
+
+The patch colour. Numbers are intensities on the 0-255 pixel scale; MEAN is
+the image's per-channel mean. The default is GRAY.
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 COLOR (255, 0, 0);"""
+
+_LABEL = """\
+LABEL <index> | '<class name>' | PREDICTED
+
+Which class probability the heatmap shows: a class index, a class name
+(matched case-insensitively), or the class the model predicts for the
+unoccluded image (the default).
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 LABEL 'tabby';"""
+
+_REGION = """\
+REGION (<x0>, <y0>, <x1>, <y1>)
+
+Occludes only inside a crop of the model input: x0 <= x < x1 and
+y0 <= y < y1, in pixels. Note the order: x before y here, while sizes are
+height x width.
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 8 STRIDE 2 REGION (64, 32, 160, 128);"""
+
+_MODE = """\
+NAIVE | EXACT
+
+NAIVE re-runs the whole model for every patch position. EXACT recomputes
+only the part of each layer the patch changes and gives the same heatmap.
+Without either, the mode setting decides (auto: the fastest exact plan).
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 NAIVE;"""
+
+_BATCH = """\
+BATCH <n>
+
+How many occluded images go through the model at once. Without it the
+batch_size setting decides (0: sized from memory_limit).
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 BATCH 64;"""
+
+_DEVICE = """\
+ON CPU | CUDA
+
+Where this query runs; without it, the device setting decides.
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 ON CUDA;"""
+
+_INTO = """\
+INTO '<file>'
+
+Writes the heatmap to a file: '.png' for an image, '.npy' for the array of
+probabilities.
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 INTO 'cat_heatmap.png';"""
+
+TOPICS: dict[str, str] = {
+    "SELECT": _SELECT,
+    "EXPLAIN": _EXPLAIN,
+    "DESCRIBE": _DESCRIBE,
+    "SHOW": _SHOW,
+    "LOAD": _LOAD,
+    "SET": _SET,
+    "HELP": _HELP,
+    "WEIGHTS": _WEIGHTS,
+    "PATCH": _PATCH,
+    "STRIDE": _STRIDE,
+    "COLOR": _COLOR,
+    "LABEL": _LABEL,
+    "REGION": _REGION,
+    "NAIVE": _MODE,
+    "EXACT": _MODE,
+    "BATCH": _BATCH,
+    "ON": _DEVICE,
+    "INTO": _INTO,
+}
+"""Help topics (upper case) and their text."""
+
+
+def help_text(topic: Optional[str] = None) -> str:
+    """The text of ``HELP`` (``topic=None``) or ``HELP <topic>``.
+
+    Args:
+        topic: a statement or SELECT clause keyword, any case; ``None`` for
+            the overview.
+
+    Raises:
+        KqlError: the topic is unknown; the message lists the topics.
+    """
+    names = ", ".join(sorted(TOPICS))
+    if topic is None:
+        return _OVERVIEW.format(topics=names)
+    text = TOPICS.get(topic.strip().upper())
+    if text is None:
+        raise KqlError(f"unknown HELP topic {topic!r}; topics: {names}")
+    return text.format(topics=names) if text is _HELP else text
