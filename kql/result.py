@@ -1,0 +1,284 @@
+"""The answer to a SELECT HEATMAP query: :class:`HeatmapResult`.
+
+The heatmap lives on the *position grid*: ``heatmap[i, j]`` is the probability
+of the label when the patch's top-left corner is at ``(ys[i], xs[j])`` in the
+model-input image. :meth:`HeatmapResult.pixel_map` spreads it back onto pixels.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from kql.ast import Region
+from kql.errors import ExecutionError, PlanError
+
+__all__ = ["HeatmapResult", "check_output_path"]
+
+_FORMATS = (".png", ".npy")
+
+
+def check_output_path(path: str | os.PathLike) -> str:
+    """Check that ``INTO '<path>'`` can be written, before any work is done.
+
+    Args:
+        path: the output file; its extension picks the format.
+
+    Returns:
+        The lower-cased extension, ``".png"`` or ``".npy"``.
+
+    Raises:
+        PlanError: "cannot write 'x.jpg': INTO takes a .png or .npy file",
+            the directory does not exist, or the path is a directory.
+
+    >>> check_output_path("heatmap.NPY")
+    '.npy'
+    """
+    shown = os.fspath(path)
+    ext = os.path.splitext(shown)[1].lower()
+    if ext not in _FORMATS:
+        raise PlanError(f"cannot write '{shown}': INTO takes a .png or .npy file")
+    if os.path.isdir(shown):
+        raise PlanError(f"cannot write '{shown}': it is a directory")
+    parent = os.path.dirname(shown) or "."
+    if not os.path.isdir(parent):
+        raise PlanError(f"cannot write '{shown}': directory '{parent}' does not exist (create it first)")
+    return ext
+
+
+@dataclass(repr=False)
+class HeatmapResult:
+    """An occlusion heatmap and everything needed to read it.
+
+    Attributes:
+        heatmap: float32 ``(rows, cols)``: the label's probability with the
+            patch at each grid position.
+        label: the class index the heatmap is for.
+        label_name: its display name, or ``None`` when the model has no names.
+        p_original: the label's probability on the unoccluded image.
+        ys, xs: int arrays, the top-left row of each grid row and the left
+            column of each grid column, in model-input pixels. The last one may
+            be closer than a stride to its neighbour: the grid always reaches
+            the region's far edge.
+        patch, stride: ``(h, w)`` in pixels.
+        region: the occluded crop of the model input (``kql.ast.Region``), or
+            ``None`` for the whole image.
+        image: the display image, float ``HxWx3`` in ``[0, 1]`` (the model
+            input before normalisation).
+        model: the model's name.
+        mode: how it was computed ("naive", "exact", ...).
+        timings: stage name -> seconds; ``"total"``, when present, is the
+            query's wall time.
+        plan: the plan that ran (any object), or ``None``.
+        plan_text: the EXPLAIN text, or ``""``.
+        warnings: things the user should know (e.g. random weights).
+        output_path: where :meth:`save` last wrote, or ``None``.
+    """
+    heatmap: np.ndarray
+    label: int
+    label_name: Optional[str]
+    p_original: float
+    ys: np.ndarray
+    xs: np.ndarray
+    patch: tuple[int, int]
+    stride: tuple[int, int]
+    region: Optional[Region]
+    image: np.ndarray
+    model: str
+    mode: str
+    timings: dict[str, float] = field(default_factory=dict)
+    plan: Any = None
+    plan_text: str = ""
+    warnings: list[str] = field(default_factory=list)
+    output_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.heatmap = np.asarray(self.heatmap, dtype=np.float32)
+        self.ys = np.asarray(self.ys, dtype=np.int64).reshape(-1)
+        self.xs = np.asarray(self.xs, dtype=np.int64).reshape(-1)
+        self.label = int(self.label)
+        self.p_original = float(self.p_original)
+        self.patch = (int(self.patch[0]), int(self.patch[1]))
+        self.stride = (int(self.stride[0]), int(self.stride[1]))
+        if self.heatmap.shape != (len(self.ys), len(self.xs)):
+            raise ValueError(f"HeatmapResult: heatmap shape {self.heatmap.shape} does not match the "
+                             f"grid of {len(self.ys)} rows x {len(self.xs)} columns (len(ys) x len(xs))")
+        if np.asarray(self.image).ndim != 3:
+            raise ValueError(f"HeatmapResult: image must be HxWx3, got shape {np.shape(self.image)}")
+
+    # -- derived views --------------------------------------------------------
+    @property
+    def drop(self) -> np.ndarray:
+        """``p_original - heatmap``: how much occluding each position lowers the
+        label's probability (high = important)."""
+        return np.float32(self.p_original) - self.heatmap
+
+    @property
+    def label_text(self) -> str:
+        """The label for people: its name, or ``class <index>``."""
+        return self.label_name if self.label_name is not None else f"class {self.label}"
+
+    def pixel_map(self) -> np.ndarray:
+        """The heatmap on the image's pixels.
+
+        Each pixel gets the mean heatmap value over all patch positions whose
+        patch covers it, and NaN where no patch does (outside the region).
+        Computed with 2-D prefix sums: each position adds its value at its
+        patch's top-left corner and subtracts it past the other corners, so
+        the cost is O(positions + pixels), not O(positions x patch area).
+
+        Returns:
+            float32 array ``(H, W)`` of the display image's size.
+
+        >>> r = HeatmapResult(np.array([[1.0, 3.0]]), 0, None, 1.0, [0], [0, 1], (1, 2), (1, 1),
+        ...                   None, np.zeros((1, 3, 3)), "m", "naive")
+        >>> r.pixel_map().tolist()
+        [[1.0, 2.0, 3.0]]
+        """
+        H, W = np.asarray(self.image).shape[:2]
+        ph, pw = self.patch
+        # Clip patches to the image; a patch wholly outside contributes nothing.
+        y0 = np.clip(self.ys, 0, H)
+        y1 = np.clip(self.ys + ph, 0, H)
+        x0 = np.clip(self.xs, 0, W)
+        x1 = np.clip(self.xs + pw, 0, W)
+        Y0, X0 = np.meshgrid(y0, x0, indexing="ij")
+        Y1, X1 = np.meshgrid(y1, x1, indexing="ij")
+        values = self.heatmap.astype(np.float64)
+
+        def spread(weights: np.ndarray) -> np.ndarray:
+            acc = np.zeros((H + 1, W + 1), dtype=np.float64)
+            np.add.at(acc, (Y0, X0), weights)
+            np.add.at(acc, (Y0, X1), -weights)
+            np.add.at(acc, (Y1, X0), -weights)
+            np.add.at(acc, (Y1, X1), weights)
+            return acc.cumsum(axis=0).cumsum(axis=1)[:H, :W]
+
+        total = spread(values)
+        count = spread(np.ones_like(values))
+        # Prefix sums leave tiny residues (~1e-16) in uncovered pixels: round counts.
+        count = np.rint(count)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        return out.astype(np.float32)
+
+    # -- output ---------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the result: ``.png`` a figure, ``.npy`` the heatmap array.
+
+        The PNG shows the image with the pixel map overlaid (perceptual
+        colormap ``inferno``, semi-transparent), the region outlined when it is
+        not the whole image, a colorbar labelled ``P(<label>)`` with the
+        unoccluded probability marked, and the title ``<model>: <label>
+        (p=0.908)``. The ``.npy`` file holds ``heatmap`` (rows x cols, float32).
+
+        The file appears atomically: it is written to a temporary file in the
+        same directory and renamed over ``path``, so a failure never leaves a
+        partial file (and never clobbers an existing one).
+
+        Args:
+            path: the output file.
+
+        Returns:
+            ``path`` as a string (also stored in ``output_path``).
+
+        Raises:
+            PlanError: the extension is not ``.png``/``.npy`` or the directory
+                does not exist (see :func:`check_output_path`).
+            ExecutionError: writing failed (disk full, permissions...).
+        """
+        shown = os.fspath(path)
+        ext = check_output_path(shown)
+        directory, base = os.path.split(shown)
+        tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(tmp, "xb") as f:
+                if ext == ".npy":
+                    np.save(f, self.heatmap)
+                else:
+                    self._figure().savefig(f, format="png", dpi=100, bbox_inches="tight")
+            os.replace(tmp, shown)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                reason = e.strerror or str(e)
+                raise ExecutionError(f"cannot write '{shown}': {reason}") from e
+            raise
+        self.output_path = shown
+        return shown
+
+    def _figure(self):
+        """The PNG figure (object-oriented matplotlib: no pyplot global state)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
+
+        image = np.clip(np.asarray(self.image, dtype=np.float32), 0.0, 1.0)
+        H, W = image.shape[:2]
+        pixels = self.pixel_map()
+        lo, hi = float(np.min(self.heatmap)), float(np.max(self.heatmap))
+        if hi - lo < 1e-6:  # a flat map still needs a visible colour range
+            lo, hi = lo - 0.5e-3, hi + 0.5e-3
+
+        scale = 6.0 / max(H, W)
+        fig = Figure(figsize=(max(W * scale, 2.5) + 1.4, max(H * scale, 2.5)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.imshow(image, interpolation="nearest")
+        overlay = ax.imshow(np.ma.masked_invalid(pixels), cmap="inferno", alpha=0.55,
+                            vmin=lo, vmax=hi, interpolation="nearest")
+        if self.region is not None and not _is_whole(self.region, H, W):
+            r = self.region
+            ax.add_patch(Rectangle((r.x0 - 0.5, r.y0 - 0.5), r.x1 - r.x0, r.y1 - r.y0, fill=False,
+                                   edgecolor="cyan", linewidth=1.5, linestyle="--"))
+        ax.set_axis_off()
+        ax.set_title(f"{self.model}: {self.label_text} (p={self.p_original:.3f})")
+        # An opaque twin of the overlay's mappable, so the colorbar shows true colours.
+        bar = fig.colorbar(ScalarMappable(norm=overlay.norm, cmap=overlay.cmap), ax=ax,
+                           fraction=0.046, pad=0.04)
+        bar.set_label(f"P({self.label_text})")
+        if lo <= self.p_original <= hi:
+            bar.ax.axhline(self.p_original, color="cyan", linewidth=1.5)
+        return fig
+
+    # -- text -----------------------------------------------------------------
+    def __str__(self) -> str:
+        rows, cols = self.heatmap.shape
+        n = rows * cols
+        what = f"'{self.label_name}' (label {self.label}, " if self.label_name is not None \
+            else f"label {self.label} ("
+        text = f"heatmap {rows}x{cols} of {what}p={self.p_original:.3f}) by {self.model}, {self.mode}: " \
+               f"{n} position{'s' if n != 1 else ''}"
+        seconds = self.timings.get("total")
+        if seconds is None and self.timings:
+            seconds = sum(self.timings.values())
+        if seconds is not None:
+            text += f" in {_seconds(seconds)} ({_per_position(seconds, n)})"
+        if self.output_path:
+            text += f" -> {self.output_path}"
+        for w in self.warnings:
+            text += f"\nwarning: {w}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"<HeatmapResult {str(self).splitlines()[0]}>"
+
+
+def _is_whole(region: Region, H: int, W: int) -> bool:
+    return region.x0 <= 0 and region.y0 <= 0 and region.x1 >= W and region.y1 >= H
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s >= 1 else f"{s * 1000:.0f} ms"
+
+
+def _per_position(s: float, n: int) -> str:
+    ms = s * 1000 / max(n, 1)
+    return f"{ms:.1f} ms/position" if ms >= 1 else f"{ms:.3f} ms/position"
