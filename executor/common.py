@@ -1,0 +1,87 @@
+"""Pieces every physical executor shares: turning logits into probabilities,
+the unoccluded reference inference, and a batch loop with a progress bar that
+Ctrl-C stops cleanly."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from kql.errors import ExecutionError, QueryInterrupted
+
+
+def probabilities(output) -> torch.Tensor:
+    """Class probabilities ``(B, K)`` from a model's output.
+
+    Logits of K > 1 classes go through softmax; a single logit through a
+    sigmoid (a binary classifier's probability of the positive class).
+    Models that return a tuple (auxiliary heads) contribute their first item.
+    """
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise ExecutionError(f"the model returned {type(output).__name__}, not a tensor of class scores")
+    output = output.reshape(output.shape[0], -1).float()
+    if output.shape[1] == 1:
+        return torch.sigmoid(output)
+    return torch.softmax(output, dim=1)
+
+
+def reference(plan, model) -> tuple[int, float, torch.Tensor]:
+    """Run the unoccluded image: ``(label, p_original, probabilities)``.
+
+    Resolves ``LABEL PREDICTED`` to the top class; checks an explicit label
+    against the model's real number of outputs.
+    """
+    with torch.inference_mode():
+        probs = probabilities(model(plan.input.to(plan.device)[None]))[0]
+    k = probs.shape[0]
+    label = plan.label if plan.label is not None else int(probs.argmax())
+    if label >= k:
+        raise ExecutionError(f"label {label} is out of range: the model has {k} outputs (0-{k - 1})")
+    return label, float(probs[label]), probs
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def run_batches(n: int, size: int, step: Callable[[slice], None], *, progress: str = "auto",
+                desc: str = "positions") -> float:
+    """Call ``step`` for consecutive slices of ``range(n)`` with a progress bar.
+
+    Returns the elapsed seconds. Ctrl-C raises :class:`QueryInterrupted`,
+    saying how far it got; nothing has been written by then.
+    """
+    from tqdm import tqdm
+    disable = {"on": False, "off": True}.get(progress, None)
+    if disable is None:  # auto: a bar on a terminal, for work worth watching
+        disable = not sys.stderr.isatty() or n <= size
+    start = time.perf_counter()
+    done = 0
+    try:
+        with tqdm(total=n, desc=desc, unit="pos", disable=disable, leave=False,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            for sl in batches(n, size):
+                step(sl)
+                done = sl.stop
+                bar.update(sl.stop - sl.start)
+    except KeyboardInterrupt:
+        raise QueryInterrupted(f"interrupted after {done} of {n} positions; nothing was written") from None
+    return time.perf_counter() - start
+
+
+def occlude(x: torch.Tensor, fill: torch.Tensor, ys: np.ndarray, xs: np.ndarray,
+            patch: tuple[int, int]) -> torch.Tensor:
+    """A batch of copies of ``x`` (C, H, W), each with its patch filled:
+    ``(len(ys), C, H, W)``. Krypton eq. 5."""
+    ph, pw = patch
+    out = x.unsqueeze(0).repeat(len(ys), 1, 1, 1)
+    fill = fill.to(x.device, x.dtype).view(-1, 1, 1)
+    for b, (y, x0) in enumerate(zip(ys.tolist(), xs.tolist())):
+        out[b, :, y:y + ph, x0:x0 + pw] = fill
+    return out

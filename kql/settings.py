@@ -1,0 +1,116 @@
+"""Session settings changed with ``SET <option> = <value>``.
+
+Each option has one parser that validates the value and says what it accepts,
+so the REPL, the Python API and the tests share one definition.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+from .errors import PlanError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, 1000 -> 1000 (bytes)."""
+    if isinstance(value, bool):
+        raise PlanError(f"memory_limit takes a size such as '2GB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = _SIZE.match(str(value))
+        if not m or (m.group(2) or "").lower() not in _UNITS:
+            raise PlanError(f"memory_limit takes a size such as '2GB' or '512MiB', got {value!r}")
+        n = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if n < 1:
+        raise PlanError(f"memory_limit must be positive, got {value!r}")
+    return int(n)
+
+
+def _device(value: Any) -> str:
+    v = str(value).lower()
+    if v not in ("cpu", "cuda"):
+        raise PlanError(f"device takes 'cpu' or 'cuda', got {value!r}")
+    if v == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise PlanError("CUDA is not available on this machine: use device 'cpu'")
+    return v
+
+
+def _batch(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PlanError(f"batch_size takes a whole number (0 = sized from memory_limit), got {value!r}")
+    return value
+
+
+def _progress(value: Any) -> str:
+    v = {True: "on", False: "off"}.get(value, str(value).lower()) if isinstance(value, bool) else str(value).lower()
+    if v not in ("on", "off", "auto"):
+        raise PlanError(f"progress takes on, off or auto, got {value!r}")
+    return v
+
+
+def _mode(value: Any) -> str:
+    v = str(value).lower()
+    if v not in ("auto", "exact", "naive"):
+        raise PlanError(f"mode takes auto, exact or naive, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Options of one connection.
+
+    Attributes:
+        device: 'cpu' or 'cuda' (``ON CPU|CUDA`` overrides it per query).
+        batch_size: positions per batch; 0 sizes batches from ``memory_limit``.
+        memory_limit: bytes the occluded batch and its activations may take.
+        progress: 'auto' (a bar on a terminal), 'on' or 'off'.
+        mode: default mode when a query names none: 'auto' picks the fastest
+            exact mode available; 'exact' or 'naive' force one.
+    """
+    device: str = "cpu"
+    batch_size: int = 0
+    memory_limit: int = 2 * 2**30
+    progress: str = "auto"
+    mode: str = "auto"
+
+    def with_option(self, option: str, value: Any) -> "Settings":
+        """A copy with one option changed; unknown options and bad values raise PlanError."""
+        key = option.lower()
+        if key not in _PARSERS:
+            names = ", ".join(sorted(_PARSERS))
+            raise PlanError(f"unknown setting '{option}'; settings are {names}")
+        return replace(self, **{key: _PARSERS[key](value)})
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(option, value) pairs for SHOW SETTINGS."""
+        out = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out.append((f.name, _show(f.name, v)))
+        return out
+
+
+def _show(name: str, value: Any) -> str:
+    if name == "memory_limit":
+        from kql.planner.plan import format_bytes
+        return format_bytes(value)
+    if name == "batch_size" and value == 0:
+        return "0 (from memory_limit)"
+    return str(value)
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "device": _device,
+    "batch_size": _batch,
+    "memory_limit": parse_size,
+    "progress": _progress,
+    "mode": _mode,
+}

@@ -1,0 +1,39 @@
+"""The optimizer: an ordered tuple of rules applied to a copy of the plan.
+
+Each rule lives in ``planner/rules/<name>.py`` as one public function of the
+same name; it receives the plan and only the keyword arguments it declares,
+and records what it decided with ``plan.record`` so EXPLAIN can show why the
+plan looks the way it does.
+"""
+from __future__ import annotations
+
+import inspect
+
+from kql.planner.rules.batch_size import batch_size
+from kql.planner.rules.choose_mode import choose_mode
+from kql.planner.rules.estimate_cost import estimate_cost
+from kql.planner.rules.incremental import incremental
+from kql.planner.rules.resolve_label import resolve_label
+from kql.planner.rules.resolve_region import resolve_region
+
+RULES = (
+    resolve_region,
+    resolve_label,
+    choose_mode,
+    incremental,
+    batch_size,
+    estimate_cost,
+)
+
+
+def optimize(plan, rules=RULES, **kwargs):
+    """Copy ``plan`` once and run each rule on the copy, in order.
+
+    Rules change the copy in place and return it (a rule may also return a
+    new plan). ``kwargs`` (e.g. ``settings``) reach only rules that declare them.
+    """
+    plan = plan.copy()
+    for rule in rules:
+        params = inspect.signature(rule).parameters
+        plan = rule(plan, **{k: v for k, v in kwargs.items() if k in params})
+    return plan

@@ -1,0 +1,44 @@
+"""Rule: choose between naive and exact (incremental) inference."""
+from __future__ import annotations
+
+from kql.errors import PlanError
+from kql.planner.memory import bytes_per_position
+
+
+def incremental_available(plan) -> tuple[bool, str]:
+    """Whether the exact incremental executor can run this plan, and if not, why."""
+    try:
+        from kql.executor import incremental
+    except ImportError:
+        return False, "exact incremental inference is not available yet in this build"
+    return incremental.supports(plan)
+
+
+def choose_mode(plan, settings=None):
+    """Set ``plan.mode`` to 'naive' or 'exact' (changes the plan in place).
+
+    An explicit ``EXACT`` that cannot run is an error, never a silent
+    fallback; with no mode given (``SET mode = 'auto'``) the fastest mode
+    with exact results is chosen and the reason recorded.
+
+    >>> # SELECT ... NAIVE           -> naive
+    >>> # SELECT ... (no mode, auto) -> exact when available, else naive
+    """
+    asked = plan.query.mode or (settings.mode if settings is not None else "auto")
+    ok, why = incremental_available(plan)
+    if asked == "naive":
+        plan.mode = "naive"
+        plan.record("choose_mode", "NAIVE: batched full re-inference")
+    elif asked == "exact":
+        if not ok:
+            raise PlanError(f"EXACT cannot run: {why}; use NAIVE")
+        plan.mode = "exact"
+        plan.record("choose_mode", "EXACT: incremental inference")
+    else:
+        plan.mode = "exact" if ok else "naive"
+        plan.record("choose_mode", "no mode given: exact incremental inference" if ok
+                    else f"no mode given: naive, because {why}")
+    if plan.mode == "naive":
+        plan.per_position_bytes = bytes_per_position(plan.graph)
+    plan.root.find("Infer").detail("mode", plan.mode)
+    return plan

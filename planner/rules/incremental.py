@@ -1,0 +1,168 @@
+"""Rule: rewrite Infer over occluded images into incremental inference.
+
+For ``plan.mode == 'exact'`` this rule decides everything the incremental
+executor (``executor/incremental.py``) needs, once for the whole grid:
+
+- ``plan.regions``: each layer's exact changed region for every position
+  (``geometry.propagate``).
+- ``plan.order``: the order positions are batched in (MQO). A batch tensor
+  has one patch size per layer, the largest in the batch, so positions whose
+  regions are cut by the border (cheaper) are batched with each other rather
+  than with central ones: positions are sorted by their incremental cost.
+- ``plan.full_layers``: the cost-based IVM cutoff. Past some depth the
+  changed region covers so much of a layer that gathering windows and running
+  a conv on them costs more than recomputing the layer in full; from the
+  cheapest cut on, every layer runs in full.
+
+It also replaces the Infer step's details with the incremental ones and sets
+``plan.per_position_bytes`` for the batch-size rule.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kql.planner.geometry import Rects, propagate, read_region
+from kql.planner.graph import Kind
+from kql.planner.memory import BYTES_PER_ELEMENT, numel, peak_elements
+from kql.planner.plan import Step, format_bytes
+
+#: Cost of gathering one element into a window, in multiply-add equivalents.
+#: A conv output pixel costs C_in*k*k multiply-adds at ~10-50 GFLOP/s on this
+#: class of CPU, a gathered element one read and one write at a few GB/s; the
+#: ratio of the two throughputs measured by benchmarks/bench_kernels.py is
+#: about this.
+GATHER_COST = 4.0
+
+#: Per layer and batch, fixed overhead of an incremental call (Python,
+#: dispatch, small-tensor allocation), in multiply-add equivalents.
+CALL_OVERHEAD = 2e5
+
+
+def _incremental_layers(graph):
+    return [layer for layer in graph.layers() if layer.kind in (Kind.POINT, Kind.LOCAL, Kind.MERGE)
+            and layer.spatial]
+
+
+def layer_costs(graph, regions, order, batch):
+    """Per layer: multiply-adds of the incremental executor over the whole grid
+    with this batching (largest region per batch), gathered elements, and
+    full-recompute multiply-adds. Returns three dicts keyed by layer name."""
+    n = len(order)
+    starts = np.arange(0, n, batch)
+    sizes = np.diff(np.append(starts, n))
+    inc, gathered, full = {}, {}, {}
+    for layer in graph.layers():
+        full[layer.name] = float(layer.flops) * n
+        r = regions[layer.name]
+        if not layer.spatial or layer.kind not in (Kind.POINT, Kind.LOCAL, Kind.MERGE):
+            inc[layer.name] = float(layer.flops) * n
+            gathered[layer.name] = 0.0
+            continue
+        h = np.maximum.reduceat(r.h[order], starts)
+        w = np.maximum.reduceat(r.w[order], starts)
+        H, W = layer.out_hw
+        per_pixel = float(layer.flops) / (H * W)
+        inc[layer.name] = float((sizes * h * w).sum()) * per_pixel
+        if layer.kind == Kind.LOCAL:
+            (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.stride, layer.dilation
+            wh = np.where(h > 0, (h - 1) * sh + dh * (kh - 1) + 1, 0)
+            ww = np.where(w > 0, (w - 1) * sw + dw * (kw - 1) + 1, 0)
+            c_in = layer.in_shapes[0][0]
+            gathered[layer.name] = float((sizes * wh * ww).sum()) * c_in
+        elif layer.kind == Kind.MERGE:
+            c_in = sum(s[0] for s in layer.in_shapes if len(s) == 3)
+            gathered[layer.name] = float((sizes * h * w).sum()) * c_in
+        else:
+            gathered[layer.name] = 0.0
+    return inc, gathered, full
+
+
+def choose_cutoff(graph, inc, gathered, full, n_batches):
+    """Index into ``graph.layers()`` from which everything runs in full, chosen
+    to minimise incremental cost before + full cost after (len = no cutoff)."""
+    layers = graph.layers()
+    cost_inc = np.array([inc[l.name] + GATHER_COST * gathered[l.name]
+                         + (CALL_OVERHEAD * n_batches if l.kind == Kind.LOCAL else 0.0) for l in layers])
+    cost_full = np.array([full[l.name] for l in layers])
+    # total(c) = sum(inc[:c]) + sum(full[c:]); pasting the patch states into
+    # full tensors at the cut costs about one gather of every live tensor, small.
+    prefix_inc = np.concatenate([[0.0], np.cumsum(cost_inc)])
+    suffix_full = np.concatenate([np.cumsum(cost_full[::-1])[::-1], [0.0]])
+    total = prefix_inc + suffix_full
+    c = int(np.argmin(total))
+    return c, total
+
+
+def sort_positions(graph, regions) -> np.ndarray:
+    """MQO order: positions by descending incremental cost, so a batch's
+    largest region is close to every member's (ties keep row-major order)."""
+    from kql.planner.cost import incremental_flops
+    per_layer = incremental_flops(graph, regions)
+    total = np.sum(list(per_layer.values()), axis=0)
+    return np.argsort(-total, kind="stable")
+
+
+def incremental(plan, settings=None):
+    """Plan exact incremental inference (changes the plan in place; a no-op
+    for naive plans)."""
+    if plan.mode != "exact":
+        return plan
+    graph = plan.graph
+    ys, xs = plan.positions()
+    regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch))
+    plan.regions = regions
+    plan.order = sort_positions(graph, regions)
+
+    # Cutoff with a provisional batch (the batch rule runs next; the choice
+    # hardly depends on it beyond the call overhead).
+    provisional = max(1, min(64, plan.n_positions))
+    inc, gathered, full = layer_costs(graph, regions, plan.order, provisional)
+    n_batches = -(-plan.n_positions // provisional)
+    cut, _ = choose_cutoff(graph, inc, gathered, full, n_batches)
+    layers = graph.layers()
+    plan.full_layers = frozenset(l.name for l in layers[cut:] if l.kind != Kind.OUTPUT)
+    first_global = next((l for l in layers if l.kind == Kind.GLOBAL), None)
+    if cut < len(layers) and layers[cut].kind not in (Kind.GLOBAL, Kind.OUTPUT):
+        plan.cutoff = layers[cut].name
+        plan.record("incremental", f"IVM cutoff at {layers[cut].name} ({layers[cut].op}): from there "
+                                   f"on full recompute is cheaper than incremental")
+    else:
+        plan.cutoff = None
+        where = f"the first global layer {first_global.name} ({first_global.op})" if first_global else "the output"
+        plan.record("incremental", f"incremental up to {where}; no earlier cutoff pays off")
+
+    plan.per_position_bytes = BYTES_PER_ELEMENT * _peak_patch_elements(graph, regions, plan.full_layers)
+    plan.view_bytes = BYTES_PER_ELEMENT * sum(numel(l.out_shape) for l in layers
+                                              if l.kind != Kind.GLOBAL and l.spatial
+                                              and l.name not in plan.full_layers)
+
+    infer = plan.root.find("Infer")
+    infer.detail("mode", "exact (incremental)")
+    infer.detail("views", f"{len([l for l in layers if l.spatial and l.name not in plan.full_layers])} "
+                          f"layers materialized, ≈{format_bytes(plan.view_bytes)}")
+    infer.detail("cutoff", plan.cutoff or "none")
+    occlude = plan.root.find("Occlude")
+    materialize = Step("Materialize", [("", "every layer's output for the unoccluded image, once")],
+                       list(occlude.children))
+    occlude.children = []
+    infer.children = [materialize, occlude]
+    return plan
+
+
+def _peak_patch_elements(graph, regions, full_layers) -> int:
+    """Peak elements one position needs in a batch: each layer's largest patch
+    (its full output past the cutoff), plus the window a local layer gathers."""
+    def size(layer):
+        if layer.name in full_layers or not layer.spatial or layer.kind in (Kind.GLOBAL, Kind.OUTPUT):
+            return numel(layer.out_shape)
+        r = regions[layer.name]
+        return int(layer.out_shape[0] * r.h.max() * r.w.max())
+
+    def transient(layer):
+        if layer.kind != Kind.LOCAL or layer.name in full_layers or not layer.spatial:
+            return 0
+        r = regions[layer.name]
+        rr = read_region(layer, Rects(0, 0, r.h.max(), r.w.max()))
+        return int(layer.in_shapes[0][0] * rr.h[0] * rr.w[0])
+
+    return peak_elements(graph, size, transient)

@@ -1,0 +1,70 @@
+"""Rule: validate patch, stride and region, and lay out the grid of positions."""
+from __future__ import annotations
+
+import numpy as np
+
+from kql.ast import Region
+from kql.errors import PlanError
+
+
+def grid_positions(start: int, stop: int, patch: int, stride: int) -> np.ndarray:
+    """Top-left coordinates along one axis of a region ``[start, stop)``.
+
+    Positions step by ``stride`` from ``start``; when the last step does not
+    land exactly on ``stop - patch`` one more position is added there, so the
+    last rows and columns of the region are never left unexplained (the
+    paper's eq. 1 floors them away). That last step is then shorter than the
+    stride.
+
+    >>> grid_positions(0, 10, 4, 3).tolist()
+    [0, 3, 6]
+    >>> grid_positions(0, 11, 4, 3).tolist()
+    [0, 3, 6, 7]
+    """
+    ps = list(range(start, stop - patch + 1, stride))
+    if ps[-1] != stop - patch:
+        ps.append(stop - patch)
+    return np.asarray(ps, dtype=np.int64)
+
+
+def resolve_region(plan):
+    """Check PATCH/STRIDE/REGION against the model input and set ``plan.ys``,
+    ``plan.xs`` and ``plan.region`` (changes the plan in place).
+
+    Coordinates are pixels of the model's input (after resizing).
+    """
+    q = plan.query
+    (ph, pw), (sy, sx) = q.patch, q.stride
+    H, W = plan.input_hw
+    if ph < 1 or pw < 1:
+        raise PlanError(f"patch must be at least 1x1, got {ph}x{pw}")
+    if sy < 1 or sx < 1:
+        bad = sy if sy < 1 else sx
+        raise PlanError(f"stride must be at least 1, got {bad}")
+    if q.region is None:
+        region = Region(0, 0, W, H)
+    else:
+        region = q.region
+        r = region
+        if not (0 <= r.x0 < r.x1 <= W and 0 <= r.y0 < r.y1 <= H):
+            raise PlanError(
+                f"region ({r.x0}, {r.y0}, {r.x1}, {r.y1}) does not lie inside the image {H}x{W} "
+                f"(REGION takes (x0, y0, x1, y1) with 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H})")
+    rh, rw = region.y1 - region.y0, region.x1 - region.x0
+    if ph > rh or pw > rw:
+        where = f"image {H}x{W}" if q.region is None else f"region {rh}x{rw}"
+        raise PlanError(f"patch {ph}x{pw} does not fit {where}")
+    plan.region = region
+    plan.ys = grid_positions(region.y0, region.y1, ph, sy)
+    plan.xs = grid_positions(region.x0, region.x1, pw, sx)
+    occlude = plan.root.find("Occlude")
+    occlude.detail("grid", f"{len(plan.ys)}x{len(plan.xs)} = {plan.n_positions} positions")
+    occlude.detail("region", f"({region.x0}, {region.y0}, {region.x1}, {region.y1})")
+    uneven = []
+    if (rh - ph) % sy:
+        uneven.append("last row")
+    if (rw - pw) % sx:
+        uneven.append("last column")
+    note = f" ({' and '.join(uneven)} aligned to the region's edge)" if uneven else ""
+    plan.record("resolve_region", f"grid {len(plan.ys)}x{len(plan.xs)} = {plan.n_positions} positions{note}")
+    return plan
