@@ -1,0 +1,299 @@
+"""Input-preparation kernels of incremental inference: :func:`gather` and :func:`paste`.
+
+Krypton (Nakandala & Kumar, SIGMOD 2019) materializes every layer's output for the
+original image once; for each occlusion position it recomputes only the changed
+region of each layer, from a slightly larger window of the layer's input with the
+changed patch superimposed. Preparing those windows for a batch of positions is a
+pure memory copy, and it is what these kernels do:
+
+* :func:`gather` -- ``(B, C, win_h, win_w)``: position ``b``'s window of the shared
+  ``(C, H, W)`` base, its patch written over it, cells past the borders set to
+  ``pad_value`` (0 before a convolution, ``-inf`` before a max pooling).
+* :func:`paste` -- ``(B, C, H, W)``: full patched copies, where a global layer
+  (flatten / linear) needs the whole tensor (Krypton's INCREMENTALTOFULLPROJECTION).
+
+Backends, all giving identical results (float32 copies, no arithmetic):
+
+=========  ==============================================  ======================
+``torch``  :mod:`kql.kernels.reference`, any device          the oracle, fallback
+``numba``  :mod:`kql.kernels.gather_cpu`, CPU tensors        parallel ``prange``
+``cuda``   :mod:`kql.kernels.gather_cuda`, CUDA tensors      one launch per batch
+``auto``   CUDA tensors: ``cuda`` if Numba sees the GPU, else ``torch``;
+           CPU tensors: :func:`auto_backend`'s size rule
+=========  ==============================================  ======================
+
+Every argument is validated up front and a bad one raises ``ValueError`` naming
+it with both values. (Not a :class:`kql.errors.KqlError`: the planner computes
+these arguments, so a bad one is a bug in KQL, not a user mistake.)
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+
+import numpy as np
+import torch
+
+from . import reference
+
+__all__ = ["gather", "paste", "available_backends", "auto_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "numba", "cuda")
+
+# Output cells (B * C * win_h * win_w) from which Numba beats torch on the CPU.
+# Below it the fixed cost of a parallel Numba launch (~20-40 us: argument typing,
+# waking the thread pool) dominates; above it Numba wins 2-5x
+# (benchmarks/bench_kernels.py). See auto_backend.
+NUMBA_MIN_CELLS = 4096
+
+
+def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_x0=None,
+           pad_value=0.0, *, backend="auto", out=None):
+    """Windows of the materialized ``base``, one per position, patches superimposed.
+
+    Args:
+        base: float32 tensor ``(C, H, W)``, the layer input materialized for the
+            original image, shared by all positions. Contiguous is best: the Numba
+            and CUDA backends copy a non-contiguous one first.
+        win_y0, win_x0: integer tensors or arrays ``(B,)``: each window's top-left
+            corner in base coordinates; may be negative or past the base (windows
+            reach into the layer's padding).
+        win_h, win_w: window size, positive ints, the same for all positions.
+        patch: float32 tensor ``(B, C, ph, pw)`` on base's device, or None: the
+            updated values of each position's changed region. It wins over base and
+            padding wherever it lies in the window; the rest of it is ignored.
+        patch_y0, patch_x0: integer ``(B,)``: each patch's top-left corner in base
+            coordinates. Required with ``patch``, forbidden without.
+        pad_value: value of window cells outside the base (0.0, or ``-inf`` for
+            max pooling).
+        backend: ``"auto"``, ``"torch"``, ``"numba"`` (CPU) or ``"cuda"``.
+        out: optional contiguous float32 tensor ``(B, C, win_h, win_w)`` on base's
+            device to write into (saves an allocation per call).
+
+    Returns:
+        ``out[b, c, i, j]`` with ``y = win_y0[b] + i``, ``x = win_x0[b] + j``:
+        ``patch[b, c, y - patch_y0[b], x - patch_x0[b]]`` inside the patch, else
+        ``base[c, y, x]`` inside the base, else ``pad_value``. A new tensor (or
+        ``out``), never a view of ``base``. Only the ``torch`` backend is
+        differentiable; the others read ``.detach()``-ed inputs.
+
+    Raises:
+        ValueError: an argument of the wrong shape, dtype, device or batch size, or
+            a backend that is unknown, unavailable or wrong for the device.
+
+    >>> base = torch.arange(16.).view(1, 4, 4)
+    >>> gather(base, torch.tensor([-1, 2]), torch.tensor([0, 2]), 3, 3,
+    ...        torch.full((2, 1, 1, 1), -1.), torch.tensor([0, 3]), torch.tensor([1, 3]))
+    tensor([[[[ 0.,  0.,  0.],
+              [ 0., -1.,  2.],
+              [ 4.,  5.,  6.]]],
+    <BLANKLINE>
+    <BLANKLINE>
+            [[[10., 11.,  0.],
+              [14., -1.,  0.],
+              [ 0.,  0.,  0.]]]])
+    """
+    C, H, W = _check_base(base)
+    wy = _positions("win_y0", win_y0)
+    B = wy.shape[0]
+    wx = _positions("win_x0", win_x0, B, "win_y0")
+    win_h = _positive_int("win_h", win_h)
+    win_w = _positive_int("win_w", win_w)
+    if patch is None:
+        if patch_y0 is not None or patch_x0 is not None:
+            raise ValueError("patch_y0 / patch_x0 given without a patch: pass the patch too, "
+                             "or neither")
+        py = px = None
+    else:
+        _check_patch(patch, base, B)
+        if patch_y0 is None or patch_x0 is None:
+            raise ValueError("a patch needs patch_y0 and patch_x0 (its top-left corner per "
+                             "position)")
+        py = _positions("patch_y0", patch_y0, B, "win_y0")
+        px = _positions("patch_x0", patch_x0, B, "win_y0")
+    try:
+        pad_value = float(pad_value)
+    except (TypeError, ValueError):
+        raise ValueError(f"pad_value must be a number, got {pad_value!r}") from None
+    _check_out(out, (B, C, win_h, win_w), base)
+    name = _resolve_backend(backend, base, B * C * win_h * win_w)
+    if name == "torch":
+        dev = base.device
+        args = [None if t is None else t.to(dev) for t in (wy, wx, py, px)]
+        return reference.gather(base, args[0], args[1], win_h, win_w, patch, args[2], args[3],
+                                pad_value, out)
+    if name == "numba":
+        from . import gather_cpu
+        return gather_cpu.gather(base, wy.cpu(), wx.cpu(), win_h, win_w, patch,
+                                 None if py is None else py.cpu(),
+                                 None if px is None else px.cpu(), pad_value, out)
+    from . import gather_cuda
+    return gather_cuda.gather(base, wy, wx, win_h, win_w, patch, py, px, pad_value, out)
+
+
+def paste(base, patch, patch_y0, patch_x0, *, backend="auto", out=None):
+    """Full copies of ``base``, one per position, each with its patch written in.
+
+    Args:
+        base: float32 tensor ``(C, H, W)`` shared by all positions.
+        patch: float32 tensor ``(B, C, ph, pw)`` on base's device.
+        patch_y0, patch_x0: integer ``(B,)``: each patch's top-left corner in base
+            coordinates; the part of a patch outside the base is dropped.
+        backend, out: as for :func:`gather` (``out`` is ``(B, C, H, W)``).
+
+    Returns:
+        A new float32 tensor ``(B, C, H, W)`` (or ``out``); the same as
+        ``gather(base, 0, 0, H, W, patch, patch_y0, patch_x0)`` for every position.
+
+    >>> paste(torch.zeros(1, 2, 2), torch.ones(2, 1, 2, 2), torch.tensor([-1, 1]),
+    ...       torch.tensor([0, 1]))
+    tensor([[[[1., 1.],
+              [0., 0.]]],
+    <BLANKLINE>
+    <BLANKLINE>
+            [[[0., 0.],
+              [0., 1.]]]])
+    """
+    C, H, W = _check_base(base)
+    if patch is None:
+        raise ValueError("paste needs a patch (B, C, ph, pw); for plain copies use "
+                         "base.expand(B, C, H, W)")
+    py = _positions("patch_y0", patch_y0)
+    B = py.shape[0]
+    px = _positions("patch_x0", patch_x0, B, "patch_y0")
+    _check_patch(patch, base, B, "patch_y0")
+    _check_out(out, (B, C, H, W), base)
+    name = _resolve_backend(backend, base, B * C * H * W)
+    if name == "torch":
+        return reference.paste(base, patch, py.to(base.device), px.to(base.device), out)
+    if name == "numba":
+        from . import gather_cpu
+        return gather_cpu.paste(base, patch, py.cpu(), px.cpu(), out)
+    from . import gather_cuda
+    return gather_cuda.paste(base, patch, py, px, out)
+
+
+@functools.cache
+def available_backends() -> list[str]:
+    """Backends usable in this process, ``"torch"`` first (``"auto"`` not listed).
+
+    >>> available_backends()[0]
+    'torch'
+    """
+    names = ["torch"]
+    try:
+        import numba  # noqa: F401
+        names.append("numba")
+    except ImportError:
+        return names
+    from . import gather_cuda
+    # The simulator (NUMBA_ENABLE_CUDASIM) makes Numba report CUDA, but cannot run
+    # on torch CUDA tensors: ask torch too.
+    if torch.cuda.is_available() and gather_cuda.is_available():
+        names.append("cuda")
+    return names
+
+
+def auto_backend(base: torch.Tensor, n_cells: int) -> str:
+    """The backend ``backend="auto"`` picks for ``base`` and an output of ``n_cells``.
+
+    CUDA tensors: ``"cuda"`` when Numba can launch on the GPU, else ``"torch"``.
+    CPU tensors: ``"numba"`` from :data:`NUMBA_MIN_CELLS` output cells on, where
+    its parallel copy loops beat torch's per-position slice copies, else
+    ``"torch"`` (its launch cost is lower for tiny outputs).
+
+    >>> auto_backend(torch.zeros(1, 2, 2), 4)
+    'torch'
+    """
+    available = available_backends()
+    if base.device.type == "cuda":
+        return "cuda" if "cuda" in available else "torch"
+    if base.device.type == "cpu" and "numba" in available and n_cells >= NUMBA_MIN_CELLS:
+        return "numba"
+    return "torch"
+
+
+# --------------------------------------------------------------------------- checks
+
+def _resolve_backend(backend, base, n_cells):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return auto_backend(base, n_cells)
+    available = available_backends()
+    if backend not in available:
+        raise ValueError(f"backend {backend!r} is not available here "
+                         f"(available: {', '.join(available)})")
+    if backend == "numba" and base.device.type != "cpu":
+        raise ValueError(f"backend 'numba' runs on the CPU but base is on {base.device}: "
+                         "use backend='cuda' or 'torch'")
+    if backend == "cuda" and base.device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors but base is on {base.device}: "
+                         "use backend='numba' or 'torch'")
+    return backend
+
+
+def _check_base(base):
+    if not isinstance(base, torch.Tensor):
+        raise ValueError(f"base must be a torch tensor, got {type(base).__name__}")
+    if base.dim() != 3:
+        raise ValueError(f"base must have shape (C, H, W), got {tuple(base.shape)}: it is the "
+                         "materialized tensor shared by all positions, without a batch dimension")
+    if base.dtype != torch.float32:
+        raise ValueError(f"base must be float32, got {base.dtype}")
+    return tuple(base.shape)
+
+
+def _check_patch(patch, base, B, batch_from="win_y0"):
+    if not isinstance(patch, torch.Tensor):
+        raise ValueError(f"patch must be a torch tensor, got {type(patch).__name__}")
+    if patch.dim() != 4:
+        raise ValueError(f"patch must have shape (B, C, ph, pw), got {tuple(patch.shape)}")
+    if patch.dtype != torch.float32:
+        raise ValueError(f"patch must be float32, got {patch.dtype}")
+    if patch.device != base.device:
+        raise ValueError(f"patch is on {patch.device} but base is on {base.device}: "
+                         "put both on one device")
+    if patch.shape[0] != B:
+        raise ValueError(f"patch has {patch.shape[0]} positions but {batch_from} has {B}")
+    if patch.shape[1] != base.shape[0]:
+        raise ValueError(f"patch has {patch.shape[1]} channels but base has {base.shape[0]}")
+
+
+def _check_out(out, shape, base):
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"out must be a torch tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}")
+    if out.device != base.device:
+        raise ValueError(f"out is on {out.device} but base is on {base.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous: the kernels write it in place")
+
+
+def _positions(name, value, B=None, batch_from=None):
+    """An int64 tensor ``(B,)`` from a tensor, numpy array or sequence of ints."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be integers of shape (B,), got {value!r}") from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must have shape (B,), got {tuple(t.shape)}")
+    if B is not None and t.shape[0] != B:
+        raise ValueError(f"{name} has {t.shape[0]} positions but {batch_from} has {B}")
+    return t.to(torch.int64)
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)

@@ -1,0 +1,213 @@
+"""Numba CUDA kernels for the input preparation of incremental inference.
+
+Same operations and results as :mod:`kql.kernels.reference` (read its module doc).
+This is the "custom GPU kernel which performs the input preparation more
+efficiently by parallelly executing the memory copying" of the Krypton paper
+(section "CPU versus GPU implementation concerns"; revision letter, Appendix B):
+one launch prepares the inputs of a whole batch of occlusion positions, instead
+of a sequential slice-and-stitch loop that leaves the GPU idle.
+
+Kernel layout: a 2-D grid. ``blockIdx.y`` walks the ``(position, channel)`` planes
+and the x dimension walks the cells of one output plane (both grid-stride, so any
+size fits the grid limits). Consecutive threads write consecutive cells of an
+output row and read consecutive cells of a base row or patch row: coalesced
+accesses, and only one integer division per cell. Each thread picks its source
+with the rule of :func:`kql.kernels.reference.gather`: patch, else base, else pad.
+
+Inputs may be
+
+* torch CUDA tensors -- wrapped zero copy with ``numba.cuda.as_cuda_array`` (the
+  ``__cuda_array_interface__``), launched on torch's current stream of the
+  tensor's device, result returned as a torch tensor. No host copy and no
+  host-side synchronisation (``sync=False``: the launch is ordered after earlier
+  torch work by the stream itself);
+* numba device arrays -- launched on ``stream`` (default stream if None), result
+  returned as a device array;
+* numpy arrays -- copied to the device and the result back to a numpy array; this
+  is what runs under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) in tests.
+
+Importing this module never touches the GPU (importing ``numba.cuda`` does not
+initialise the driver, and the kernel is built and compiled on first launch), so it
+imports on machines without CUDA. ``cuda`` must stay a module global: the simulator
+swaps the module globals that name ``numba.cuda`` while a kernel runs. Arguments are trusted: :mod:`kql.kernels`
+validates them first.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda
+
+__all__ = ["gather", "paste", "is_available"]
+
+THREADS_PER_BLOCK = 256
+_MAX_GRID = 65535  # grid-stride loops keep every grid dimension within this
+
+
+def is_available() -> bool:
+    """True when Numba can launch CUDA kernels here (a GPU, or the simulator)."""
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # no numba, or a broken driver: not available, not an error
+        return False
+
+
+@functools.cache
+def _gather_kernel():
+    @cuda.jit
+    def gather_kernel(base, win_y0, win_x0, patch, patch_y0, patch_x0, pad, out):
+        C = base.shape[0]
+        H = base.shape[1]
+        W = base.shape[2]
+        n_planes = out.shape[0] * C
+        wh = out.shape[2]
+        ww = out.shape[3]
+        ph = patch.shape[2]
+        pw = patch.shape[3]
+        n_cells = wh * ww
+        first = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        step = cuda.gridDim.x * cuda.blockDim.x
+        bc = cuda.blockIdx.y
+        while bc < n_planes:
+            b = bc // C
+            c = bc - b * C
+            y0 = win_y0[b]
+            x0 = win_x0[b]
+            py0 = patch_y0[b]
+            px0 = patch_x0[b]
+            k = first
+            while k < n_cells:
+                i = k // ww
+                j = k - i * ww
+                y = y0 + i
+                x = x0 + j
+                pi = y - py0
+                pj = x - px0
+                if pi >= 0 and pi < ph and pj >= 0 and pj < pw:
+                    out[b, c, i, j] = patch[b, c, pi, pj]
+                elif y >= 0 and y < H and x >= 0 and x < W:
+                    out[b, c, i, j] = base[c, y, x]
+                else:
+                    out[b, c, i, j] = pad
+                k += step
+            bc += cuda.gridDim.y
+
+    return gather_kernel
+
+
+def _grid(n_planes, n_cells, threads_per_block):
+    return (min(math.ceil(n_cells / threads_per_block), _MAX_GRID), min(n_planes, _MAX_GRID))
+
+
+def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_x0=None,
+           pad_value=0.0, out=None, *, stream=None, threads_per_block=THREADS_PER_BLOCK):
+    """:func:`kql.kernels.reference.gather` in one CUDA launch.
+
+    ``base`` decides the mode (see module doc): a torch CUDA tensor, a numba device
+    array or a numpy array. ``out``, when given, must be of the same kind and
+    contiguous. ``stream`` applies to the device-array and numpy modes; torch
+    tensors always use torch's current stream. ``threads_per_block`` is there for
+    the simulator, which runs one Python thread per CUDA thread.
+    """
+    if _is_torch(base):
+        return _gather_torch(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0,
+                             pad_value, out, threads_per_block)
+    return _gather_numba(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0,
+                         pad_value, out, stream, threads_per_block)
+
+
+def paste(base, patch, patch_y0, patch_x0, out=None, *, stream=None,
+          threads_per_block=THREADS_PER_BLOCK):
+    """:func:`kql.kernels.reference.paste` in one CUDA launch (a gather of whole-base windows)."""
+    _, H, W = base.shape
+    n = len(patch_y0)
+    if _is_torch(base):
+        import torch
+        zeros = torch.zeros(n, dtype=torch.int64, device=base.device)
+    else:
+        zeros = np.zeros(n, dtype=np.int64)
+    return gather(base, zeros, zeros, H, W, patch, patch_y0, patch_x0, 0.0, out,
+                  stream=stream, threads_per_block=threads_per_block)
+
+
+def _is_torch(x) -> bool:
+    # Without importing torch: this module also serves plain numba callers.
+    return type(x).__module__.partition(".")[0] == "torch"
+
+
+def _launch(base, wy, wx, patch, py, px, pad_value, out, stream, threads_per_block):
+    B, C, wh, ww = out.shape
+    kernel = _gather_kernel()
+    grid = _grid(B * C, wh * ww, threads_per_block)
+    args = (base, wy, wx, patch, py, px, np.float32(pad_value), out)
+    if stream is None:
+        kernel[grid, threads_per_block](*args)
+    else:
+        kernel[grid, threads_per_block, stream](*args)
+
+
+def _gather_torch(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0,
+                  pad_value, out, threads_per_block):
+    import torch
+
+    device = base.device
+    if device.type != "cuda":
+        raise ValueError(f"the cuda kernels need CUDA tensors, got base on {device}")
+    B, C = len(win_y0), base.shape[0]
+    if out is None:
+        out = torch.empty((B, C, win_h, win_w), dtype=torch.float32, device=device)
+    if B == 0 or C == 0 or win_h * win_w == 0:
+        return out
+
+    def on_device(t, dtype):
+        return torch.as_tensor(t).to(device=device, dtype=dtype).detach().contiguous()
+
+    wy, wx = on_device(win_y0, torch.int64), on_device(win_x0, torch.int64)
+    if patch is None:
+        patch = torch.empty((B, C, 0, 0), dtype=torch.float32, device=device)
+        py = px = torch.zeros(B, dtype=torch.int64, device=device)
+    else:
+        patch = on_device(patch, torch.float32)
+        py, px = on_device(patch_y0, torch.int64), on_device(patch_x0, torch.int64)
+    base = base.detach().contiguous()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cuda.gpus[index]:
+        # Launch on torch's stream: ordered after the producers of base and patch and
+        # before later consumers of out, with no host-side wait (hence sync=False).
+        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        arrays = [cuda.as_cuda_array(t, sync=False) for t in (base, wy, wx, patch, py, px, out)]
+        _launch(*arrays[:6], pad_value, arrays[6], stream, threads_per_block)
+    return out
+
+
+def _gather_numba(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0, pad_value,
+                  out, stream, threads_per_block):
+    on_host = isinstance(base, np.ndarray)
+
+    def dev(x, dtype):
+        if hasattr(x, "copy_to_host"):  # already a (real or simulated) device array
+            return x
+        return cuda.to_device(np.ascontiguousarray(x, dtype=dtype), stream=stream or 0)
+
+    B, C = len(win_y0), base.shape[0]
+    if out is None or isinstance(out, np.ndarray):
+        out_dev = cuda.device_array((B, C, win_h, win_w), dtype=np.float32, stream=stream or 0)
+    else:
+        out_dev = out
+    if B and C and win_h * win_w:
+        if patch is None:
+            patch_dev = cuda.to_device(np.empty((B, C, 0, 0), dtype=np.float32))
+            py = px = cuda.to_device(np.zeros(B, dtype=np.int64))
+        else:
+            patch_dev = dev(patch, np.float32)
+            py, px = dev(patch_y0, np.int64), dev(patch_x0, np.int64)
+        _launch(dev(base, np.float32), dev(win_y0, np.int64), dev(win_x0, np.int64), patch_dev,
+                py, px, pad_value, out_dev, stream, threads_per_block)
+    if isinstance(out, np.ndarray) or (on_host and out is None):
+        host = out_dev.copy_to_host(out, stream=stream or 0)
+        if stream is not None:
+            stream.synchronize()  # the caller gets a numpy array: it must be filled
+        return host
+    return out_dev
