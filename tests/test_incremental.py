@@ -1,0 +1,268 @@
+"""Exact incremental inference against naive re-inference.
+
+Every case checks two things over every position of its grid (borders
+included): the heatmap probabilities agree within 1e-5, and the model's raw
+outputs agree within 1e-4 of their scale. The second matters because a
+random-weight network often gives nearly uniform probabilities, which would
+agree even if the incremental executor were wrong; so each case also asserts
+that the patch really moves the outputs by far more than the tolerance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import kql
+from kql.executor.incremental import IncrementalRunner
+from kql.parser import parse
+
+M = torchvision.models
+
+
+def _naive_outputs(plan, model):
+    """Independent reference: a plain loop over positions, one image each."""
+    ys, xs = plan.positions()
+    ph, pw = plan.patch
+    outs = []
+    with torch.inference_mode():
+        for y, x in zip(ys.tolist(), xs.tolist()):
+            img = plan.input.clone()
+            img[:, y:y + ph, x:x + pw] = plan.fill.view(-1, 1, 1)
+            outs.append(model(img[None]).reshape(-1))
+    return torch.stack(outs)
+
+
+def check_exact(model, image, query, *, batch_sizes=(None,), full_path=True):
+    """Compare EXACT with an independent naive loop over every grid position.
+
+    Raw outputs are compared scale-relatively through the incremental runner;
+    with ``full_path`` the query also runs end to end (``con.execute``) and
+    its heatmap is held to 1e-5 on probabilities.
+    """
+    con = kql.connect(progress="off")
+    model = model.eval()
+    plan = con.plan(parse(f"{query} EXACT"), {"img": image, "net": model})
+    ref = _naive_outputs(plan, model)
+    with torch.inference_mode():
+        runner = IncrementalRunner(plan, model, plan.regions, plan.full_layers)
+        idx = np.arange(plan.n_positions)
+        got = torch.cat([runner.outputs(idx[s:s + 16]).reshape(len(idx[s:s + 16]), -1)
+                         for s in range(0, len(idx), 16)])
+    scale = ref.abs().max().item()
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-4 * max(scale, 1.0), f"max |Δ output| {err:.3g} at scale {scale:.3g}"
+    # The comparison means something only if occlusion moves the outputs well
+    # past the tolerance: a wrong region then shows up as a large error.
+    spread = (ref - ref.mean(0)).abs().max().item()
+    assert spread > 1e-3 * max(scale, 1.0), f"outputs barely depend on the patch (spread {spread:.3g})"
+    probs = torch.softmax(ref, 1)
+    np.testing.assert_allclose(torch.softmax(got, 1).numpy(), probs.numpy(), atol=1e-5, rtol=0)
+    if full_path:
+        label = int(torch.softmax(model(plan.input[None]), 1).argmax())
+        expected = probs[:, label].numpy().reshape(len(plan.ys), len(plan.xs))
+        for batch in batch_sizes:
+            clause = f" BATCH {batch}" if batch else ""
+            exact = con.execute(f"{query} EXACT{clause}", img=image, net=model)
+            assert exact.label == label
+            np.testing.assert_allclose(exact.heatmap, expected, atol=1e-5, rtol=0)
+    return plan
+
+
+def trained_like(model):
+    """Give a randomly initialised net the statistics of a trained one.
+
+    Fresh torchvision nets have identity BatchNorm statistics and tiny
+    classifier weights, so some (MobileNetV2) output ~1e-10 whatever the
+    input, and any executor would "match". Random BN statistics and a
+    fan-in scaled weights make the outputs depend on the patch.
+    """
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            elif isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
+            elif isinstance(m, nn.Conv2d):  # variance-preserving (fan-in) so the signal survives depth
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+    return model.eval()
+
+
+def rand_image(h, w, seed=0):
+    return np.random.RandomState(seed).rand(h, w, 3).astype(np.float32)
+
+
+# -- architectures ----------------------------------------------------------------
+
+def _tv(name, **kw):
+    torch.manual_seed(0)
+    return trained_like(getattr(M, name)(weights=None, **kw))
+
+
+ARCHS = [
+    # name, constructor, image size, query tail (small grids keep CI affordable)
+    ("vgg16", lambda: _tv("vgg16"), (48, 56), "PATCH 12 STRIDE 14"),
+    ("resnet18", lambda: _tv("resnet18"), (64, 64), "PATCH 16 STRIDE 16"),
+    ("mobilenet_v2", lambda: _tv("mobilenet_v2"), (64, 64), "PATCH 12 STRIDE 17"),
+    ("squeezenet1_0", lambda: _tv("squeezenet1_0"), (72, 72), "PATCH 16 STRIDE 19"),
+    ("densenet121", lambda: _tv("densenet121"), (48, 48), "PATCH 16 STRIDE 16"),
+    ("mobilenet_v3_small", lambda: _tv("mobilenet_v3_small"), (64, 64), "PATCH 16 STRIDE 16"),
+    ("efficientnet_b0", lambda: _tv("efficientnet_b0"), (64, 64), "PATCH 16 STRIDE 16"),
+    ("alexnet", lambda: _tv("alexnet"), (96, 96), "PATCH 24 STRIDE 24"),
+]
+
+
+@pytest.mark.parametrize("name,make,size,tail", ARCHS, ids=[a[0] for a in ARCHS])
+def test_architecture_exact_over_whole_grid(name, make, size, tail):
+    check_exact(make(), rand_image(*size), f"SELECT HEATMAP FROM img USING net {tail}", full_path=False)
+
+
+@pytest.mark.slow
+def test_inception_v3_at_299_corners():
+    torch.manual_seed(0)
+    net = trained_like(M.inception_v3(weights=None, aux_logits=False, init_weights=False))
+    img = rand_image(299, 299)
+    # Two regions at opposite corners cover both borders of every axis; a black
+    # 32-pixel patch moves the logits enough for the comparison to bite.
+    for region in ("(0, 0, 56, 56)", "(243, 243, 299, 299)"):
+        check_exact(net, img, f"SELECT HEATMAP FROM img USING net PATCH 32 STRIDE 24 COLOR BLACK REGION {region}",
+                    full_path=False)
+
+
+def test_efficientnet_lite0_real_weights_on_a_photo():
+    """The real model: probabilities themselves vary, so 1e-5 is a real bound."""
+    con = kql.connect(progress="off")
+    q = "SELECT HEATMAP FROM coffee USING efficientnet_lite0 PATCH 24 STRIDE 20 REGION (0, 0, 224, 64)"
+    naive = con.execute(q + " NAIVE")
+    exact = con.execute(q + " EXACT")
+    assert naive.label_name == "espresso"
+    assert naive.heatmap.max() - naive.heatmap.min() > 0.01
+    np.testing.assert_allclose(exact.heatmap, naive.heatmap, atol=1e-5, rtol=0)
+
+
+# -- grid shapes, regions, batches --------------------------------------------------
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 5, stride=2, padding=2)
+        self.p = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.c3 = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = self.p(F.relu(self.c2(x)))
+        x = F.relu(self.c3(x)) + x.repeat(1, 1, 1, 1)[:, :1].expand(-1, 12, -1, -1)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("size,tail", [
+    ((37, 53), "PATCH 7x5 STRIDE 4x6"),                       # non-square everything, uneven grid
+    ((40, 40), "PATCH 9 STRIDE 7 REGION (3, 5, 33, 38)"),     # region crop, stride does not divide
+    ((30, 44), "PATCH 30x4 STRIDE 1x9"),                      # patch as tall as the image
+    ((24, 24), "PATCH 1 STRIDE 5"),
+])
+def test_grid_shapes_and_regions(size, tail):
+    check_exact(SmallNet(), rand_image(*size), f"SELECT HEATMAP FROM img USING net {tail}")
+
+
+def test_batch_sizes_give_the_same_heatmap():
+    check_exact(SmallNet(), rand_image(33, 31), "SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 3",
+                batch_sizes=(1, 7, 64))
+
+
+# -- layer kinds --------------------------------------------------------------------
+
+class Zoo(nn.Module):
+    """Every local op variant and a few merges in one net."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.dil = nn.Conv2d(3, 6, 3, padding=2, dilation=2)
+        self.dw = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6)
+        self.avg_a = nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+        self.avg_b = nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=True)
+        self.pad = nn.ConstantPad2d((2, 0, 1, 3), 0.25)
+        self.conv = nn.Conv2d(6, 6, (3, 1), stride=(1, 2))
+        self.se_fc = nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.dil(x))
+        x = self.dw(x)
+        a = self.avg_a(x)
+        b = self.avg_b(a)[:, :, 1:, 1:]          # slicing: not recognised -> global, computed fully
+        x = F.pad(a, (1, 1, 0, 2)) * 0.5
+        x = self.conv(self.pad(x))
+        gate = torch.sigmoid(self.se_fc(F.adaptive_avg_pool2d(x, 1)))
+        x = x * gate                                # squeeze-and-excitation: whole map changes
+        return self.head(x.amax((2, 3)) + b.mean((2, 3)))
+
+
+class LocalOnly(nn.Module):
+    """Local ops without a global op in the middle, so they run incrementally."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.dil = nn.Conv2d(3, 6, 3, padding=2, dilation=2)
+        self.dw = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6)
+        self.avg_a = nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+        self.avg_b = nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=True)
+        self.maxp = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+        self.pad = nn.ConstantPad2d((2, 0, 1, 3), 0.25)
+        self.conv = nn.Conv2d(6, 6, (3, 1), stride=(1, 2))
+        self.head = nn.Linear(6 * 9 * 5, 4)
+
+    def forward(self, x):
+        x = F.relu(self.dil(x))
+        y = self.dw(x)
+        x = self.avg_b(self.avg_a(y))
+        x = self.maxp(F.pad(x, (1, 1, 0, 2)) * 0.5)
+        x = self.conv(self.pad(x))
+        return self.head(torch.flatten(x, 1))
+
+
+def test_every_local_op_variant():
+    plan = check_exact(trained_like(LocalOnly()), rand_image(40, 44), "SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 5")
+    kinds = {layer.op: str(layer.kind) for layer in plan.graph.layers()}
+    assert kinds["avg_pool2d"] == "local" and kinds["pad"] == "local" and kinds["max_pool2d"] == "local"
+
+
+def test_unknown_ops_and_squeeze_excitation_fall_back_correctly():
+    plan = check_exact(trained_like(Zoo()), rand_image(36, 36), "SELECT HEATMAP FROM img USING net PATCH 5 STRIDE 4")
+    text = str(kql.connect(progress="off").explain(
+        "SELECT HEATMAP FROM img USING net PATCH 5 STRIDE 4 EXACT", img=rand_image(36, 36), net=Zoo()))
+    assert "not incremental (computed in full" in text
+    mul = [layer for layer in plan.graph.layers() if layer.op == "mul" and len(layer.inputs) == 2]
+    assert mul and all(str(layer.kind) == "merge" for layer in mul)
+    # the SE gate is 1x1, so the gated map changes everywhere
+    assert all((plan.regions[layer.name].area == np.prod(layer.out_hw)).all() for layer in mul)
+
+
+def test_a_layer_in_full_mode_past_the_cutoff_still_exact():
+    """Force the cutoff early: everything after the first conv runs in full."""
+    from kql.executor.incremental import occlusion_probabilities
+    from kql.executor.naive import occlusion_probabilities as naive_probs
+    con = kql.connect(progress="off")
+    img, net = rand_image(32, 32), SmallNet().eval()
+    plan = con.plan(parse("SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 5 EXACT"), {"img": img, "net": net})
+    first_conv = next(layer.name for layer in plan.graph.layers() if layer.op == "conv2d")
+    names = [layer.name for layer in plan.graph.layers()]
+    plan.full_layers = frozenset(names[names.index(first_conv) + 1:])
+    got, _ = occlusion_probabilities(plan, net, 2, progress="off")
+    ref, _ = naive_probs(plan, net, 2, progress="off")
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
