@@ -27,7 +27,9 @@ def execute(plan, progress: str = "auto"):
     model = plan.spec.module.to(plan.device).eval()
     label, p_original, _ = reference(plan, model)
     t_ref = time.perf_counter() - start
-    values, t_occ = _executor(plan.mode).occlusion_probabilities(plan, model, label, progress)
+    from kql.executor.memory import PeakMemory
+    with PeakMemory(plan.device) as mem:
+        values, t_occ = _executor(plan.mode).occlusion_probabilities(plan, model, label, progress)
     names = plan.spec.class_names
     result = HeatmapResult(
         heatmap=values.reshape(len(plan.ys), len(plan.xs)),
@@ -38,10 +40,12 @@ def execute(plan, progress: str = "auto"):
         image=plan.display, model=plan.spec.name, mode=plan.mode,
         timings={"reference": t_ref, "occlusion": t_occ},
         plan=plan, plan_text="", warnings=list(plan.warnings), output_path=None,
+        peak_memory=mem.peak,
     )
     if plan.query.into:
         t0 = time.perf_counter()
         result.save(plan.query.into)
         result.timings["save"] = time.perf_counter() - t0
     result.timings["total"] = time.perf_counter() - start
+
     return result

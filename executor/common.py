@@ -45,14 +45,21 @@ def reference(plan, model) -> tuple[int, float, torch.Tensor]:
     return label, float(probs[label]), probs
 
 
-def batches(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+def batches(n: int, size) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)``: of ``size`` positions each, or,
+    when ``size`` is an array of bounds (starts, then ``n``), between them."""
+    if np.ndim(size) == 0:
+        for start in range(0, n, int(size)):
+            yield slice(start, min(start + int(size), n))
+    else:
+        for start, stop in zip(size[:-1].tolist(), size[1:].tolist()):
+            yield slice(start, stop)
 
 
-def run_batches(n: int, size: int, step: Callable[[slice], None], *, progress: str = "auto",
+def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = "auto",
                 desc: str = "positions") -> float:
-    """Call ``step`` for consecutive slices of ``range(n)`` with a progress bar.
+    """Call ``step`` for consecutive slices of ``range(n)`` (see :func:`batches`)
+    with a progress bar.
 
     Returns the elapsed seconds. Ctrl-C raises :class:`QueryInterrupted`,
     saying how far it got; nothing has been written by then.
@@ -60,7 +67,7 @@ def run_batches(n: int, size: int, step: Callable[[slice], None], *, progress: s
     from tqdm import tqdm
     disable = {"on": False, "off": True}.get(progress, None)
     if disable is None:  # auto: a bar on a terminal, for work worth watching
-        disable = not sys.stderr.isatty() or n <= size
+        disable = not sys.stderr.isatty() or (np.ndim(size) == 0 and n <= size) or np.size(size) <= 2
     start = time.perf_counter()
     done = 0
     try:

@@ -93,7 +93,10 @@ class IncrementalRunner:
     # -- materialization ------------------------------------------------------
     def _needs_view(self, name: str) -> bool:
         """A view is kept when some consumer reads around or beyond the patch:
-        everything but point layers (which read the patch only)."""
+        everything but point layers (which read the patch only). A layer past
+        the IVM cutoff is always computed in full, so nothing reads its view."""
+        if name in self.full_layers:
+            return False
         for consumer in self.graph.consumers(name):
             kind = self.layers[consumer].kind
             if kind != Kind.POINT or not self._point_ok.get(consumer, False) or consumer in self.full_layers:
@@ -228,8 +231,11 @@ class IncrementalRunner:
                                 None if src is None else src.values,
                                 None if src is None else src.oy,
                                 None if src is None else src.ox,
-                                pad_value=pad_value, backend=self.backend)
+                                pad_value=pad_value, backend=self._backend(layer))
         return self._apply_local(layer, window, oy, ox, h, w)
+
+    def _backend(self, layer) -> str:
+        return getattr(self.plan, "layer_backends", {}).get(layer.name, self.backend)
 
     def _apply_local(self, layer, window, oy, ox, h, w) -> torch.Tensor:
         op = layer.op
@@ -248,7 +254,7 @@ class IncrementalRunner:
             # The divisor depends on where the window sits (padding, ceil_mode):
             # read it from a per-layer map of 1/divisor, cropped like the output.
             inv = self._inv_divisor(layer)
-            return summed * kernels.gather(inv, oy, ox, h, w, backend=self.backend)
+            return summed * kernels.gather(inv, oy, ox, h, w, backend=self._backend(layer))
         raise NotImplementedError(f"incremental {op} is not implemented")  # planner marks such layers full
 
     def _inv_divisor(self, layer) -> torch.Tensor:
@@ -379,5 +385,6 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto") -> 
             idx = order[sl]
             out[idx] = runner.run(idx, label)
 
-        run_batches(len(ys), plan.batch_size, step, progress=progress)
+        bounds = getattr(plan, "bounds", None)
+        run_batches(len(ys), plan.batch_size if bounds is None else bounds, step, progress=progress)
     return out, time.perf_counter() - start

@@ -76,6 +76,8 @@ class HeatmapResult:
         plan_text: the EXPLAIN text, or ``""``.
         warnings: things the user should know (e.g. random weights).
         output_path: where :meth:`save` last wrote, or ``None``.
+        peak_memory: bytes the occlusion stage added at its highest point
+            (views, batches, activations), or ``None`` if not measured.
     """
     heatmap: np.ndarray
     label: int
@@ -94,6 +96,7 @@ class HeatmapResult:
     plan_text: str = ""
     warnings: list[str] = field(default_factory=list)
     output_path: Optional[str] = None
+    peak_memory: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.heatmap = np.asarray(self.heatmap, dtype=np.float32)

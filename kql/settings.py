@@ -63,6 +63,13 @@ def _mode(value: Any) -> str:
     return v
 
 
+def _gather_backend(value: Any) -> str:
+    v = str(value).lower()
+    if v not in ("auto", "torch", "numba", "cuda"):
+        raise PlanError(f"gather_backend takes auto, torch, numba or cuda, got {value!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class Settings:
     """Options of one connection.
@@ -74,12 +81,15 @@ class Settings:
         progress: 'auto' (a bar on a terminal), 'on' or 'off'.
         mode: default mode when a query names none: 'auto' picks the fastest
             exact mode available; 'exact' or 'naive' force one.
+        gather_backend: kernel that gathers read-in windows in exact mode:
+            'auto' (chosen per layer by the planner), 'torch', 'numba', 'cuda'.
     """
     device: str = "cpu"
     batch_size: int = 0
     memory_limit: int = 2 * 2**30
     progress: str = "auto"
     mode: str = "auto"
+    gather_backend: str = "auto"
 
     def with_option(self, option: str, value: Any) -> "Settings":
         """A copy with one option changed; unknown options and bad values raise PlanError."""
@@ -113,4 +123,5 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "memory_limit": parse_size,
     "progress": _progress,
     "mode": _mode,
+    "gather_backend": _gather_backend,
 }

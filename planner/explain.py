@@ -55,11 +55,11 @@ def tree_lines(step, prefix: str = "", last: bool = True, root: bool = True) -> 
     return lines
 
 
-def explain_text(plan: Plan, timings: Optional[dict] = None) -> str:
+def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Optional[int] = None) -> str:
     """The full EXPLAIN text of an optimized plan; with ``timings`` (EXPLAIN
-    ANALYZE) the measured seconds too."""
+    ANALYZE) the measured seconds and peak memory too."""
     q = plan.query
-    measured = measured_line(plan, timings) if timings else None
+    measured = measured_line(plan, timings, peak_memory) if timings else None
     lines = [f"Plan ({plan.mode}{', analyzed' if timings else ''})"]
     lines += tree_lines(plan.root)
     if measured:
@@ -74,8 +74,13 @@ def explain_text(plan: Plan, timings: Optional[dict] = None) -> str:
     inc = float(plan.cost.inc_flops.mean())
     lines.append(f"FLOPs per position: {_g(full)} full, {_g(inc)} incremental (mean over "
                  f"{plan.n_positions} positions)")
+    batched = (f"; {plan.r_batched:.2f} with the chosen batches and cutoff"
+               if plan.r_batched is not None else "")
     lines.append(f"theoretical speedup of incremental vs naive: R = {plan.cost.r_grid:.2f} "
-                 f"(exact regions over the grid; {plan.cost.r_uniform:.2f} with one patch size per layer)")
+                 f"(exact regions over the grid; {plan.cost.r_uniform:.2f} with one patch size per layer"
+                 f"{batched})")
+    if plan.mode == "exact":
+        lines += _exact_lines(plan)
     globals_ = [layer for layer in plan.graph.layers() if layer.reason]
     if globals_:
         lines.append("not incremental (computed in full, with everything after them):")
@@ -93,18 +98,41 @@ def explain_text(plan: Plan, timings: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
+def _exact_lines(plan: Plan) -> list[str]:
+    """Cutoff, kernels and memory of an exact plan."""
+    out = []
+    if plan.cutoff:
+        past = [r for r in plan.cost.rows if r.name in plan.full_layers]
+        inc = sum(r.inc_flops for r in past)
+        full = sum(r.full_flops for r in past)
+        out.append(f"IVM cutoff: from {plan.cutoff} on every layer runs in full ({_g(full)} per position "
+                   f"there; incremental would be {_g(inc)} of conv work plus gathering windows that "
+                   f"cover most of each map)")
+    else:
+        out.append("IVM cutoff: none before the first global layer")
+    if plan.layer_backends:
+        out.append(f"gather kernel: {plan.gather_backend} "
+                   f"({', '.join(sorted(set(plan.layer_backends.values())))} in use)")
+    out.append(f"memory: views ≈{format_bytes(plan.view_bytes)} (kept once), "
+               f"≈{format_bytes(plan.per_position_bytes)} per position, batches of ≤{plan.batch_size}")
+    return out
+
+
 def _g(flops: float) -> str:
     return f"{flops / 1e9:.3g} GFLOPs"
 
 
-def measured_line(plan: Plan, timings: dict) -> str:
+def measured_line(plan: Plan, timings: dict, peak_memory: Optional[int] = None) -> str:
     """One line of measured times for EXPLAIN ANALYZE (and the Infer step's time)."""
     infer = plan.root.find("Infer")
     infer.seconds = timings.get("occlusion")
     per = timings.get("occlusion", 0.0) / max(plan.n_positions, 1)
     parts = [f"{name} {format_seconds(timings[name])}" for name in
              ("bind", "optimize", "reference", "occlusion", "save", "total") if name in timings]
-    return "measured: " + " · ".join(parts) + f" ({format_seconds(per)} per position)"
+    line = "measured: " + " · ".join(parts) + f" ({format_seconds(per)} per position)"
+    if peak_memory is not None:
+        line += f" · peak memory +{format_bytes(max(peak_memory, 0))}"
+    return line
 
 
 def describe(spec, graph, patch=None, stride=None):

@@ -12,7 +12,9 @@ import inspect
 from kql.planner.rules.batch_size import batch_size
 from kql.planner.rules.choose_mode import choose_mode
 from kql.planner.rules.estimate_cost import estimate_cost
+from kql.planner.rules.gather_backend import gather_backend
 from kql.planner.rules.incremental import incremental
+from kql.planner.rules.mqo_batches import mqo_batches
 from kql.planner.rules.resolve_label import resolve_label
 from kql.planner.rules.resolve_region import resolve_region
 
@@ -22,6 +24,8 @@ RULES = (
     choose_mode,
     incremental,
     batch_size,
+    mqo_batches,
+    gather_backend,
     estimate_cost,
 )
 

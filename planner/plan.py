@@ -114,10 +114,12 @@ class Plan:
     # exact (incremental) plans only, set by rules/incremental.py
     regions: Optional[dict] = None
     order: Optional[np.ndarray] = None
+    bounds: Optional[np.ndarray] = None  # batch starts into ``order``, then len(order)
     full_layers: frozenset = frozenset()
     cutoff: Optional[str] = None
     view_bytes: int = 0
     gather_backend: str = "auto"
+    layer_backends: dict = field(default_factory=dict)  # layer -> gather kernel
     r_batched: Optional[float] = None
 
     @property

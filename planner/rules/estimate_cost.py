@@ -18,7 +18,8 @@ def estimate_cost(plan):
         infer.flops = naive_flops
     else:
         from kql.planner.rules.incremental import layer_costs
-        inc, _, full = layer_costs(plan.graph, plan.regions, plan.order, plan.batch_size)
+        bounds = plan.bounds if plan.bounds is not None else plan.batch_size
+        inc, _, full = layer_costs(plan.graph, plan.regions, plan.order, bounds)
         total = sum(full[name] if name in plan.full_layers else inc[name] for name in inc)
         infer.flops = total
         plan.r_batched = naive_flops / total if total else float("inf")

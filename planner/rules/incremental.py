@@ -27,15 +27,29 @@ from kql.planner.memory import BYTES_PER_ELEMENT, numel, peak_elements
 from kql.planner.plan import Step, format_bytes
 
 #: Cost of gathering one element into a window, in multiply-add equivalents.
-#: A conv output pixel costs C_in*k*k multiply-adds at ~10-50 GFLOP/s on this
+#: A conv output pixel costs C_in*k*k multiply-adds at ~100-150 GFLOP/s on this
 #: class of CPU, a gathered element one read and one write at a few GB/s; the
 #: ratio of the two throughputs measured by benchmarks/bench_kernels.py is
 #: about this.
 GATHER_COST = 4.0
 
-#: Per layer and batch, fixed overhead of an incremental call (Python,
-#: dispatch, small-tensor allocation), in multiply-add equivalents.
-CALL_OVERHEAD = 2e5
+#: Per layer and batch, fixed cost of running a layer once more (Python,
+#: dispatch, index arithmetic, small-tensor allocation), in multiply-add
+#: equivalents: ~0.2 ms at ~150 GFLOP/s, measured on VGG16 with batches of one.
+CALL_OVERHEAD = 3e7
+
+#: Per model parameter and batch: every batch streams every weight from
+#: memory once (~20 GB/s against ~150 GFLOP/s of compute). This is what makes
+#: a batch of one position cost VGG16 ~45 ms instead of ~10 ms: its 124M
+#: classifier weights are read for a single row of activations.
+WEIGHT_COST = 30.0
+
+
+def batch_overhead(graph, full_layers=frozenset()) -> float:
+    """Fixed cost of one more batch, in multiply-add equivalents: one call per
+    layer plus streaming every parameter once."""
+    params = sum(p.numel() for p in graph.module.parameters())
+    return CALL_OVERHEAD * len(graph.layers()) + WEIGHT_COST * params
 
 
 def _incremental_layers(graph):
@@ -46,10 +60,13 @@ def _incremental_layers(graph):
 def layer_costs(graph, regions, order, batch):
     """Per layer: multiply-adds of the incremental executor over the whole grid
     with this batching (largest region per batch), gathered elements, and
-    full-recompute multiply-adds. Returns three dicts keyed by layer name."""
+    full-recompute multiply-adds. Returns three dicts keyed by layer name.
+
+    ``batch`` is a batch size (consecutive batches of ``order``) or an array
+    of batch bounds (starts into ``order``, then ``len(order)``)."""
     n = len(order)
-    starts = np.arange(0, n, batch)
-    sizes = np.diff(np.append(starts, n))
+    bounds = batch_bounds(n, batch)
+    starts, sizes = bounds[:-1], np.diff(bounds)
     inc, gathered, full = {}, {}, {}
     for layer in graph.layers():
         full[layer.name] = float(layer.flops) * n
@@ -77,12 +94,21 @@ def layer_costs(graph, regions, order, batch):
     return inc, gathered, full
 
 
-def choose_cutoff(graph, inc, gathered, full, n_batches):
+def batch_bounds(n: int, batch) -> np.ndarray:
+    """Batch bounds as an array: starts, then ``n``. ``batch`` is a size or
+    already such an array."""
+    if np.ndim(batch) == 0:
+        return np.append(np.arange(0, n, max(1, int(batch))), n).astype(np.int64)
+    return np.asarray(batch, dtype=np.int64)
+
+
+def choose_cutoff(graph, inc, gathered, full):
     """Index into ``graph.layers()`` from which everything runs in full, chosen
     to minimise incremental cost before + full cost after (len = no cutoff)."""
     layers = graph.layers()
-    cost_inc = np.array([inc[l.name] + GATHER_COST * gathered[l.name]
-                         + (CALL_OVERHEAD * n_batches if l.kind == Kind.LOCAL else 0.0) for l in layers])
+    # The per-batch overhead is paid whichever way a layer runs, so it does
+    # not move the cut; what does is gathering and the clipped regions.
+    cost_inc = np.array([inc[l.name] + GATHER_COST * gathered[l.name] for l in layers])
     cost_full = np.array([full[l.name] for l in layers])
     # total(c) = sum(inc[:c]) + sum(full[c:]); pasting the patch states into
     # full tensors at the cut costs about one gather of every live tensor, small.
@@ -117,8 +143,7 @@ def incremental(plan, settings=None):
     # hardly depends on it beyond the call overhead).
     provisional = max(1, min(64, plan.n_positions))
     inc, gathered, full = layer_costs(graph, regions, plan.order, provisional)
-    n_batches = -(-plan.n_positions // provisional)
-    cut, _ = choose_cutoff(graph, inc, gathered, full, n_batches)
+    cut, _ = choose_cutoff(graph, inc, gathered, full)
     layers = graph.layers()
     plan.full_layers = frozenset(l.name for l in layers[cut:] if l.kind != Kind.OUTPUT)
     first_global = next((l for l in layers if l.kind == Kind.GLOBAL), None)

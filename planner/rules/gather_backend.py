@@ -1,0 +1,75 @@
+"""Rule: choose, per layer, the kernel that gathers its read-in windows.
+
+Incremental inference prepares every local layer's input by copying, for each
+position of a batch, a window of the materialized view with the changed patch
+written over it (``kernels.gather``). Three physical operators do that and all
+give identical results:
+
+- ``torch``: indexing with torch ops; any device; lowest fixed cost.
+- ``numba``: a parallel Numba CPU kernel, one pass over the batch; from
+  ``kernels.NUMBA_MIN_CELLS`` output cells on it beats torch 2-5x
+  (benchmarks/bench_kernels.py), below that its launch cost dominates.
+- ``cuda``: a Numba CUDA kernel on CUDA tensors (no host copies).
+
+The choice is made here, once per layer, from the device, what is installed
+and the size of the layer's windows for a full batch, so EXPLAIN can name it.
+``SET gather_backend`` forces one backend for every layer.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from kql.errors import PlanError
+from kql.planner.graph import Kind
+
+
+def gather_backend(plan, settings=None):
+    """Set ``plan.layer_backends`` and the summary ``plan.gather_backend``
+    (changes the plan in place; a no-op for naive plans)."""
+    if plan.mode != "exact":
+        return plan
+    from kql import kernels
+    forced = getattr(settings, "gather_backend", "auto") if settings is not None else "auto"
+    available = kernels.available_backends()
+    cuda = plan.device == "cuda"
+    if forced != "auto":
+        if forced not in available:
+            raise PlanError(f"gather_backend '{forced}' is not available here (available: "
+                            f"{', '.join(available)})")
+        if (forced == "cuda") != cuda and forced != "torch":
+            raise PlanError(f"gather_backend '{forced}' cannot run on device '{plan.device}'")
+    choice = {}
+    for layer in plan.graph.layers():
+        if layer.kind != Kind.LOCAL or layer.name in plan.full_layers or not layer.spatial:
+            continue
+        if forced != "auto":
+            choice[layer.name] = forced
+        elif cuda:
+            choice[layer.name] = "cuda" if "cuda" in available else "torch"
+        else:
+            cells = plan.batch_size * layer.in_shapes[0][0] * _window_cells(plan, layer)
+            choice[layer.name] = ("numba" if "numba" in available and cells >= kernels.NUMBA_MIN_CELLS
+                                  else "torch")
+    plan.layer_backends = choice
+    counts = Counter(choice.values())
+    plan.gather_backend = forced if forced != "auto" else (
+        max(counts, key=counts.get) if counts else "torch")
+    summary = ", ".join(f"{name} for {n} layer{'s' * (n != 1)}" for name, n in counts.most_common())
+    why = ("forced by SET gather_backend" if forced != "auto" else
+           "CUDA device" if cuda else
+           f"numba from {kernels.NUMBA_MIN_CELLS} window cells per batch, torch below"
+           + ("" if "numba" in available else " (numba not installed)"))
+    if choice:
+        plan.root.find("Infer").detail("gather", summary)
+        plan.record("gather_backend", f"{summary} ({why})")
+    return plan
+
+
+def _window_cells(plan, layer) -> int:
+    """Cells of the layer's largest read-in window for one position."""
+    r = plan.regions[layer.name]
+    h, w = int(r.h.max()), int(r.w.max())
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.stride, layer.dilation
+    return int(np.prod([(h - 1) * sh + dh * (kh - 1) + 1, (w - 1) * sw + dw * (kw - 1) + 1])) if h and w else 0
