@@ -138,10 +138,9 @@ def measured_line(plan: Plan, timings: dict, peak_memory: Optional[int] = None) 
 def describe(spec, graph, patch=None, stride=None):
     """DESCRIBE: the layer table of a model for one input size; with PATCH and
     STRIDE also the incremental patch sizes and the theoretical speedup."""
-    from kql.planner.rules.resolve_region import grid_positions
     from kql.errors import PlanError
+    from kql.planner.geometry import grid
     from kql.table import Table
-    import numpy as np
 
     C, H, W = graph.input_shape
     title = (f"{spec.name}: input {C}x{H}x{W}, {len(graph)} layers, "
@@ -166,8 +165,8 @@ def describe(spec, graph, patch=None, stride=None):
     if ph > H or pw > W:
         raise PlanError(f"patch {ph}x{pw} does not fit image {H}x{W}")
     from kql.planner.cost import theoretical_speedup
-    ys, xs = np.meshgrid(grid_positions(0, H, ph, sy), grid_positions(0, W, pw, sx), indexing="ij")
-    report = theoretical_speedup(graph, ys.ravel(), xs.ravel(), (ph, pw))
+    ys, xs = grid((H, W), (ph, pw), (sy, sx))
+    report = theoretical_speedup(graph, ys, xs, (ph, pw))
     return "\n".join([title, report.table(), "",
                       f"theoretical speedup of incremental vs naive: R = {report.r_grid:.2f} "
                       f"(exact regions over {ys.size} positions; {report.r_uniform:.2f} with one "

@@ -493,12 +493,31 @@ def propagate(graph, patch_rects: Rects) -> dict[str, Rects]:
     return regions
 
 
+def grid_positions(start: int, stop: int, patch: int, stride: int) -> np.ndarray:
+    """Top-left coordinates along one axis of a region ``[start, stop)``.
+
+    Positions step by ``stride`` from ``start``; when the last step does not
+    land exactly on ``stop - patch`` one more position is added there, so the
+    last rows and columns of the region are never left unexplained (the
+    paper's eq. 1 floors them away). That last step is then shorter than the
+    stride.
+
+    >>> grid_positions(0, 10, 4, 3).tolist()
+    [0, 3, 6]
+    >>> grid_positions(0, 11, 4, 3).tolist()
+    [0, 3, 6, 7]
+    """
+    ps = list(range(start, stop - patch + 1, stride))
+    if ps[-1] != stop - patch:
+        ps.append(stop - patch)
+    return np.asarray(ps, dtype=np.int64)
+
+
 def grid(image_hw: tuple[int, int], patch_hw: tuple[int, int], stride: Union[int, tuple[int, int]]
          ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-left corners of the patches of an occlusion sweep, row-major.
-
-    Positions ``0, s, 2s, ...`` while the patch fits, as Krypton's Algorithm 1
-    loops them. Returns flat ``(ys, xs)`` arrays of length ``rows * cols``.
+    """Top-left corners of the patches of an occlusion sweep over a whole
+    image, row-major, laid out as queries lay them out (:func:`grid_positions`).
+    Returns flat ``(ys, xs)`` arrays of length ``rows * cols``.
 
     >>> ys, xs = grid((224, 224), (16, 16), 1)
     >>> len(ys), int(ys.max()), int(xs.max())
@@ -510,6 +529,5 @@ def grid(image_hw: tuple[int, int], patch_hw: tuple[int, int], stride: Union[int
         raise ValueError(f"stride {sy}x{sx} must be at least 1")
     if not (0 < ph <= h and 0 < pw <= w):
         raise ValueError(f"patch {ph}x{pw} does not fit image {h}x{w}")
-    yy, xx = np.meshgrid(np.arange(0, h - ph + 1, sy, dtype=np.int64),
-                         np.arange(0, w - pw + 1, sx, dtype=np.int64), indexing="ij")
+    yy, xx = np.meshgrid(grid_positions(0, h, ph, sy), grid_positions(0, w, pw, sx), indexing="ij")
     return yy.ravel(), xx.ravel()
