@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from kql.errors import ExecutionError, QueryInterrupted
+from kql.errors import ExecutionError, KqlError, QueryInterrupted
 
 
 def probabilities(output) -> torch.Tensor:
@@ -37,7 +37,13 @@ def reference(plan, model) -> tuple[int, float, torch.Tensor]:
     against the model's real number of outputs.
     """
     with torch.inference_mode():
-        probs = probabilities(model(plan.input.to(plan.device)[None]))[0]
+        try:
+            output = model(plan.input.to(plan.device)[None])
+        except (KqlError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise model_failed(plan, e, 0) from e
+        probs = probabilities(output)[0]
     k = probs.shape[0]
     label = plan.label if plan.label is not None else int(probs.argmax())
     if label >= k:
@@ -57,12 +63,15 @@ def batches(n: int, size) -> Iterator[slice]:
 
 
 def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = "auto",
-                desc: str = "positions") -> float:
+                desc: str = "positions", plan=None) -> float:
     """Call ``step`` for consecutive slices of ``range(n)`` (see :func:`batches`)
     with a progress bar.
 
     Returns the elapsed seconds. Ctrl-C raises :class:`QueryInterrupted`,
-    saying how far it got; nothing has been written by then.
+    saying how far it got; nothing has been written by then. Any other
+    failure of ``step`` that is not a KqlError is the model's (or a bug's)
+    and becomes an :class:`ExecutionError` naming the model (see
+    :func:`model_failed`).
     """
     from tqdm import tqdm
     disable = {"on": False, "off": True}.get(progress, None)
@@ -74,7 +83,14 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
         with tqdm(total=n, desc=desc, unit="pos", disable=disable, leave=False,
                   file=sys.stderr, dynamic_ncols=True) as bar:
             for sl in batches(n, size):
-                step(sl)
+                try:
+                    step(sl)
+                except (KqlError, KeyboardInterrupt):
+                    raise
+                except Exception as e:
+                    if plan is None:
+                        raise
+                    raise model_failed(plan, e, sl.stop - sl.start) from e
                 done = sl.stop
                 bar.update(sl.stop - sl.start)
     except KeyboardInterrupt:
@@ -92,3 +108,16 @@ def occlude(x: torch.Tensor, fill: torch.Tensor, ys: np.ndarray, xs: np.ndarray,
     for b, (y, x0) in enumerate(zip(ys.tolist(), xs.tolist())):
         out[b, :, y:y + ph, x0:x0 + pw] = fill
     return out
+
+
+def model_failed(plan, error: Exception, batch: int) -> ExecutionError:
+    """The error to raise when the model itself fails on a batch of ``batch``
+    occluded images (0: on the unoccluded image)."""
+    detail = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {detail[0]}" if detail else type(error).__name__
+    hint = ""
+    if batch > 1:
+        hint = (" (it ran on one image while planning: if its forward assumes a batch of one, "
+                "add BATCH 1)")
+    what = f"a batch of {batch} occluded images" if batch else "the unoccluded image"
+    return ExecutionError(f"model '{plan.spec.name}' failed on {what}: {text}{hint}")

@@ -386,5 +386,6 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto") -> 
             out[idx] = runner.run(idx, label)
 
         bounds = getattr(plan, "bounds", None)
-        run_batches(len(ys), plan.batch_size if bounds is None else bounds, step, progress=progress)
+        run_batches(len(ys), plan.batch_size if bounds is None else bounds, step, progress=progress,
+                    plan=plan)
     return out, time.perf_counter() - start

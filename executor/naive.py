@@ -24,5 +24,6 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto") -> 
         out[sl] = probabilities(model(batch))[:, label].cpu().numpy()
 
     with torch.inference_mode():
-        seconds = run_batches(len(ys), plan.batch_size, step, progress=progress)
+        seconds = run_batches(len(ys), plan.batch_size, step, progress=progress, plan=plan)
     return out, seconds
+

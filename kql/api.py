@@ -7,6 +7,7 @@ batch_size = 16
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Optional, Union
 
@@ -99,7 +100,8 @@ class Connection:
             analyze = analyze or stmt.analyze
             stmt = stmt.select
         if not isinstance(stmt, ast.Select):
-            raise PlanError(f"EXPLAIN takes a SELECT statement, not {type(stmt).__name__.upper()}")
+            shown = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", type(stmt).__name__).upper()  # ShowModels -> SHOW MODELS
+            raise PlanError(f"EXPLAIN takes a SELECT statement, not {shown}")
         return self._run_explain(ast.Explain(stmt, analyze), bindings)
 
     def register_image(self, name: str, image: Any) -> None:
@@ -165,7 +167,7 @@ class Connection:
             return Explanation(explain_text(plan), plan)
         result = execute(plan, progress=self.settings.progress)
         result.timings = {**plan.timings, **result.timings}
-        text = explain_text(plan, result.timings)
+        text = explain_text(plan, result.timings, result.peak_memory)
         result.plan_text = text
         return Explanation(text, plan, result)
 

@@ -31,14 +31,21 @@ class Catalog:
         if source.kind == "path":
             return sources.load_image(source.value), f"file '{source.value}'"
         name = source.value
-        if name in bindings and not isinstance(bindings[name], torch.nn.Module):
-            return sources.load_image(bindings[name]), f"bound image '{name}'"
+        bound = bindings.get(name)
+        if name in bindings and not isinstance(bound, torch.nn.Module):
+            return sources.load_image(bound), f"bound image '{name}'"
         if name in self.images:
             return self.images[name], f"image '{name}'"
-        if name in sources.SAMPLE_IMAGES:
-            return sources.load_sample(name), f"sample image '{name}'"
+        if name.lower() in sources.SAMPLE_IMAGES:
+            return sources.load_sample(name), f"sample image '{name.lower()}'"
+        if isinstance(bound, torch.nn.Module):
+            raise PlanError(f"'{name}' is bound to a model ({type(bound).__name__}), not an image: "
+                            f"FROM takes an image (array, PIL image, tensor or file path)")
+        known = [n for n, v in bindings.items() if not isinstance(v, torch.nn.Module)]
+        known += list(self.images) + list(sources.SAMPLE_IMAGES)
+        hint = sources._did_you_mean(name, known)
         raise PlanError(f"unknown image '{name}': not a bound name, a LOAD IMAGE name or a sample "
-                        f"image (SHOW IMAGES lists them; quote a file path: FROM '{name}.png')")
+                        f"image{hint} (SHOW IMAGES lists them; quote a file path: FROM '{name}.png')")
 
     def add_image(self, name: str, obj: Any) -> None:
         self.images[name] = sources.load_image(obj)
@@ -56,6 +63,10 @@ class Catalog:
             return self._no_weights(spec, weights, name)
         if name in self.models:
             return self._no_weights(self.models[name], weights, name)
+        if name in bindings and sources._canonical(name) not in sources.list_models():
+            # an image (or anything else) bound under the name USING gives
+            raise PlanError(f"'{name}' is bound to an object of type {type(bound).__name__}, not a "
+                            f"model: USING takes a torch.nn.Module")
         key = (name, str(Path(weights).resolve()) if weights else None)
         if key not in self._specs:
             self._specs[key] = sources.load_model(name, weights=weights)

@@ -478,7 +478,11 @@ def _symbolic_trace(model: torch.nn.Module) -> torch.fx.GraphModule:
             where = f"module '{path}' ({cls})"
         else:
             where = f"top-level module ({name})"
-        raise PlanError(f"cannot trace model: {where} failed: {_first_line(e)}") from e
+        hint = ""
+        if isinstance(e, torch.fx.proxy.TraceError) or "control flow" in str(e):
+            hint = (" (KQL plans over a torch.fx trace: replace Python if/for on tensor values "
+                    "in that module with tensor ops such as torch.where)")
+        raise PlanError(f"cannot trace model: {where} failed: {_first_line(e)}{hint}") from e
     return torch.fx.GraphModule(tracer.root, graph, name)
 
 

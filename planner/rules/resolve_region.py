@@ -5,26 +5,7 @@ import numpy as np
 
 from kql.ast import Region
 from kql.errors import PlanError
-
-
-def grid_positions(start: int, stop: int, patch: int, stride: int) -> np.ndarray:
-    """Top-left coordinates along one axis of a region ``[start, stop)``.
-
-    Positions step by ``stride`` from ``start``; when the last step does not
-    land exactly on ``stop - patch`` one more position is added there, so the
-    last rows and columns of the region are never left unexplained (the
-    paper's eq. 1 floors them away). That last step is then shorter than the
-    stride.
-
-    >>> grid_positions(0, 10, 4, 3).tolist()
-    [0, 3, 6]
-    >>> grid_positions(0, 11, 4, 3).tolist()
-    [0, 3, 6, 7]
-    """
-    ps = list(range(start, stop - patch + 1, stride))
-    if ps[-1] != stop - patch:
-        ps.append(stop - patch)
-    return np.asarray(ps, dtype=np.int64)
+from kql.planner.geometry import grid_positions  # noqa: F401  (re-exported: the grid rule lives here)
 
 
 def resolve_region(plan):
@@ -46,6 +27,10 @@ def resolve_region(plan):
     else:
         region = q.region
         r = region
+        if r.x1 <= r.x0 or r.y1 <= r.y0:
+            raise PlanError(
+                f"region ({r.x0}, {r.y0}, {r.x1}, {r.y1}) is empty: REGION takes (x0, y0, x1, y1), "
+                f"the left, top, right and bottom edges, with x0 < x1 and y0 < y1")
         if not (0 <= r.x0 < r.x1 <= W and 0 <= r.y0 < r.y1 <= H):
             raise PlanError(
                 f"region ({r.x0}, {r.y0}, {r.x1}, {r.y1}) does not lie inside the image {H}x{W} "
