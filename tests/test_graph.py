@@ -28,6 +28,10 @@ from kql.planner.graph import CNNGraph, Kind, Layer, trace
 M = torchvision.models
 
 
+
+FIX_HINT = (" (KQL plans over a torch.fx trace: replace Python if/for on tensor values in that module "
+            "with tensor ops such as torch.where)")
+
 def _lite0():
     from efficientnet_lite_pytorch import EfficientNet
     return EfficientNet.from_name("efficientnet-lite0")
@@ -560,14 +564,14 @@ def test_data_dependent_control_flow_names_the_module():
     with pytest.raises(PlanError) as e:
         trace(WithBranch(), (3, 8, 8))
     assert str(e.value) == ("cannot trace model: module 'block.1' (Branchy) failed: "
-                            "symbolically traced variables cannot be used as inputs to control flow")
+                            "symbolically traced variables cannot be used as inputs to control flow" + FIX_HINT)
 
 
 def test_control_flow_at_top_level():
     with pytest.raises(PlanError) as e:
         trace(Branchy(), (3, 8, 8))
     assert str(e.value) == ("cannot trace model: top-level module (Branchy) failed: "
-                            "symbolically traced variables cannot be used as inputs to control flow")
+                            "symbolically traced variables cannot be used as inputs to control flow" + FIX_HINT)
 
 
 def test_shape_propagation_failure_names_node_and_module():
