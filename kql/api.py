@@ -123,8 +123,15 @@ class Connection:
         self.catalog.add_model(name, sources.spec_from_module(
             name, module, input_size=input_size, mean=mean, std=std, labels=labels, channels=channels))
 
-    def plan(self, select: ast.Select, bindings: Optional[dict] = None):
-        """Bind and optimize a SELECT: the :class:`kql.planner.plan.Plan` it would run."""
+    def plan(self, select: Query, bindings: Optional[dict] = None):
+        """Bind and optimize a SELECT (text or parsed): the
+        :class:`kql.planner.plan.Plan` it would run."""
+        select = self._parse(select)
+        if isinstance(select, ast.Explain):
+            select = select.select
+        if not isinstance(select, ast.Select):
+            shown = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", type(select).__name__).upper()
+            raise PlanError(f"plan() takes a SELECT statement, not {shown}")
         from kql.planner.binder import bind
         from kql.planner.optimizer import optimize
         t0 = time.perf_counter()

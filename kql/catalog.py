@@ -56,10 +56,10 @@ class Catalog:
         bindings = bindings or {}
         bound = bindings.get(name)
         if isinstance(bound, torch.nn.Module):
-            spec = self._specs.get(("bound", id(bound)))
+            spec = self._specs.get(("bound", name, id(bound)))
             if spec is None or spec.module is not bound:
                 spec = sources.spec_from_module(name, bound)
-                self._specs[("bound", id(bound))] = spec
+                self._specs[("bound", name, id(bound))] = spec
             return self._no_weights(spec, weights, name)
         if name in self.models:
             return self._no_weights(self.models[name], weights, name)

@@ -104,6 +104,9 @@ Option names are case-insensitive.
                                     batches from memory_limit (BATCH overrides it)
   memory_limit  2GB, '512MiB', ...  memory the occluded batch may take
   progress      auto | on | off     progress bar; auto shows it on a terminal
+  gather_backend auto | torch | numba | cuda
+                                    kernel gathering read-in windows in exact mode;
+                                    auto picks one per layer (EXPLAIN names it)
   mode          auto | exact | naive
                                     the default for NAIVE / EXACT; auto picks the
                                     fastest exact plan

@@ -999,11 +999,11 @@ def fill_value(color: Color, display_image: np.ndarray, spec: ModelSpec) -> torc
             raise PlanError(f"COLOR {kind.upper()} takes numbers on the 0-255 scale, got {vals!r}")
         for v in vals:
             if not (math.isfinite(v) and 0 <= v <= 255):
-                shown = f"{v:g}" if kind == "value" else f"RGB({', '.join(f'{u:g}' for u in vals)})"
+                shown = f"{v:g}" if kind == "value" else f"({', '.join(f'{u:g}' for u in vals)})"
                 raise PlanError(f"COLOR {shown} is out of range: {v:g} is not in 0-255")
         rgb = np.array(vals * 3 if kind == "value" else vals, dtype=np.float64) / 255
     else:
-        raise PlanError(f"unknown colour {kind!r}: use BLACK, GRAY, MEAN, a value 0-255 or RGB(r, g, b)")
+        raise PlanError(f"unknown colour {kind!r}: use BLACK, GRAY, MEAN, a value 0-255 or (r, g, b)")
 
     if spec.channels == 1:
         chans = np.array([float(rgb @ _LUMA)])

@@ -111,7 +111,7 @@ class Plan:
     rewrites: list[Rewrite] = field(default_factory=list)
     root: Optional[Step] = None
     timings: dict = field(default_factory=dict)
-    # exact (incremental) plans only, set by rules/incremental.py
+    # exact (incremental) plans only, set by rules/incremental.py, mqo_batches.py, gather_backend.py
     regions: Optional[dict] = None
     order: Optional[np.ndarray] = None
     bounds: Optional[np.ndarray] = None  # batch starts into ``order``, then len(order)

@@ -215,7 +215,7 @@ CASES = {
     "batch 0": Case(select("PATCH 4 STRIDE 4 BATCH 0"), PlanError, "BATCH must be at least 1, got 0"),
     "color out of range": Case(
         select("PATCH 4 STRIDE 4 COLOR (1, 2, 300)"), PlanError,
-        "COLOR RGB(1, 2, 300) is out of range: 300 is not in 0-255"),
+        "COLOR (1, 2, 300) is out of range: 300 is not in 0-255"),
     # ---- models
     "unknown model": Case(
         select("PATCH 4 STRIDE 4", model="nosuchnet"), PlanError,

@@ -598,9 +598,9 @@ def test_fill_value_errors():
     spec = fake_spec()
     with raises(PlanError, "COLOR 300 is out of range: 300 is not in 0-255"):
         sources.fill_value(Color("value", (300,)), np.zeros((1, 1, 3)), spec)
-    with raises(PlanError, "COLOR RGB(10, -1, 0) is out of range: -1 is not in 0-255"):
+    with raises(PlanError, "COLOR (10, -1, 0) is out of range: -1 is not in 0-255"):
         sources.fill_value(Color("rgb", (10, -1, 0)), np.zeros((1, 1, 3)), spec)
     with raises(PlanError, "COLOR RGB takes 3 values on the 0-255 scale, got (1, 2)"):
         sources.fill_value(Color("rgb", (1, 2)), np.zeros((1, 1, 3)), spec)
-    with raises(PlanError, "unknown colour 'pink': use BLACK, GRAY, MEAN, a value 0-255 or RGB(r, g, b)"):
+    with raises(PlanError, "unknown colour 'pink': use BLACK, GRAY, MEAN, a value 0-255 or (r, g, b)"):
         sources.fill_value(Color("pink"), np.zeros((1, 1, 3)), spec)
