@@ -104,3 +104,14 @@ def test_views_past_the_cutoff_are_not_kept():
     with torch.inference_mode():
         runner = IncrementalRunner(plan, plan.spec.module, plan.regions, plan.full_layers)
     assert not set(runner.views) & plan.full_layers
+
+
+def test_automatic_batch_is_capped_per_mode_on_the_cpu():
+    from kql.planner.rules.batch_size import MAX_AUTO_BATCH
+    _, naive = _plan("PATCH 8 STRIDE 2 NAIVE")
+    _, exact = _plan("PATCH 8 STRIDE 2 EXACT")
+    assert naive.n_positions > 32
+    assert naive.batch_size == MAX_AUTO_BATCH[("cpu", "naive")]
+    assert exact.batch_size == MAX_AUTO_BATCH[("cpu", "exact")]
+    _, asked = _plan("PATCH 8 STRIDE 2 NAIVE BATCH 50")
+    assert asked.batch_size == 50  # an explicit BATCH is honoured
