@@ -74,15 +74,16 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
     :func:`model_failed`).
     """
     from tqdm import tqdm
+    slices = list(batches(n, size))
     disable = {"on": False, "off": True}.get(progress, None)
-    if disable is None:  # auto: a bar on a terminal, for work worth watching
-        disable = not sys.stderr.isatty() or (np.ndim(size) == 0 and n <= size) or np.size(size) <= 2
+    if disable is None:  # auto: a bar on a terminal, for more than one batch
+        disable = not sys.stderr.isatty() or len(slices) <= 1
     start = time.perf_counter()
     done = 0
     try:
         with tqdm(total=n, desc=desc, unit="pos", disable=disable, leave=False,
                   file=sys.stderr, dynamic_ncols=True) as bar:
-            for sl in batches(n, size):
+            for sl in slices:
                 try:
                     step(sl)
                 except (KqlError, KeyboardInterrupt):

@@ -81,6 +81,8 @@ class IncrementalRunner:
         self.regions = regions
         self.full_layers = full_layers
         self.backend = backend
+        self._dep: dict[str, bool] = {}  # node -> depends on the image (_depends_on_input)
+        self._inv: dict[str, torch.Tensor] = {}  # avg-pool layer -> 1/divisor map (_inv_divisor)
         self.device = torch.device(plan.device)
         if self.gm is not model:
             self.gm = self.gm.to(self.device)
@@ -136,7 +138,7 @@ class IncrementalRunner:
         return last
 
     def _depends_on_input(self, node: Node) -> bool:
-        cache = self.__dict__.setdefault("_dep", {})
+        cache = self._dep
         if node.name not in cache:
             cache[node.name] = node.op == "placeholder" or any(
                 self._depends_on_input(a) for a in node.all_input_nodes)
@@ -209,20 +211,21 @@ class IncrementalRunner:
             (src,) = [s for s in ins if s is not None]
             values = self._call(node, lambda n: self._value_patch(n, state, src))
             return Patch(values, src.oy, src.ox)
-        oy, ox = _place(region, h, w, layer.out_hw, self.device)
+        placed = _place(region, h, w, layer.out_hw)
+        oy, ox = _index(placed.y0, self.device), _index(placed.x0, self.device)
         if layer.kind == Kind.LOCAL:
-            return Patch(self._local(layer, state, oy, ox, h, w), oy, ox)
+            return Patch(self._local(layer, state, placed, oy, ox, h, w), oy, ox)
         # merge: every input over the same rectangles
         values = self._call(node, lambda n: self._value_over(n, state, oy, ox, h, w, B))
         return Patch(values, oy, ox)
 
-    def _local(self, layer, state, oy, ox, h, w) -> torch.Tensor:
-        """Recompute a conv/pool/pad over the output rectangles from a gathered window."""
+    def _local(self, layer, state, placed: Rects, oy, ox, h, w) -> torch.Tensor:
+        """Recompute a conv/pool/pad over the output rectangles ``placed`` (also
+        given as device tensors ``oy, ox``) from a gathered window."""
         src_name = layer.inputs[0]
         src = state.get(src_name)
         base = self.views[src_name]
-        read = read_region(layer, Rects(oy.cpu().numpy(), ox.cpu().numpy(),
-                                        oy.cpu().numpy() + h, ox.cpu().numpy() + w))
+        read = read_region(layer, placed)
         wh, ww = int(read.h[0]), int(read.w[0])
         win_y0 = _index(read.y0, self.device)
         win_x0 = _index(read.x0, self.device)
@@ -258,7 +261,7 @@ class IncrementalRunner:
         raise NotImplementedError(f"incremental {op} is not implemented")  # planner marks such layers full
 
     def _inv_divisor(self, layer) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_inv", {})
+        cache = self._inv
         if layer.name not in cache:
             _, hi, wi = layer.in_shapes[0]
             (pt, pb), (pl, pr) = layer.padding
@@ -349,14 +352,13 @@ def _shape_call(node, args, kwargs):
     raise NotImplementedError(f"cannot evaluate {node.format_node()} on a shape")
 
 
-def _place(region: Rects, h: int, w: int, out_hw, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Origins of ``h x w`` rectangles that contain each position's changed
-    region and lie inside the output, shifted inward at the borders
-    (Krypton eqs. 29-34)."""
+def _place(region: Rects, h: int, w: int, out_hw) -> Rects:
+    """``h x w`` rectangles that contain each position's changed region and
+    lie inside the output, shifted inward at the borders (Krypton eqs. 29-34)."""
     ho, wo = out_hw
     oy = np.clip(np.minimum(region.y0, ho - h), 0, None)
     ox = np.clip(np.minimum(region.x0, wo - w), 0, None)
-    return _index(oy, device), _index(ox, device)
+    return Rects(oy, ox, oy + h, ox + w)
 
 
 def _index(a, device) -> torch.Tensor:

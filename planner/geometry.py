@@ -352,6 +352,24 @@ def _input_hw(layer: Layer, i: int) -> tuple[int, int]:
     return layer.out_hw if layer.spatial else (0, 0)  # unknown: assume same-shaped
 
 
+def window_extent(layer: Layer) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((a_h, b_h), (a_w, b_w))``: a local layer computing ``n > 0`` output
+    rows reads a window of ``a_h * n + b_h`` input rows (columns alike), i.e.
+    ``(n - 1) * s + d * (k - 1) + 1``, padding included. Other layers read
+    what they write: ``(1, 0)``."""
+    if layer.kind != Kind.LOCAL:
+        return (1, 0), (1, 0)
+    return tuple((s, d * (k - 1) + 1 - s) for k, s, d in zip(layer.kernel, layer.stride, layer.dilation))
+
+
+def window_size(layer: Layer, h, w):
+    """Read-in window ``(rows, cols)`` for ``h x w`` output rectangles (ints or
+    arrays; 0 where the rectangle is empty)."""
+    (ah, bh), (aw, bw) = window_extent(layer)
+    h, w = np.asarray(h), np.asarray(w)
+    return np.where(h > 0, ah * h + bh, 0), np.where(w > 0, aw * w + bw, 0)
+
+
 def out_region(layer: Layer, in_rects: Sequence[Rects]) -> Rects:
     """Changed region of ``layer``'s output, given the changed region of each input.
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
-
 from kql.errors import PlanError
+from kql.planner.geometry import window_size
 from kql.planner.graph import Kind
 
 
@@ -70,6 +69,5 @@ def gather_backend(plan, settings=None):
 def _window_cells(plan, layer) -> int:
     """Cells of the layer's largest read-in window for one position."""
     r = plan.regions[layer.name]
-    h, w = int(r.h.max()), int(r.w.max())
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.stride, layer.dilation
-    return int(np.prod([(h - 1) * sh + dh * (kh - 1) + 1, (w - 1) * sw + dw * (kw - 1) + 1])) if h and w else 0
+    wh, ww = window_size(layer, r.h.max(), r.w.max())
+    return int(wh * ww)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kql.planner.geometry import Rects, propagate, read_region
+from kql.planner.geometry import Rects, propagate, read_region, window_size
 from kql.planner.graph import Kind
 from kql.planner.memory import BYTES_PER_ELEMENT, numel, peak_elements
 from kql.planner.plan import Step, format_bytes
@@ -80,18 +80,19 @@ def layer_costs(graph, regions, order, batch):
         H, W = layer.out_hw
         per_pixel = float(layer.flops) / (H * W)
         inc[layer.name] = float((sizes * h * w).sum()) * per_pixel
-        if layer.kind == Kind.LOCAL:
-            (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.stride, layer.dilation
-            wh = np.where(h > 0, (h - 1) * sh + dh * (kh - 1) + 1, 0)
-            ww = np.where(w > 0, (w - 1) * sw + dw * (kw - 1) + 1, 0)
-            c_in = layer.in_shapes[0][0]
-            gathered[layer.name] = float((sizes * wh * ww).sum()) * c_in
-        elif layer.kind == Kind.MERGE:
-            c_in = sum(s[0] for s in layer.in_shapes if len(s) == 3)
-            gathered[layer.name] = float((sizes * h * w).sum()) * c_in
-        else:
-            gathered[layer.name] = 0.0
+        wh, ww = window_size(layer, h, w)
+        gathered[layer.name] = float((sizes * wh * ww).sum()) * gathered_channels(layer)
     return inc, gathered, full
+
+
+def gathered_channels(layer) -> int:
+    """Channels the incremental executor gathers per window cell: a local
+    layer's input, every spatial input of a merge, none for point layers."""
+    if layer.kind == Kind.LOCAL:
+        return layer.in_shapes[0][0]
+    if layer.kind == Kind.MERGE:
+        return sum(s[0] for s in layer.in_shapes if len(s) == 3)
+    return 0
 
 
 def batch_bounds(n: int, batch) -> np.ndarray:

@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 
 from kql.planner.graph import Kind
-from kql.planner.rules.incremental import GATHER_COST, batch_overhead, sort_positions
+from kql.planner.geometry import window_extent
+from kql.planner.rules.incremental import GATHER_COST, batch_overhead, gathered_channels
 
 
 def mqo_batches(plan):
@@ -41,7 +42,7 @@ def mqo_batches(plan):
     n = plan.n_positions
     cap = max(1, int(plan.batch_size))
     model = _BatchCost(plan)
-    candidates = [("cost order", sort_positions(plan.graph, plan.regions)),
+    candidates = [("cost order", plan.order),  # set by the incremental rule
                   ("row/column order", model.row_column_order())]
     best = None
     for name, order in candidates:
@@ -73,21 +74,11 @@ class _BatchCost:
         self.h = np.stack([regions[l.name].h for l in layers], 1) if layers else np.zeros((plan.n_positions, 0))
         self.w = np.stack([regions[l.name].w for l in layers], 1) if layers else np.zeros((plan.n_positions, 0))
         self.per_pixel = np.array([float(l.flops) / (l.out_hw[0] * l.out_hw[1]) for l in layers])
-        # Gathered elements of a local layer: window (h-1)*s + d*(k-1) + 1 per axis.
-        gather, ah, bh, aw, bw = [], [], [], [], []
-        for l in layers:
-            if l.kind == Kind.LOCAL:
-                (kh, kw), (sh, sw), (dh, dw) = l.kernel, l.stride, l.dilation
-                gather.append(GATHER_COST * l.in_shapes[0][0])
-                ah.append(sh); bh.append(dh * (kh - 1) + 1 - sh)
-                aw.append(sw); bw.append(dw * (kw - 1) + 1 - sw)
-            elif l.kind == Kind.MERGE:
-                gather.append(GATHER_COST * sum(s[0] for s in l.in_shapes if len(s) == 3))
-                ah.append(1); bh.append(0); aw.append(1); bw.append(0)
-            else:
-                gather.append(0.0); ah.append(1); bh.append(0); aw.append(1); bw.append(0)
-        self.gather = np.array(gather)
-        self.ah, self.bh, self.aw, self.bw = map(np.array, (ah, bh, aw, bw))
+        # Gathered elements: the read-in window a*n + b per axis (geometry.window_extent).
+        self.gather = np.array([GATHER_COST * gathered_channels(l) for l in layers])
+        extents = np.array([window_extent(l) for l in layers], dtype=np.int64).reshape(-1, 2, 2)
+        self.ah, self.bh = extents[:, 0, 0], extents[:, 0, 1]
+        self.aw, self.bw = extents[:, 1, 0], extents[:, 1, 1]
         self.overhead = batch_overhead(graph)
         self.plan = plan
 
