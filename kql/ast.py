@@ -57,6 +57,29 @@ class Region:
 
 
 @dataclass(frozen=True)
+class Approx:
+    """``APPROX TAU <t>`` or ``APPROX SSIM <s>``: projective-field thresholding.
+
+    kind: ``"tau"`` (the threshold itself, 0 < t <= 1) or ``"ssim"`` (a quality
+    target the optimizer turns into a threshold with a ``TUNE`` calibration).
+    """
+    kind: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Drilldown:
+    """``DRILLDOWN [FRACTION <r>] [SPEEDUP <t>]``: adaptive drill-down.
+
+    A first pass at a coarser stride, then the fraction ``r`` of the
+    positions with the largest probability drop again at the query's stride;
+    the coarse stride follows from the target speedup ``t`` (Krypton eq. 47).
+    """
+    fraction: float = 0.25
+    speedup: float = 3.0
+
+
+@dataclass(frozen=True)
 class Select:
     """``SELECT HEATMAP FROM ... USING ... PATCH ... STRIDE ...`` and its clauses."""
     source: Source
@@ -67,7 +90,9 @@ class Select:
     color: Color = field(default_factory=Color)
     label: Label = field(default_factory=Label)
     region: Optional[Region] = None
-    mode: Optional[str] = None          # "naive" | "exact" | None (the optimizer picks the best exact mode)
+    mode: Optional[str] = None          # "naive" | "exact" | "approx" | None (the optimizer picks the best exact mode)
+    approx: Optional[Approx] = None     # with mode "approx"
+    drilldown: Optional[Drilldown] = None
     batch: Optional[int] = None         # None: sized from the memory budget
     device: Optional[str] = None        # "cpu" | "cuda" | None (session setting)
     into: Optional[str] = None          # output .png or .npy path
@@ -106,6 +131,27 @@ class ShowSettings:
 
 
 @dataclass(frozen=True)
+class ShowCalibrations:
+    """``SHOW CALIBRATIONS``."""
+
+
+@dataclass(frozen=True)
+class Tune:
+    """``TUNE <model> ON <images> PATCH <n> [STRIDE <s>] [TAUS (t, ...)]``.
+
+    images: a :class:`Source` of kind ``"path"`` (a folder or a glob), or a
+    tuple of names (bound, loaded or bundled sample images).
+    """
+    model: str
+    images: Union[Source, tuple[str, ...]]
+    patch: tuple[int, int]
+    stride: Optional[tuple[int, int]] = None
+    weights: Optional[str] = None
+    color: Color = field(default_factory=Color)
+    taus: Optional[tuple[float, ...]] = None
+
+
+@dataclass(frozen=True)
 class LoadImage:
     """``LOAD IMAGE '<file>' AS <name>``."""
     path: str
@@ -141,4 +187,4 @@ class Help:
 
 
 Statement = Union[Select, Explain, Describe, ShowModels, ShowImages, ShowSettings,
-                  LoadImage, LoadModel, Set, Help]
+                  ShowCalibrations, Tune, LoadImage, LoadModel, Set, Help]

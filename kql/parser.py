@@ -297,6 +297,8 @@ class _ToAst(Transformer):
         found = self._clauses(clauses)
         self._require(found, ("patch", "stride"), meta)
         values = {key: clause.value for key, clause in found.items()}
+        if isinstance(values.get("mode"), ast.Approx):
+            values["approx"], values["mode"] = values["mode"], "approx"
         return ast.Select(source=source, model=model, **values)
 
     def path_source(self, children):
@@ -323,6 +325,40 @@ class _ToAst(Transformer):
     cpu = _clause("device", "ON", "cpu")
     cuda = _clause("device", "ON", "cuda")
     trusted = _clause("trusted", value=True)
+
+    @v_args(meta=True)
+    def approx_tau(self, meta, children):
+        return _Clause("mode", "APPROX", ast.Approx("tau", float(children[0])), meta)
+
+    @v_args(meta=True)
+    def approx_ssim(self, meta, children):
+        return _Clause("mode", "APPROX", ast.Approx("ssim", float(children[0])), meta)
+
+    @v_args(meta=True)
+    def drilldown(self, meta, children):
+        options = self._clauses(children)
+        return _Clause("drilldown", "DRILLDOWN",
+                       ast.Drilldown(**{key: float(c.value) for key, c in options.items()}), meta)
+
+    fraction = _clause("fraction", "FRACTION")
+    speedup = _clause("speedup", "SPEEDUP")
+
+    @v_args(meta=True)
+    def taus(self, meta, children):
+        return _Clause("taus", "TAUS", tuple(float(c) for c in children), meta)
+
+    @v_args(meta=True)
+    def tune(self, meta, children):
+        model, images, *clauses = children
+        found = self._clauses(clauses)
+        self._require(found, ("patch",), meta)
+        return ast.Tune(model, images, **{key: clause.value for key, clause in found.items()})
+
+    def tune_path(self, children):
+        return ast.Source("path", children[0])
+
+    def tune_names(self, children):
+        return tuple(children)
 
     @v_args(meta=True)
     def region(self, meta, children):
@@ -365,6 +401,7 @@ class _ToAst(Transformer):
     show_models = _constant(ast.ShowModels())
     show_images = _constant(ast.ShowImages())
     show_settings = _constant(ast.ShowSettings())
+    show_calibrations = _constant(ast.ShowCalibrations())
 
     def load_image(self, children):
         return ast.LoadImage(*children)

@@ -27,7 +27,7 @@ with the border shift of eqs. 29-34), because one batch tensor has one shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import numpy as np
 
@@ -176,7 +176,8 @@ def _ratio(num: float, den: float) -> float:
     return float("inf") if num > 0 else 1.0
 
 
-def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]]) -> SpeedupReport:
+def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
+                        tau: Optional[float] = None) -> SpeedupReport:
     """Speedup of incremental inference for an occlusion sweep (Krypton Algorithm 1, eq. 20).
 
     Args:
@@ -185,6 +186,8 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]]) ->
             equal length), in input pixels; see :func:`kql.planner.geometry.grid`.
         patch_hw: the patch size ``(h, w)``, or one int for a square patch.
             Patches reaching past the image are clipped to it.
+        tau: projective-field threshold (approximate inference), or None
+            for exact regions (see :func:`kql.planner.geometry.threshold`).
 
     Returns:
         a :class:`SpeedupReport`.
@@ -215,7 +218,7 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]]) ->
         raise PlanError(f"patch {ph}x{pw} must be at least 1x1")
 
     layers = list(graph.layers())
-    regions = propagate(graph, Rects.from_patches(ys, xs, (ph, pw)))
+    regions = propagate(graph, Rects.from_patches(ys, xs, (ph, pw)), tau)
     inc = incremental_flops(graph, regions)
     n = len(ys)
 

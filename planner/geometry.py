@@ -30,7 +30,7 @@ the returned range is its bounding range (still exact at both ends).
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -40,7 +40,7 @@ IntOrArray = Union[int, np.ndarray]
 
 __all__ = [
     "changed_out", "read_range", "pad_changed_out", "pad_read_range",
-    "Rects", "out_region", "read_region", "propagate", "grid",
+    "Rects", "out_region", "read_region", "propagate", "threshold", "threshold_size", "grid",
 ]
 
 
@@ -481,7 +481,53 @@ def _name(x) -> str:
     return x if isinstance(x, str) else x.name
 
 
-def propagate(graph, patch_rects: Rects) -> dict[str, Rects]:
+def threshold_size(n: int, tau: float) -> int:
+    """Largest region side a layer with ``n`` outputs along an axis keeps
+    under projective-field threshold ``tau``: ``round(tau * n)`` (halves
+    round up), at least 1 (Krypton eqs. 40-41).
+
+    >>> threshold_size(14, 0.5), threshold_size(7, 0.5), threshold_size(3, 0.1)
+    (7, 4, 1)
+    """
+    return max(1, int(np.floor(tau * n + 0.5)))
+
+
+def threshold(layer: Layer, r: Rects, tau: float) -> Rects:
+    """``r`` capped to :func:`threshold_size` per axis, keeping the centre.
+
+    Projective-field thresholding (Krypton eqs. 39-45): a region wider than
+    the cap keeps its central ``cap`` columns (the cut is split in half, an
+    odd one more from the end), which is the same as shrinking the input
+    patch to what produces the capped output and moving its origin by half
+    the cut. Everything outside the capped region is then taken from the
+    materialized view, as if the occlusion had not reached it.
+
+    Only the region shrinks, so everything downstream (the cost model, MQO
+    batching and the executor) follows from it. A region that is narrower
+    than the cap is the exact changed region of the (approximated) input, so
+    recomputing any larger rectangle around it, as a batch does, reproduces
+    the view there: the result does not depend on how positions are batched.
+
+    >>> from kql.planner.graph import Layer, Kind
+    >>> conv = Layer("c", "conv2d", Kind.LOCAL, out_shape=(1, 10, 10))
+    >>> threshold(conv, Rects(2, 0, 9, 4), 0.4)   # cap 4: 7 rows -> rows 3..6
+    Rects(n=1: [3:7, 0:4])
+    """
+    ho, wo = layer.out_hw
+    ch, cw = threshold_size(ho, tau), threshold_size(wo, tau)
+    cut_h = np.maximum(r.h - ch, 0)
+    cut_w = np.maximum(r.w - cw, 0)
+    y0, x0 = r.y0 + cut_h // 2, r.x0 + cut_w // 2
+    return Rects(y0, x0, y0 + r.h - cut_h, x0 + r.w - cut_w)
+
+
+def _thresholded(layer: Layer) -> bool:
+    """Layers whose regions projective-field thresholding caps: the windowed
+    ones that make the region grow (conv and pooling, not explicit padding)."""
+    return layer.kind == Kind.LOCAL and layer.spatial and layer.op != "pad"
+
+
+def propagate(graph, patch_rects: Rects, tau: Optional[float] = None) -> dict[str, Rects]:
     """Changed region of every layer's output, for each of N patch positions.
 
     Args:
@@ -489,6 +535,9 @@ def propagate(graph, patch_rects: Rects) -> dict[str, Rects]:
             ``graph.input`` the input layer or its name).
         patch_rects: the occlusion patches in image pixels; they are clipped
             to the image, so a patch hanging over the border is fine.
+        tau: projective-field threshold in (0, 1]: every conv and pooling
+            layer's region is capped at ``round(tau * size)`` per axis
+            (:func:`threshold`). ``None`` (or 1) gives the exact regions.
 
     Returns:
         ``{layer name: Rects}`` in ``graph.layers()`` order. A layer that
@@ -507,7 +556,10 @@ def propagate(graph, patch_rects: Rects) -> dict[str, Rects]:
             if missing:
                 raise ValueError(f"layer {layer.name!r} reads {', '.join(map(repr, missing))}, "
                                  f"which graph.layers() does not list before it")
-            regions[layer.name] = out_region(layer, [regions[i] for i in layer.inputs])
+            r = out_region(layer, [regions[i] for i in layer.inputs])
+            if tau is not None and tau < 1 and _thresholded(layer):
+                r = threshold(layer, r, tau)
+            regions[layer.name] = r
     return regions
 
 

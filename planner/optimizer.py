@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 
+from kql.planner.rules.approximate import approximate
 from kql.planner.rules.batch_size import batch_size
 from kql.planner.rules.choose_mode import choose_mode
 from kql.planner.rules.estimate_cost import estimate_cost
@@ -22,6 +23,7 @@ RULES = (
     resolve_region,
     resolve_label,
     choose_mode,
+    approximate,
     incremental,
     batch_size,
     mqo_batches,

@@ -121,6 +121,18 @@ class Plan:
     gather_backend: str = "auto"
     layer_backends: dict = field(default_factory=dict)  # layer -> gather kernel
     r_batched: Optional[float] = None
+    # approximate plans (rules/approximate.py): the projective-field threshold,
+    # where it came from, and the SSIM its calibration predicts
+    tau: Optional[float] = None
+    tau_source: str = ""
+    predicted_ssim: Optional[float] = None
+    # DRILLDOWN (rules/drilldown.py): a planner.drilldown.DrilldownPlan
+    drilldown: Any = None
+
+    @property
+    def incremental(self) -> bool:
+        """Whether the incremental executor runs this plan (exact or approximate)."""
+        return self.mode in ("exact", "approx")
 
     @property
     def input_hw(self) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from kql.planner.plan import format_bytes
 #: inception_v3 26.1 / 24.7 / 33.2, vgg16 21.2 / 15.5 / - (64: 15.2). Exact
 #: batches carry small patches, so they stay efficient up to ~32 and then pay
 #: the weights' pass less often. A GPU wants large batches.
-MAX_AUTO_BATCH = {("cpu", "naive"): 8, ("cpu", "exact"): 32}
+MAX_AUTO_BATCH = {("cpu", "naive"): 8, ("cpu", "exact"): 32, ("cpu", "approx"): 32}
 MAX_AUTO_BATCH_GPU = 128
 
 

@@ -1,4 +1,4 @@
-"""Rule: choose between naive and exact (incremental) inference."""
+"""Rule: choose between naive, exact (incremental) and approximate inference."""
 from __future__ import annotations
 
 from kql.errors import PlanError
@@ -15,13 +15,15 @@ def incremental_available(plan) -> tuple[bool, str]:
 
 
 def choose_mode(plan, settings=None):
-    """Set ``plan.mode`` to 'naive' or 'exact' (changes the plan in place).
+    """Set ``plan.mode`` to 'naive', 'exact' or 'approx' (changes the plan in place).
 
-    An explicit ``EXACT`` that cannot run is an error, never a silent
-    fallback; with no mode given (``SET mode = 'auto'``) the fastest mode
-    with exact results is chosen and the reason recorded.
+    An explicit ``EXACT`` or ``APPROX`` that cannot run is an error, never a
+    silent fallback; with no mode given (``SET mode = 'auto'``) the fastest
+    mode with exact results is chosen and the reason recorded. The threshold
+    of an approximate plan is the next rule's (``approximate``).
 
     >>> # SELECT ... NAIVE           -> naive
+    >>> # SELECT ... APPROX TAU 0.5  -> approx
     >>> # SELECT ... (no mode, auto) -> exact when available, else naive
     """
     asked = plan.query.mode or (settings.mode if settings is not None else "auto")
@@ -29,11 +31,13 @@ def choose_mode(plan, settings=None):
     if asked == "naive":
         plan.mode = "naive"
         plan.record("choose_mode", "NAIVE: batched full re-inference")
-    elif asked == "exact":
+    elif asked in ("exact", "approx"):
+        keyword = asked.upper()
         if not ok:
-            raise PlanError(f"EXACT cannot run: {why}; use NAIVE")
-        plan.mode = "exact"
-        plan.record("choose_mode", "EXACT: incremental inference")
+            raise PlanError(f"{keyword} cannot run: {why}; use NAIVE")
+        plan.mode = asked
+        plan.record("choose_mode", "EXACT: incremental inference" if asked == "exact"
+                    else "APPROX: incremental inference with projective-field thresholding")
     else:
         plan.mode = "exact" if ok else "naive"
         plan.record("choose_mode", "no mode given: exact incremental inference" if ok

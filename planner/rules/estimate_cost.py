@@ -10,11 +10,11 @@ def estimate_cost(plan):
     and for exact plans the speedup the chosen batching and cutoff can reach;
     put the estimate on the Infer step (changes the plan in place)."""
     ys, xs = plan.positions()
-    plan.cost = theoretical_speedup(plan.graph, ys, xs, plan.patch)
+    plan.cost = theoretical_speedup(plan.graph, ys, xs, plan.patch, plan.tau)
     n = plan.n_positions
     infer = plan.root.find("Infer")
     naive_flops = float(plan.cost.full_flops) * n
-    if plan.mode == "naive":
+    if not plan.incremental:
         infer.flops = naive_flops
     else:
         from kql.planner.rules.incremental import layer_costs

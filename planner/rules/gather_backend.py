@@ -27,7 +27,7 @@ from kql.planner.graph import Kind
 def gather_backend(plan, settings=None):
     """Set ``plan.layer_backends`` and the summary ``plan.gather_backend``
     (changes the plan in place; a no-op for naive plans)."""
-    if plan.mode != "exact":
+    if not plan.incremental:
         return plan
     from kql import kernels
     forced = getattr(settings, "gather_backend", "auto") if settings is not None else "auto"

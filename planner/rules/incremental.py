@@ -1,10 +1,11 @@
 """Rule: rewrite Infer over occluded images into incremental inference.
 
-For ``plan.mode == 'exact'`` this rule decides everything the incremental
+For incremental plans (``plan.mode`` 'exact' or 'approx') this rule decides everything the incremental
 executor (``executor/incremental.py``) needs, once for the whole grid:
 
-- ``plan.regions``: each layer's exact changed region for every position
-  (``geometry.propagate``).
+- ``plan.regions``: each layer's changed region for every position
+  (``geometry.propagate``): exact, or capped by the projective-field
+  threshold ``plan.tau`` in approximate plans.
 - ``plan.order``: the order positions are batched in (MQO). A batch tensor
   has one patch size per layer, the largest in the batch, so positions whose
   regions are cut by the border (cheaper) are batched with each other rather
@@ -132,11 +133,11 @@ def sort_positions(graph, regions) -> np.ndarray:
 def incremental(plan, settings=None):
     """Plan exact incremental inference (changes the plan in place; a no-op
     for naive plans)."""
-    if plan.mode != "exact":
+    if not plan.incremental:
         return plan
     graph = plan.graph
     ys, xs = plan.positions()
-    regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch))
+    regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch), plan.tau)
     plan.regions = regions
     plan.order = sort_positions(graph, regions)
 
@@ -163,7 +164,8 @@ def incremental(plan, settings=None):
                                               and l.name not in plan.full_layers)
 
     infer = plan.root.find("Infer")
-    infer.detail("mode", "exact (incremental)")
+    infer.detail("mode", "exact (incremental)" if plan.tau is None else
+                 f"approximate (incremental, projective-field threshold τ = {plan.tau:g})")
     infer.detail("views", f"{len([l for l in layers if l.spatial and l.name not in plan.full_layers])} "
                           f"layers materialized, ≈{format_bytes(plan.view_bytes)}")
     infer.detail("cutoff", plan.cutoff or "none")

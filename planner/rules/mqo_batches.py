@@ -37,7 +37,7 @@ from kql.planner.rules.incremental import GATHER_COST, batch_overhead, gathered_
 def mqo_batches(plan):
     """Choose ``plan.order`` and ``plan.bounds`` (changes the plan in place;
     a no-op for naive plans)."""
-    if plan.mode != "exact":
+    if not plan.incremental:
         return plan
     n = plan.n_positions
     cap = max(1, int(plan.batch_size))

@@ -1,0 +1,200 @@
+"""SSIM calibrations of the projective-field threshold τ, and where they live.
+
+``TUNE`` measures, on sample images, how similar the heatmap of
+``APPROX TAU t`` is to the exact one (SSIM) for a grid of thresholds, and
+fits SSIM as a degree-2 polynomial of τ (Krypton section 4.4). ``APPROX SSIM
+s`` then runs at the smallest τ whose fitted SSIM reaches ``s``.
+
+A calibration holds for one model with one set of weights, one input size
+and one patch size: the key is ``(model name, weights fingerprint, input
+h x w, patch h x w)``. The fingerprint is taken from the parameters
+themselves (:func:`weights_fingerprint`), so a calibration made with one
+checkpoint is never applied to another under the same name.
+
+Two stores are read, the user's first:
+
+- the user store, a JSON file written by ``TUNE``:
+  ``$KQL_DATA_DIR/calibrations.json``, by default
+  ``$XDG_DATA_HOME/kql/calibrations.json`` (``~/.local/share/kql/...``);
+- the calibrations shipped with KQL (``kql/calibrations/*.json``, made by
+  ``scripts/calibrate_efficientnet.py``), read-only.
+
+Files are written atomically (a temporary file in the same folder, then
+``os.replace``), so a crash never leaves half a store; a file that cannot be
+read is reported, not silently dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from kql.errors import KqlError
+
+#: Format version of the JSON files; bumped when a field changes meaning.
+FORMAT = 1
+
+BUILTIN_DIR = Path(__file__).with_name("calibrations")
+
+
+@dataclass
+class Calibration:
+    """One fitted SSIM(τ) curve.
+
+    Attributes:
+        model: model name (as after USING).
+        weights: the weights' description (``ModelSpec.weights``).
+        fingerprint: :func:`weights_fingerprint` of the parameters.
+        input_hw, patch: model input size and patch size, ``(h, w)``.
+        stride, color: the grid and the patch colour the heatmaps used.
+        taus: the thresholds measured.
+        ssim: per image, the SSIM at each of ``taus``: ``{image: [..]}``.
+        coefficients: ``(a, b, c)`` of the fit ``SSIM = a τ² + b τ + c``.
+        created: ISO date and time of the TUNE.
+    """
+    model: str
+    weights: str
+    fingerprint: str
+    input_hw: tuple[int, int]
+    patch: tuple[int, int]
+    stride: tuple[int, int]
+    color: str
+    taus: list[float]
+    ssim: dict[str, list[float]]
+    coefficients: tuple[float, float, float]
+    created: str = ""
+    source: str = field(default="user", compare=False)  # "user" or "built-in"; not stored
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.fingerprint, tuple(self.input_hw), tuple(self.patch))
+
+    @property
+    def n_images(self) -> int:
+        return len(self.ssim)
+
+    def predict(self, tau: float) -> float:
+        """Fitted SSIM at ``tau`` (clipped to [0, 1])."""
+        return float(np.clip(np.polyval(self.coefficients, tau), 0.0, 1.0))
+
+    def tau_for(self, target: float, step: float = 0.01) -> float:
+        """The smallest τ, on a grid of ``step`` inside the measured range
+        (never extrapolated below the smallest τ tuned), whose fitted SSIM
+        reaches ``target``; 1.0 (exact) when none does."""
+        lo = min(self.taus)
+        for tau in np.round(np.arange(lo, 1.0 + step / 2, step), 6):
+            if self.predict(float(tau)) >= target:
+                return float(tau)
+        return 1.0
+
+    def describe(self) -> str:
+        a, b, c = self.coefficients
+        return (f"{self.source} calibration of {self.created[:10] or 'unknown date'} "
+                f"({self.n_images} images, SSIM ≈ {a:.3f}τ² {b:+.3f}τ {c:+.3f})")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "user") -> "Calibration":
+        return cls(model=d["model"], weights=d["weights"], fingerprint=d["fingerprint"],
+                   input_hw=tuple(d["input_hw"]), patch=tuple(d["patch"]), stride=tuple(d["stride"]),
+                   color=d["color"], taus=[float(t) for t in d["taus"]],
+                   ssim={k: [float(v) for v in vs] for k, vs in d["ssim"].items()},
+                   coefficients=tuple(float(c) for c in d["coefficients"]), created=d.get("created", ""),
+                   source=source)
+
+
+def fit(taus: Sequence[float], ssim: dict[str, Sequence[float]]) -> tuple[float, float, float]:
+    """Least-squares degree-2 fit of SSIM against τ over every image's points."""
+    xs = np.concatenate([np.asarray(taus, float) for _ in ssim])
+    ys = np.concatenate([np.asarray(v, float) for v in ssim.values()])
+    if len(set(np.round(taus, 9))) < 3:
+        raise KqlError("a degree-2 fit needs at least 3 different thresholds (TAUS)")
+    a, b, c = np.polyfit(xs, ys, 2)
+    return float(a), float(b), float(c)
+
+
+def weights_fingerprint(module) -> str:
+    """A short hash of a model's parameters and buffers: their names and
+    shapes, and a strided sample of at most 256 values of each (fast even
+    for VGG16's 138M parameters, and different for any two real checkpoints)."""
+    h = hashlib.sha256()
+    for name, t in list(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel() and flat.is_floating_point():
+            sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy()
+            h.update(np.ascontiguousarray(sample).tobytes())
+    return h.hexdigest()[:16]
+
+
+def user_store() -> Path:
+    """The user's calibration file (it may not exist yet)."""
+    base = os.environ.get("KQL_DATA_DIR")
+    if not base:
+        base = os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "kql")
+    return Path(base) / "calibrations.json"
+
+
+def _read(path: Path, source: str) -> list[Calibration]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+        return [Calibration.from_json(d, source) for d in data["calibrations"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KqlError(f"cannot read the calibration store {path}: {e}; move it away and run TUNE again")
+
+
+def load_all() -> list[Calibration]:
+    """Every calibration: the user's, then the built-in ones not overridden."""
+    user = _read(user_store(), "user")
+    keys = {c.key for c in user}
+    builtin = [c for f in sorted(BUILTIN_DIR.glob("*.json")) for c in _read(f, "built-in")]
+    return user + [c for c in builtin if c.key not in keys]
+
+
+def write(path: Path, calibrations: list[Calibration]) -> None:
+    """Write a store atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"format": FORMAT, "calibrations": [c.to_json() for c in calibrations]}, indent=1)
+    fd, tmp = tempfile.mkstemp(prefix=".calibrations-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(calibration: Calibration, path: Optional[Path] = None) -> Path:
+    """Add ``calibration`` to the user store (or ``path``), replacing one with the same key."""
+    path = path or user_store()
+    kept = [c for c in _read(path, "user") if c.key != calibration.key]
+    write(path, kept + [calibration])
+    return path
+
+
+def lookup(spec, input_hw, patch) -> Optional[Calibration]:
+    """The calibration for this model (name and weights), input size and patch, or None."""
+    found = [c for c in load_all() if c.model == spec.name and tuple(c.input_hw) == tuple(input_hw)
+             and tuple(c.patch) == tuple(patch)]
+    if not found:
+        return None
+    fp = weights_fingerprint(spec.module)
+    return next((c for c in found if c.fingerprint == fp), None)
