@@ -26,6 +26,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+# Fashion-MNIST, for the CNN the tests train (kql/zoo.py): Debian's dataset-fashion-mnist puts it
+# here. A file target, so nothing runs once it exists; apt-get update only if the install fails.
+FASHION_MNIST         := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+FASHION_MNIST_INSTALL := apt-get install -y --no-install-recommends -o DPkg::Lock::Timeout=300 dataset-fashion-mnist
+test: $(FASHION_MNIST)
+$(FASHION_MNIST):
+	$(FASHION_MNIST_INSTALL) || { apt-get update && $(FASHION_MNIST_INSTALL); }
+	test -f $@
+
 bench: $(STAMP)
 	$(PY) benchmarks/occlusion_bench.py
 
