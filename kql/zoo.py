@@ -3,7 +3,7 @@
 Approximate occlusion heatmaps must be judged on trained networks: a random
 network's heatmap is noise, so "close to exact" would mean nothing. The one
 network here is trained on Fashion-MNIST (:mod:`kql.datasets`, from the Debian
-package ``dataset-fashion-mnist``) on the CPU, deterministically, in about ten
+package ``dataset-fashion-mnist``) on the CPU, deterministically, in about 15
 CPU-seconds, and reaches about 87% test accuracy.
 
 Training takes seconds, so the example is skipped in doctests (tests/test_fmnist.py runs it):
@@ -106,7 +106,7 @@ def train_fmnist(*, epochs: float = 1.0, batch_size: int = 64, seed: int = 0, th
     for a given ``seed`` and ``threads`` on one machine and torch version: the
     initial weights and the batch order come from ``seed``. The global RNG and
     the caller's thread count are left as they were. With the defaults it takes
-    about 10 CPU-seconds and reaches about 87% test accuracy.
+    about 15 CPU-seconds and reaches about 87% test accuracy.
 
     Args:
         epochs: passes over the 60,000 training images (fractions allowed).

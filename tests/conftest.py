@@ -14,7 +14,7 @@ def fmnist_net(tmp_path_factory):
     The weights are cached in the run's temporary folder, which every xdist worker shares
     (``getbasetemp().parent`` under xdist, the run's own folder otherwise), and
     ``zoo.trained_fmnist_net`` trains under a file lock: under ``-n 2`` one worker trains
-    (about 10 CPU-seconds) while the other waits, then loads. Register it with
+    (about 15 CPU-seconds) while the other waits, then loads. Register it with
     ``con.register_model("fmnist", fmnist_net, **zoo.FMNIST_SPEC)``; treat it as read-only
     (``copy.deepcopy`` it before changing it).
     """
