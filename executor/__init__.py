@@ -28,8 +28,13 @@ def execute(plan, progress: str = "auto"):
     label, p_original, _ = reference(plan, model)
     t_ref = time.perf_counter() - start
     from kql.executor.memory import PeakMemory
+    stages = None
     with PeakMemory(plan.device) as mem:
-        values, t_occ = _executor(plan.mode).occlusion_probabilities(plan, model, label, progress)
+        if plan.drilldown is not None:
+            from kql.executor import drilldown
+            values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, _executor, progress)
+        else:
+            values, t_occ = _executor(plan.mode).occlusion_probabilities(plan, model, label, progress)
     names = plan.spec.class_names
     result = HeatmapResult(
         heatmap=values.reshape(len(plan.ys), len(plan.xs)),
@@ -40,8 +45,12 @@ def execute(plan, progress: str = "auto"):
         image=plan.display, model=plan.spec.name, mode=plan.mode,
         timings={"reference": t_ref, "occlusion": t_occ},
         plan=plan, plan_text="", warnings=list(plan.warnings), output_path=None,
-        peak_memory=mem.peak,
+        peak_memory=mem.peak, tau=plan.tau,
     )
+    if stages is not None:
+        result.timings.update({"stage one": stages["stage one"], "stage two": stages["stage two"]})
+        result.computed = stages["computed"]
+        result.stage_positions = stages["positions"]
     if plan.query.into:
         t0 = time.perf_counter()
         result.save(plan.query.into)

@@ -42,7 +42,7 @@ from torch.fx.node import Node, map_arg
 
 from kql import kernels
 from kql.executor.common import probabilities, run_batches
-from kql.planner.geometry import Rects, read_region
+from kql.planner.geometry import Rects, read_region, thresholded
 from kql.planner.graph import Kind
 
 
@@ -87,6 +87,13 @@ class IncrementalRunner:
         if self.gm is not model:
             self.gm = self.gm.to(self.device)
         self.layers = {layer.name: layer for layer in self.graph.layers()}
+        # Approximate plans: conv/pool layers whose regions the threshold caps.
+        # Computed in full (past the cutoff, or after a global layer), their
+        # output outside the capped region is reset to the view, so the
+        # heatmap does not depend on where the cost model put the cutoff.
+        tau = getattr(plan, "tau", None)
+        self.capped = frozenset(name for name, layer in self.layers.items()
+                                if tau is not None and tau < 1 and thresholded(layer))
         self._point_ok = {name: self._point_is_pixelwise(name) for name, layer in self.layers.items()
                           if layer.kind == Kind.POINT}
         self.last_use = self._last_use()
@@ -97,6 +104,8 @@ class IncrementalRunner:
         """A view is kept when some consumer reads around or beyond the patch:
         everything but point layers (which read the patch only). A layer past
         the IVM cutoff is always computed in full, so nothing reads its view."""
+        if name in self.capped:
+            return True
         if name in self.full_layers:
             return False
         for consumer in self.graph.consumers(name):
@@ -206,7 +215,10 @@ class IncrementalRunner:
             if h == ho and w == wo and layer.kind != Kind.POINT:
                 full_mode = True
         if full_mode:
-            return Full(self._call(node, lambda n: self._full(n, state, B)))
+            values = self._call(node, lambda n: self._full(n, state, B))
+            if layer.name in self.capped:
+                values = self._cap_full(layer, values, idx)
+            return Full(values)
         if layer.kind == Kind.POINT:
             (src,) = [s for s in ins if s is not None]
             values = self._call(node, lambda n: self._value_patch(n, state, src))
@@ -218,6 +230,21 @@ class IncrementalRunner:
         # merge: every input over the same rectangles
         values = self._call(node, lambda n: self._value_over(n, state, oy, ox, h, w, B))
         return Patch(values, oy, ox)
+
+    def _cap_full(self, layer, values: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        """A thresholded layer computed in full: its values outside each
+        position's capped region become the view's (projective-field
+        thresholding, as when the layer runs incrementally)."""
+        r = self.regions[layer.name][idx]
+        ho, wo = layer.out_hw
+        if (r.h == ho).all() and (r.w == wo).all():
+            return values
+        dev = values.device
+        rows, cols = torch.arange(ho, device=dev), torch.arange(wo, device=dev)
+        y0, y1, x0, x1 = (_index(a, dev)[:, None] for a in (r.y0, r.y1, r.x0, r.x1))
+        inside = (((rows >= y0) & (rows < y1))[:, None, :, None]
+                  & ((cols >= x0) & (cols < x1))[:, None, None, :])
+        return torch.where(inside, values, self.views[layer.name])
 
     def _local(self, layer, state, placed: Rects, oy, ox, h, w) -> torch.Tensor:
         """Recompute a conv/pool/pad over the output rectangles ``placed`` (also
@@ -366,20 +393,32 @@ def _index(a, device) -> torch.Tensor:
     return torch.tensor(np.asarray(a, dtype=np.int64), device=device)
 
 
-def occlusion_probabilities(plan, model, label: int, progress: str = "auto") -> tuple[np.ndarray, float]:
+def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
+                            positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
     """Probability of ``label`` at every grid position (flat, row-major) by
-    incremental inference, and the seconds it took (materialization included)."""
+    incremental inference, and the seconds it took (materialization included).
+
+    With ``positions`` (flat grid indices) only those run, batched by the
+    plan's partition restricted to them; the other entries are NaN.
+    """
     import time
     from kql.planner.geometry import propagate
     start = time.perf_counter()
     ys, xs = plan.positions()
-    regions = getattr(plan, "regions", None) or propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch))
+    regions = getattr(plan, "regions", None) or propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch),
+                                                          getattr(plan, "tau", None))
     order = getattr(plan, "order", None)
     if order is None:
         order = np.arange(len(ys))
+    bounds = getattr(plan, "bounds", None)
+    if positions is not None:
+        from kql.planner.rules.mqo_batches import batches_for
+        order, bounds = batches_for(plan, positions)
     full_layers = frozenset(getattr(plan, "full_layers", ()) or ())
     backend = getattr(plan, "gather_backend", "auto")
-    out = np.empty(len(ys), dtype=np.float32)
+    out = np.full(len(ys), np.nan, dtype=np.float32)
+    if len(order) == 0:
+        return out, time.perf_counter() - start
     with torch.inference_mode():
         runner = IncrementalRunner(plan, model, regions, full_layers, backend)
 
@@ -387,7 +426,6 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto") -> 
             idx = order[sl]
             out[idx] = runner.run(idx, label)
 
-        bounds = getattr(plan, "bounds", None)
-        run_batches(len(ys), plan.batch_size if bounds is None else bounds, step, progress=progress,
+        run_batches(len(order), plan.batch_size if bounds is None else bounds, step, progress=progress,
                     plan=plan)
     return out, time.perf_counter() - start

@@ -6,24 +6,30 @@ the unmodified model, softmax, the label's probability.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
 from kql.executor.common import occlude, probabilities, run_batches
 
 
-def occlusion_probabilities(plan, model, label: int, progress: str = "auto") -> tuple[np.ndarray, float]:
+def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
+                            positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
     """Probability of ``label`` at every position of the plan's grid
-    (row-major, flat) and the seconds it took."""
+    (row-major, flat) and the seconds it took. With ``positions`` (flat grid
+    indices) only those run; the other entries are NaN."""
     ys, xs = plan.positions()
-    out = np.empty(len(ys), dtype=np.float32)
+    out = np.full(len(ys), np.nan, dtype=np.float32)
+    idx = np.arange(len(ys)) if positions is None else np.sort(np.asarray(positions, dtype=np.int64))
     x = plan.input.to(plan.device)
 
     def step(sl: slice) -> None:
-        batch = occlude(x, plan.fill, ys[sl], xs[sl], plan.patch)
-        out[sl] = probabilities(model(batch))[:, label].cpu().numpy()
+        sel = idx[sl]
+        batch = occlude(x, plan.fill, ys[sel], xs[sel], plan.patch)
+        out[sel] = probabilities(model(batch))[:, label].cpu().numpy()
 
     with torch.inference_mode():
-        seconds = run_batches(len(ys), plan.batch_size, step, progress=progress, plan=plan)
+        seconds = run_batches(len(idx), plan.batch_size, step, progress=progress, plan=plan)
     return out, seconds
 

@@ -78,6 +78,14 @@ class HeatmapResult:
         output_path: where :meth:`save` last wrote, or ``None``.
         peak_memory: bytes the occlusion stage added at its highest point
             (views, batches, activations), or ``None`` if not measured.
+        tau: the projective-field threshold of an approximate heatmap, else
+            ``None``.
+        computed: with DRILLDOWN, a boolean ``(rows, cols)`` mask of the
+            positions whose probability was computed (stage one's coarse
+            grid and stage two's selection); the others hold stage one's
+            interpolated estimate. ``None`` otherwise (everything computed).
+        stage_positions: with DRILLDOWN, positions run by stage one and
+            stage two.
     """
     heatmap: np.ndarray
     label: int
@@ -97,6 +105,9 @@ class HeatmapResult:
     warnings: list[str] = field(default_factory=list)
     output_path: Optional[str] = None
     peak_memory: Optional[int] = None
+    tau: Optional[float] = None
+    computed: Optional[np.ndarray] = None
+    stage_positions: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         self.heatmap = np.asarray(self.heatmap, dtype=np.float32)
@@ -257,8 +268,12 @@ class HeatmapResult:
         n = rows * cols
         what = f"'{self.label_name}' (label {self.label}, " if self.label_name is not None \
             else f"label {self.label} ("
-        text = f"heatmap {rows}x{cols} of {what}p={self.p_original:.3f}) by {self.model}, {self.mode}: " \
+        mode = self.mode if self.tau is None else f"{self.mode} τ={self.tau:g}"
+        text = f"heatmap {rows}x{cols} of {what}p={self.p_original:.3f}) by {self.model}, {mode}: " \
                f"{n} position{'s' if n != 1 else ''}"
+        if self.stage_positions is not None:
+            one, two = self.stage_positions
+            text += f" (drill-down: {one} coarse + {two} fine computed)"
         seconds = self.timings.get("total")
         if seconds is None and self.timings:
             seconds = sum(self.timings.values())

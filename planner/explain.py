@@ -76,10 +76,15 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
                  f"{plan.n_positions} positions)")
     batched = (f"; {plan.r_batched:.2f} with the chosen batches and cutoff"
                if plan.r_batched is not None else "")
+    regions = "exact regions" if plan.tau is None else f"regions capped at τ = {plan.tau:g}"
     lines.append(f"theoretical speedup of incremental vs naive: R = {plan.cost.r_grid:.2f} "
-                 f"(exact regions over the grid; {plan.cost.r_uniform:.2f} with one patch size per layer"
+                 f"({regions} over the grid; {plan.cost.r_uniform:.2f} with one patch size per layer"
                  f"{batched})")
-    if plan.mode == "exact":
+    if plan.tau is not None:
+        lines += _approx_lines(plan)
+    if plan.drilldown is not None:
+        lines += _drilldown_lines(plan)
+    if plan.incremental:
         lines += _exact_lines(plan)
     globals_ = [layer for layer in plan.graph.layers() if layer.reason]
     if globals_:
@@ -96,6 +101,29 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
         lines.append("")
         lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _approx_lines(plan: Plan) -> list[str]:
+    """τ, where it came from, what it buys and the SSIM it is predicted to keep."""
+    exact = getattr(plan, "cost_exact", None)
+    gain = ""
+    if exact is not None:
+        gain = (f"; exact incremental would be R = {exact.r_grid:.2f}, so thresholding saves "
+                f"{plan.cost.r_grid / exact.r_grid:.2f}x more")
+    ssim = ("no SSIM prediction (no TUNE calibration for this model, weights, input size and patch)"
+            if plan.predicted_ssim is None else f"predicted SSIM vs exact {plan.predicted_ssim:.3f}")
+    return [f"approximate: projective-field threshold τ = {plan.tau:g} from {plan.tau_source}; {ssim}{gain}"]
+
+
+def _drilldown_lines(plan: Plan) -> list[str]:
+    """The two stages of DRILLDOWN and the speedup they promise."""
+    dd = plan.drilldown
+    (a, b), (c, d) = dd.stride_one, dd.stride_two
+    return [f"drill-down: stage one at stride {a}x{b} ({dd.n_coarse} positions), stage two at stride "
+            f"{c}x{d} on the {dd.n_select} of {dd.n_fine} positions (r = {dd.fraction:g}) with the largest "
+            f"drop, less those stage one ran; expected speedup {dd.expected_speedup:.2f}x over the full "
+            f"grid (Krypton eq. 46 at S1 = {a}, target {dd.speedup:g}x), at most "
+            f"{dd.max_positions} of {dd.n_fine} positions ({dd.position_speedup:.2f}x)"]
 
 
 def _exact_lines(plan: Plan) -> list[str]:

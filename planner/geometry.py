@@ -521,7 +521,7 @@ def threshold(layer: Layer, r: Rects, tau: float) -> Rects:
     return Rects(y0, x0, y0 + r.h - cut_h, x0 + r.w - cut_w)
 
 
-def _thresholded(layer: Layer) -> bool:
+def thresholded(layer: Layer) -> bool:
     """Layers whose regions projective-field thresholding caps: the windowed
     ones that make the region grow (conv and pooling, not explicit padding)."""
     return layer.kind == Kind.LOCAL and layer.spatial and layer.op != "pad"
@@ -557,7 +557,7 @@ def propagate(graph, patch_rects: Rects, tau: Optional[float] = None) -> dict[st
                 raise ValueError(f"layer {layer.name!r} reads {', '.join(map(repr, missing))}, "
                                  f"which graph.layers() does not list before it")
             r = out_region(layer, [regions[i] for i in layer.inputs])
-            if tau is not None and tau < 1 and _thresholded(layer):
+            if tau is not None and tau < 1 and thresholded(layer):
                 r = threshold(layer, r, tau)
             regions[layer.name] = r
     return regions

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 
+from kql.planner.drilldown import plan_drilldown
 from kql.planner.rules.approximate import approximate
 from kql.planner.rules.batch_size import batch_size
 from kql.planner.rules.choose_mode import choose_mode
@@ -37,9 +38,16 @@ def optimize(plan, rules=RULES, **kwargs):
 
     Rules change the copy in place and return it (a rule may also return a
     new plan). ``kwargs`` (e.g. ``settings``) reach only rules that declare them.
+    A ``DRILLDOWN`` query also gets its coarse stage one, optimized the same
+    way (``planner.drilldown``).
     """
+    bound = plan
     plan = plan.copy()
     for rule in rules:
         params = inspect.signature(rule).parameters
         plan = rule(plan, **{k: v for k, v in kwargs.items() if k in params})
+    if getattr(plan.query, "drilldown", None) is not None:
+        # Stage one is the same query at a coarser stride, optimized from the
+        # bound plan by the same rules.
+        plan = plan_drilldown(bound, plan, lambda p, **kw: optimize(p, rules, **kw), **kwargs)
     return plan

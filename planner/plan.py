@@ -126,6 +126,7 @@ class Plan:
     tau: Optional[float] = None
     tau_source: str = ""
     predicted_ssim: Optional[float] = None
+    cost_exact: Any = None  # SpeedupReport without the threshold (rules/estimate_cost.py)
     # DRILLDOWN (rules/drilldown.py): a planner.drilldown.DrilldownPlan
     drilldown: Any = None
 

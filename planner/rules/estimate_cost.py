@@ -11,6 +11,8 @@ def estimate_cost(plan):
     put the estimate on the Infer step (changes the plan in place)."""
     ys, xs = plan.positions()
     plan.cost = theoretical_speedup(plan.graph, ys, xs, plan.patch, plan.tau)
+    if plan.tau is not None:  # what thresholding adds over exact
+        plan.cost_exact = theoretical_speedup(plan.graph, ys, xs, plan.patch)
     n = plan.n_positions
     infer = plan.root.find("Infer")
     naive_flops = float(plan.cost.full_flops) * n

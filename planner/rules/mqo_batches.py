@@ -61,6 +61,19 @@ def mqo_batches(plan):
     return plan
 
 
+def batches_for(plan, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, bounds)`` for running only ``positions`` (flat grid indices)
+    of an incremental plan, as drill-down's stage two does: the plan's order
+    restricted to them, split into batches by the same partition."""
+    keep = np.zeros(plan.n_positions, bool)
+    keep[positions] = True
+    order = plan.order[keep[plan.order]]
+    if len(order) == 0:
+        return order, np.zeros(1, dtype=np.int64)
+    bounds, _ = _BatchCost(plan).partition(order, max(1, int(plan.batch_size)))
+    return order, bounds
+
+
 class _BatchCost:
     """Cost of running a set of positions as one batch, from the layers that
     run incrementally: FLOPs at the batch's largest size per layer, the

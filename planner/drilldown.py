@@ -1,0 +1,190 @@
+"""Adaptive drill-down (Krypton section 4.3): a coarse pass, then a fine one
+where the coarse heatmap says the prediction is sensitive.
+
+Stage one runs the query at a stride ``S1`` larger than the query's ``S2``.
+Its heatmap is interpolated onto the query's grid; the fraction ``r`` of the
+grid's positions with the largest estimated probability drop is then run at
+the query's stride (stage two). The answer is on the query's grid: the
+positions stage two ran and those stage one ran exactly (``S1`` is a multiple
+of ``S2``, so the coarse grid lies on the fine one) hold computed
+probabilities, the rest the interpolated stage-one estimate.
+
+The user gives ``r`` and a target speedup ``t`` over running the whole fine
+grid; Krypton eq. 47 gives the stride,
+``S1 = S2 * sqrt(t / (1 - r t))``, possible only for ``t < 1 / r`` (eq. 48),
+and eq. 46 the speedup of a stride, ``S1^2 / (S2^2 + r S1^2)``. Here ``S1`` is
+a multiple of ``S2`` (per axis; the one whose eq. 46 speedup is closest to
+the target), so that stage one's values are exact values of the query's
+grid, and EXPLAIN reports the speedup of the stride actually used, from eq.
+46 and from the position counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kql.errors import PlanError
+
+
+def stage_one_stride(s2: int, fraction: float, speedup: float) -> int:
+    """``S1`` for one axis: eq. 47 gives ``S2 * f``; of the two multiples of
+    ``S2`` around it, the one whose eq. 46 speedup is closer to the target
+    (the smaller on a tie), at least ``S2``.
+
+    >>> stage_one_stride(4, 0.25, 3.0)    # f = 3.46: 3 gives 2.77x, 4 gives 3.2x
+    16
+    >>> stage_one_stride(2, 0.1, 5.0)     # f = 3.16: 3 gives 4.74x, 4 gives 6.15x
+    6
+    """
+    check(fraction, speedup)
+    factor = math.sqrt(speedup / (1.0 - fraction * speedup))
+    candidates = sorted({max(1, math.floor(factor)), max(1, math.ceil(factor))})
+    best = min(candidates, key=lambda m: abs(expected_speedup(m, 1, fraction) - speedup))
+    return s2 * best
+
+
+def expected_speedup(s1: float, s2: float, fraction: float) -> float:
+    """Krypton eq. 46: positions of a full fine pass over those of drill-down.
+
+    >>> round(expected_speedup(12, 4, 0.25), 2)
+    2.77
+    """
+    return s1 ** 2 / (s2 ** 2 + fraction * s1 ** 2)
+
+
+def check(fraction: float, speedup: float) -> None:
+    """Reject impossible drill-down settings with a message that says why."""
+    if not 0 < fraction < 1:
+        raise PlanError(f"DRILLDOWN FRACTION must be between 0 and 1 (exclusive), got {fraction:g}")
+    if speedup <= 1:
+        raise PlanError(f"DRILLDOWN SPEEDUP must be above 1, got {speedup:g}")
+    if speedup * fraction >= 1:
+        raise PlanError(f"DRILLDOWN SPEEDUP {speedup:g} is impossible with FRACTION {fraction:g}: stage two "
+                        f"alone runs {fraction:g} of the positions, so the speedup must stay below "
+                        f"1/FRACTION = {1 / fraction:.3g} (Krypton eq. 48)")
+
+
+@dataclass
+class DrilldownPlan:
+    """The two stages of a drill-down plan.
+
+    Attributes:
+        stage_one: the optimized :class:`~kql.planner.plan.Plan` of the
+            coarse pass (the query at stride ``stride_one``).
+        stride_one, stride_two: ``(h, w)`` strides of the two stages.
+        fraction, speedup: ``r`` and the target ``t`` the user asked for.
+        n_fine: positions of the query's (fine) grid.
+        n_select: ``ceil(r * n_fine)``, the positions stage two covers
+            (those stage one already ran are not run again).
+        on_coarse: boolean ``(rows, cols)`` mask of the fine grid: the
+            positions stage one runs.
+    """
+    stage_one: Any
+    stride_one: tuple[int, int]
+    stride_two: tuple[int, int]
+    fraction: float
+    speedup: float
+    n_fine: int
+    n_select: int
+    on_coarse: np.ndarray
+
+    @property
+    def n_coarse(self) -> int:
+        return self.stage_one.n_positions
+
+    @property
+    def expected_speedup(self) -> float:
+        """Eq. 46 with the rounded stride (geometric mean of the two axes)."""
+        sy = expected_speedup(self.stride_one[0], self.stride_two[0], self.fraction)
+        sx = expected_speedup(self.stride_one[1], self.stride_two[1], self.fraction)
+        return math.sqrt(sy * sx)
+
+    @property
+    def max_positions(self) -> int:
+        """Most positions the two stages run together."""
+        return self.n_coarse + self.n_select
+
+    @property
+    def position_speedup(self) -> float:
+        """Fine-grid positions over the most positions drill-down runs."""
+        return self.n_fine / self.max_positions
+
+
+def plan_drilldown(bound, fine, optimize, **kwargs):
+    """Attach a :class:`DrilldownPlan` to the optimized fine plan ``fine``.
+
+    ``bound`` is the plan as the binder made it (before any rule), from which
+    stage one is optimized with the coarse stride; ``optimize`` is
+    :func:`kql.planner.optimizer.optimize`.
+    """
+    from kql.planner.plan import Step
+    dd = fine.query.drilldown
+    check(dd.fraction, dd.speedup)
+    s2 = fine.stride
+    s1 = (stage_one_stride(s2[0], dd.fraction, dd.speedup), stage_one_stride(s2[1], dd.fraction, dd.speedup))
+    coarse = bound.copy()
+    coarse.query = dataclasses.replace(fine.query, stride=s1, drilldown=None, into=None)
+    stage_one = optimize(coarse, **kwargs)
+    on_coarse = np.isin(fine.ys, stage_one.ys)[:, None] & np.isin(fine.xs, stage_one.xs)[None, :]
+    n_fine = fine.n_positions
+    n_select = min(n_fine, int(math.ceil(dd.fraction * n_fine)))
+    plan = DrilldownPlan(stage_one, s1, s2, dd.fraction, dd.speedup, n_fine, n_select, on_coarse)
+    fine.drilldown = plan
+    if s1 == s2:
+        fine.warnings.append(f"DRILLDOWN SPEEDUP {dd.speedup:g} with FRACTION {dd.fraction:g} gives a stage-one "
+                             f"stride equal to the query's: stage one covers the whole grid")
+
+    # The step tree: both stages' Infer subtrees under one DrillDown step.
+    infer_two = fine.root.find("Infer")
+    infer_one = stage_one.root.find("Infer")
+    infer_one.details.insert(0, ("stage", f"one, stride {s1[0]}x{s1[1]}, {stage_one.n_positions} positions"))
+    infer_two.details.insert(0, ("stage", f"two, the {n_select} of {n_fine} positions (r = {dd.fraction:g}) "
+                                          f"with the largest drop, at stride {s2[0]}x{s2[1]}"))
+    drill = Step("DrillDown", [("S1", f"{s1[0]}x{s1[1]}"), ("r", f"{dd.fraction:g}"),
+                               ("expected speedup", f"{plan.expected_speedup:.2f}x (eq. 46; "
+                                                    f"≤{plan.max_positions} of {n_fine} positions)")],
+                 [infer_one, infer_two])
+    parent = _parent_of(fine.root, infer_two)
+    parent.children = [drill if c is infer_two else c for c in parent.children]
+    if infer_one.flops is not None and infer_two.flops is not None:
+        drill.flops = infer_one.flops + dd.fraction * infer_two.flops
+    occlude = stage_one.root.find("Occlude")
+    occlude.details = [(k, f"{s1[0]}x{s1[1]}" if k == "stride" else v) for k, v in occlude.details]
+    fine.record("drilldown", f"stage one at stride {s1[0]}x{s1[1]} (eq. 47 for r = {dd.fraction:g}, "
+                             f"t = {dd.speedup:g}, to a multiple of the stride): "
+                             f"{stage_one.n_positions} positions, then ≤{n_select} of {n_fine} at "
+                             f"stride {s2[0]}x{s2[1]}; expected speedup {plan.expected_speedup:.2f}x")
+    return fine
+
+
+def _parent_of(root, step):
+    for s in root.walk():
+        if step in s.children:
+            return s
+    raise ValueError("step not in tree")
+
+
+def interpolate(ys1: np.ndarray, xs1: np.ndarray, coarse: np.ndarray,
+                ys2: np.ndarray, xs2: np.ndarray) -> np.ndarray:
+    """Bilinear interpolation of a heatmap on grid ``(ys1, xs1)`` onto grid
+    ``(ys2, xs2)`` (patch coordinates; the grids' last steps may be short,
+    so the interpolation is on coordinates, not indices). Exact at the
+    coarse grid's own positions.
+
+    >>> interpolate(np.array([0, 4]), np.array([0]), np.array([[0.], [1.]]),
+    ...             np.array([0, 1, 2, 4]), np.array([0])).ravel().tolist()
+    [0.0, 0.25, 0.5, 1.0]
+    """
+    coarse = np.asarray(coarse, dtype=np.float64)
+    rows = np.stack([np.interp(ys2, ys1, coarse[:, j]) for j in range(coarse.shape[1])], axis=1)
+    return np.stack([np.interp(xs2, xs1, rows[i]) for i in range(rows.shape[0])], axis=0)
+
+
+def select(estimate: np.ndarray, n_select: int) -> np.ndarray:
+    """Flat indices of the ``n_select`` positions with the lowest estimated
+    probability (the largest drop), ties in row-major order."""
+    return np.argsort(estimate.ravel(), kind="stable")[:n_select]
