@@ -66,7 +66,7 @@ class Connection:
 
         Returns:
             ``SELECT``: a :class:`kql.result.HeatmapResult`; ``EXPLAIN``: a
-            :class:`kql.planner.explain.Explanation`; ``SHOW``/``DESCRIBE``: a
+            :class:`kql.planner.explain.Explanation`; ``SHOW``/``DESCRIBE``/``TUNE``: a
             :class:`kql.table.Table`; ``SET``/``LOAD``/``HELP``: a message string.
 
         Raises:
@@ -210,6 +210,14 @@ class Connection:
         rows += [[name, "sample (scikit-image)", ""] for name in sources.SAMPLE_IMAGES]
         return Table(["image", "source", "size"], rows,
                      footer=["(a quoted path also works: FROM 'scan.png')"])
+
+    def _run_showcalibrations(self, stmt, bindings):
+        from kql.tune import show_calibrations
+        return show_calibrations()
+
+    def _run_tune(self, stmt: ast.Tune, bindings):
+        from kql.tune import tune
+        return tune(self, stmt, bindings, progress=self.settings.progress)
 
     def _run_showsettings(self, stmt, bindings):
         return Table(["setting", "value"], [list(r) for r in self.settings.rows()])

@@ -3,7 +3,19 @@
 ``TUNE`` measures, on sample images, how similar the heatmap of
 ``APPROX TAU t`` is to the exact one (SSIM) for a grid of thresholds, and
 fits SSIM as a degree-2 polynomial of τ (Krypton section 4.4). ``APPROX SSIM
-s`` then runs at the smallest τ whose fitted SSIM reaches ``s``.
+s`` then runs at the smallest *tuned* τ at which, and at every tuned τ above
+it, at least :data:`COVERAGE` (80 %) of the sample images reached SSIM ``s``
+(:meth:`Calibration.tau_for`).
+
+Why not Krypton's rule (the τ where the fitted curve meets ``s``): the fit is
+of the *mean* SSIM, so about half of the images fall short of ``s`` at that τ
+(Krypton reports "more than 50 %"); and SSIM is a step function of τ, not a
+smooth one, because each layer's cap ``round(τ · size)`` is an integer: on
+small feature maps (7x7, 14x14) a τ between two tuned values behaves like the
+lower one, and a curve fitted through the steps can put τ in the middle of a
+cliff. Picking among the tuned thresholds, by the share of images that reach
+the target, promises only what was measured. The fit is kept: it summarises
+the curve and gives the SSIM predicted for any τ (EXPLAIN shows it).
 
 A calibration holds for one model with one set of weights, one input size
 and one patch size: the key is ``(model name, weights fingerprint, input
@@ -39,6 +51,9 @@ from kql.errors import KqlError
 
 #: Format version of the JSON files; bumped when a field changes meaning.
 FORMAT = 1
+
+#: APPROX SSIM s picks a τ at which at least this share of the sample images reached s.
+COVERAGE = 0.8
 
 BUILTIN_DIR = Path(__file__).with_name("calibrations")
 
@@ -83,15 +98,34 @@ class Calibration:
         """Fitted SSIM at ``tau`` (clipped to [0, 1])."""
         return float(np.clip(np.polyval(self.coefficients, tau), 0.0, 1.0))
 
-    def tau_for(self, target: float, step: float = 0.01) -> float:
-        """The smallest τ, on a grid of ``step`` inside the measured range
-        (never extrapolated below the smallest τ tuned), whose fitted SSIM
-        reaches ``target``; 1.0 (exact) when none does."""
-        lo = min(self.taus)
-        for tau in np.round(np.arange(lo, 1.0 + step / 2, step), 6):
-            if self.predict(float(tau)) >= target:
-                return float(tau)
-        return 1.0
+    def reached(self, tau: float, quantile: float = 1 - 0.8) -> float:
+        """The ``quantile`` of the sample images' SSIM at tuned threshold ``tau``
+        (by default the 20th percentile: 80 % of the images reached it)."""
+        i = [round(t, 9) for t in self.taus].index(round(float(tau), 9))
+        return float(np.quantile([v[i] for v in self.ssim.values()], quantile))
+
+    def tau_for(self, target: float) -> float:
+        """The τ ``APPROX SSIM target`` runs at: the smallest tuned τ at which,
+        and at every tuned τ above it, at least :data:`COVERAGE` of the sample
+        images reached ``target``; 1.0 (exact) when none qualifies.
+
+        >>> c = Calibration("m", "w", "f", (28, 28), (4, 4), (2, 2), "gray", [1.0, 0.7, 0.5],
+        ...                 {"a": [1.0, 0.97, 0.80], "b": [1.0, 0.93, 0.91]}, (0.0, 0.0, 1.0))
+        >>> c.tau_for(0.9), c.tau_for(0.95), c.tau_for(0.99)
+        (0.7, 1.0, 1.0)
+        """
+        chosen = 1.0
+        for tau in sorted(self.taus, reverse=True):
+            if tau < 1 and self.reached(tau, 1 - COVERAGE) < target:
+                break
+            chosen = tau
+        return float(min(chosen, 1.0))
+
+    def fit_text(self, short: bool = False) -> str:
+        """The fitted curve as text: ``SSIM ≈ -0.8τ² +1.9τ -0.1``."""
+        a, b, c = self.coefficients
+        text = f"{a:.3f}τ² {b:+.3f}τ {c:+.3f}"
+        return text if short else f"SSIM ≈ {text}"
 
     def describe(self) -> str:
         a, b, c = self.coefficients

@@ -1,0 +1,205 @@
+"""Quality and speed of APPROX SSIM on really trained networks (run by hand; prints a table).
+
+For each model: the τ that ``APPROX SSIM s`` picks from the model's calibration
+for s = 0.8, 0.9, 0.95; on held-out images (never used to tune), the SSIM of
+each approximate heatmap against the exact one (``kql.tune.heatmap_ssim``) and
+the share reaching s; and the time of NAIVE, EXACT and each APPROX run, side
+by side in one process on the same images (speedups compare total times).
+
+- ``efficientnet_lite0`` (ImageNet weights, 224x224): the built-in calibration
+  (scripts/calibrate_efficientnet.py tuned it on 6 sample photos); held out:
+  the first ``--lite0-held-out`` of :data:`HELD_OUT`, other bundled scikit-image
+  photos. NAIVE runs on the first ``--naive-images`` of them only (it is the
+  slow one).
+- ``fmnist``: kql.zoo's CNN trained on Fashion-MNIST, tuned here (in a
+  temporary store) on test images 0..``--fmnist-tune``-1, held out: the
+  ``--fmnist-held-out`` test images from index 1000.
+
+    .venv/bin/python benchmarks/approx_quality.py                    # both models
+    .venv/bin/python benchmarks/approx_quality.py --models fmnist --json out/approx.json
+    .venv/bin/python benchmarks/approx_quality.py --figure docs/img/approx_heatmaps.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+TARGETS = (0.8, 0.9, 0.95)
+
+#: efficientnet_lite0's held-out photos, in the order --lite0-held-out takes them: the colour
+#: photos first, then grayscale ones with an object in them (not the textures: brick, grass...).
+HELD_OUT = ("motorcycle", "retina", "hubble_deep_field", "immunohistochemistry", "clock", "moon",
+            "page", "text", "cell", "microaneurysms")
+
+
+def run(con, query: str, **bindings):
+    t0 = time.perf_counter()
+    r = con.execute(query, **bindings)
+    return r, time.perf_counter() - t0
+
+
+def measure(con, model: str, images: dict, patch: int, stride: int, naive_names) -> dict:
+    """Exact, approximate (per target) and naive runs of every held-out image."""
+    from kql import tune
+    base = f"SELECT HEATMAP FROM img USING {model} PATCH {patch} STRIDE {stride}"
+    out = {"images": list(images), "exact_s": {}, "naive_s": {}, "targets": {}, "heatmaps": {}}
+    for t in TARGETS:
+        out["targets"][t] = {"tau": None, "ssim": {}, "time_s": {}}
+    for name, img in images.items():
+        exact, t_exact = run(con, f"{base} EXACT", img=img)
+        out["exact_s"][name] = t_exact
+        out["heatmaps"][name] = {"exact": exact}
+        cache = {}
+        for t in TARGETS:
+            q = f"{base} LABEL {exact.label} APPROX SSIM {t}"
+            tau = con.plan(q, {"img": img}).tau or 1.0
+            if tau not in cache:
+                cache[tau] = run(con, q, img=img)
+            approx, t_approx = cache[tau]
+            rec = out["targets"][t]
+            rec["tau"] = tau
+            rec["ssim"][name] = tune.heatmap_ssim(exact.heatmap, approx.heatmap)
+            rec["time_s"][name] = t_approx
+            out["heatmaps"][name][t] = approx
+        print(f"  {name}: exact {t_exact:.1f} s, " + ", ".join(
+            f"SSIM {t:g} (τ {out['targets'][t]['tau']:g}) {out['targets'][t]['ssim'][name]:.3f}"
+            for t in TARGETS), flush=True)
+    for name in naive_names:
+        _, t_naive = run(con, f"{base} NAIVE", img=images[name])
+        out["naive_s"][name] = t_naive
+        print(f"  {name}: naive {t_naive:.1f} s", flush=True)
+    return out
+
+
+def rows(model: str, m: dict) -> list[list[str]]:
+    naive_names = list(m["naive_s"])
+    table = []
+    for t in TARGETS:
+        rec = m["targets"][t]
+        s = np.array(list(rec["ssim"].values()))
+        approx_all = sum(rec["time_s"].values())
+        exact_all = sum(m["exact_s"].values())
+        if naive_names:
+            naive = sum(m["naive_s"].values()) / sum(rec["time_s"][n] for n in naive_names)
+            naive_text = f"{naive:.2f}x"
+        else:
+            naive_text = "-"
+        table.append([model, f"{t:g}", f"{rec['tau']:g}", str(len(s)), f"{s.mean():.3f}", f"{s.min():.3f}",
+                      f"{100 * np.mean(s >= t):.0f} %", naive_text, f"{exact_all / approx_all:.2f}x"])
+    return table
+
+
+def lite0(args, con) -> dict:
+    from calibrate_efficientnet import TUNING
+    from kql import sources
+    held = [n for n in HELD_OUT if n in sources.SAMPLE_IMAGES and n not in TUNING][: args.lite0_held_out]
+    images = {n: sources.load_sample(n) for n in held}
+    print(f"efficientnet_lite0: patch {args.patch}, stride {args.stride}, held out: {', '.join(held)}",
+          flush=True)
+    return measure(con, "efficientnet_lite0", images, args.patch, args.stride, held[: args.naive_images])
+
+
+def fmnist(args, con) -> dict:
+    from kql import zoo
+    from kql.datasets import load_fashion_mnist
+    net = zoo.trained_fmnist_net(Path(tempfile.gettempdir()) / "kql-zoo")
+    con.register_model("fmnist", net, **zoo.FMNIST_SPEC)
+    test = load_fashion_mnist("test")[0]
+    tuning = {f"t{i}": test[i] for i in range(args.fmnist_tune)}
+    t0 = time.perf_counter()
+    table = con.execute(f"TUNE fmnist ON {', '.join(tuning)} PATCH {args.fmnist_patch} "
+                        f"STRIDE {args.fmnist_stride}", **tuning)
+    print(table)
+    print(f"(TUNE: {time.perf_counter() - t0:.0f} s)", flush=True)
+    held = {f"test[{i}]": test[i] for i in range(1000, 1000 + args.fmnist_held_out)}
+    print(f"fmnist: patch {args.fmnist_patch}, stride {args.fmnist_stride}, {len(held)} held-out images",
+          flush=True)
+    return measure(con, "fmnist", held, args.fmnist_patch, args.fmnist_stride, list(held))
+
+
+def figure(m: dict, path: str, names) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = [("photo", None), ("exact", "exact")] + [(f"APPROX SSIM {t:g}", t) for t in (0.9, 0.8)]
+    fig, axes = plt.subplots(len(names), len(cols), figsize=(3 * len(cols), 3 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        maps = m["heatmaps"][name]
+        exact = maps["exact"]
+        lo, hi = float(exact.heatmap.min()), float(exact.heatmap.max())
+        for j, (title, key) in enumerate(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if key is None:
+                ax.imshow(exact.image)
+                ax.set_title(f"{name}: {exact.label_name}", fontsize=9)
+                continue
+            r = maps[key]
+            ax.imshow(r.heatmap, cmap="inferno", vmin=lo, vmax=hi)
+            if key == "exact":
+                ax.set_title(f"exact, {m['exact_s'][name]:.0f} s", fontsize=9)
+            else:
+                rec = m["targets"][key]
+                ax.set_title(f"{title}: τ {rec['tau']:g}, {rec['time_s'][name]:.0f} s\n"
+                             f"SSIM {rec['ssim'][name]:.3f}", fontsize=9)
+    fig.suptitle("efficientnet_lite0 occlusion heatmaps (probability of the predicted class), "
+                 "held-out photos", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="efficientnet_lite0,fmnist")
+    ap.add_argument("--patch", type=int, default=16, help="efficientnet_lite0 patch (default 16)")
+    ap.add_argument("--stride", type=int, default=16, help="efficientnet_lite0 stride (default 16)")
+    ap.add_argument("--lite0-held-out", type=int, default=6, help="held-out photos (default 6)")
+    ap.add_argument("--naive-images", type=int, default=1, help="photos NAIVE runs on (default 1)")
+    ap.add_argument("--fmnist-patch", type=int, default=4)
+    ap.add_argument("--fmnist-stride", type=int, default=2)
+    ap.add_argument("--fmnist-tune", type=int, default=20, help="tuning images (default 20)")
+    ap.add_argument("--fmnist-held-out", type=int, default=50, help="held-out images (default 50)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--figure", default=None, help="write the lite0 exact-vs-approx picture here")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(args.threads)
+    os.environ["KQL_DATA_DIR"] = tempfile.mkdtemp(prefix="kql-bench-")   # never the user's store
+    import kql
+    con = kql.connect(progress="off")
+    results, table = {}, []
+    for model in args.models.split(","):
+        m = {"efficientnet_lite0": lite0, "fmnist": fmnist}[model](args, con)
+        results[model] = m
+        table += rows(model, m)
+        if model == "efficientnet_lite0" and args.figure:
+            figure(m, args.figure, m["images"][:3])
+    head = ["model", "SSIM target", "τ", "held-out", "mean SSIM", "min SSIM", "≥ target",
+            "vs naive", "vs exact"]
+    print()
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in table:
+        print("| " + " | ".join(r) + " |")
+    if args.json:
+        slim = {k: {kk: vv for kk, vv in v.items() if kk != "heatmaps"} for k, v in results.items()}
+        Path(args.json).write_text(json.dumps(slim, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""``TUNE``: calibrate the projective-field threshold τ against SSIM.
+
+Krypton section 4.4: on a sample of images, compare the heatmap of ``APPROX
+TAU t`` with the exact one for a grid of thresholds, fit SSIM as a degree-2
+polynomial of τ, and store the fit; ``APPROX SSIM s`` then picks τ from it
+(``kql.calibration``).
+
+What is compared (:func:`heatmap_ssim`):
+
+- the two *probability heatmaps* on the query's position grid
+  (``HeatmapResult.heatmap``: the label's probability with the patch at each
+  position), for the same label: the class the exact run predicts on the
+  unoccluded image;
+- ``data_range`` is the exact heatmap's peak-to-peak (max - min), so SSIM is
+  relative to the heatmap's own contrast. With ``data_range = 1`` (the
+  probability scale) the stabilising constants ``C1 = (0.01 L)²`` and
+  ``C2 = (0.03 L)²`` would swamp a heatmap whose probability moves by a few
+  hundredths, and any two heatmaps would look alike;
+- the window is skimage's uniform square window, 7x7, or the largest odd size
+  that fits the heatmap (at least 3x3: a heatmap needs 3 rows and 3 columns of
+  positions to be compared);
+- a *flat* exact heatmap (peak-to-peak below :data:`FLAT`: occlusion never moves
+  the probability) has no structure to preserve and makes SSIM undefined; such
+  an image is left out of the fit, with a note, and TUNE fails if all are.
+
+τ = 1 is exact inference: its SSIM is 1 by definition and is not recomputed.
+
+Every heatmap runs through the public query path: an ``ast.Select`` per run,
+planned by ``Connection.plan`` and run by ``kql.executor.execute``, with the
+sample image bound as a query binding (never pasted into query text).
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from kql import ast, calibration
+from kql.errors import KqlError, PlanError, QueryInterrupted
+from kql.table import Table
+
+__all__ = ["DEFAULT_TAUS", "FLAT", "IMAGE_SUFFIXES", "default_stride", "heatmap_ssim",
+           "sample_images", "tune", "show_calibrations"]
+
+#: The thresholds TUNE measures when the statement gives no TAUS (Krypton's
+#: 0.9 ... 0.4, plus 1.0, which is exact and anchors the fit at SSIM 1).
+DEFAULT_TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+
+#: An exact heatmap whose probability spans less than this is flat.
+FLAT = 1e-4
+
+#: File types a folder or glob of sample images is filtered on.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+#: The SSIM targets SHOW CALIBRATIONS and TUNE report a τ for.
+TARGETS = (0.8, 0.9, 0.95)
+
+_BOUND = "__kql_tune_image__"     # the binding each sample image runs under
+
+
+def default_stride(patch: tuple[int, int]) -> tuple[int, int]:
+    """The stride TUNE uses when none is given: half the patch (at least 1).
+
+    Neighbouring patches overlap by half, so the heatmap has the smooth
+    structure a finer query grid shows, at a quarter of the cost of a stride
+    of patch/4 (TUNE runs ``1 + len(TAUS) - 1`` heatmaps per image).
+
+    >>> default_stride((16, 16)), default_stride((1, 3))
+    ((8, 8), (1, 1))
+    """
+    return max(1, patch[0] // 2), max(1, patch[1] // 2)
+
+
+def heatmap_ssim(exact: np.ndarray, approx: np.ndarray) -> float:
+    """SSIM of an approximate heatmap against the exact one (see the module
+    docstring): ``data_range`` the exact heatmap's peak-to-peak, a uniform
+    window of 7, or the largest odd size that fits.
+
+    Raises:
+        PlanError: the heatmaps differ in shape, are smaller than 3x3, or the
+            exact one is flat (peak-to-peak below :data:`FLAT`).
+
+    >>> e = np.outer(np.arange(9.0), np.ones(9)) / 8
+    >>> heatmap_ssim(e, e), round(heatmap_ssim(e, e * 0.5 + 0.25), 3)
+    (1.0, 0.798)
+    """
+    from skimage.metrics import structural_similarity
+    exact = np.asarray(exact, dtype=np.float64)
+    approx = np.asarray(approx, dtype=np.float64)
+    if exact.shape != approx.shape:
+        raise PlanError(f"cannot compare heatmaps of shapes {exact.shape} and {approx.shape}")
+    rows, cols = exact.shape
+    if min(rows, cols) < 3:
+        raise PlanError(f"a {rows}x{cols} heatmap is too small for SSIM (at least 3x3 positions): "
+                        f"use a smaller STRIDE")
+    span = float(np.ptp(exact))
+    if span < FLAT:
+        raise PlanError(f"the exact heatmap is flat (its probability spans {span:.2g} < {FLAT:g}): "
+                        f"SSIM is undefined")
+    win = min(7, rows, cols)
+    win -= 1 - win % 2
+    return float(structural_similarity(exact, approx, data_range=span, win_size=win))
+
+
+# ---------------------------------------------------------------------------
+# Sample images
+# ---------------------------------------------------------------------------
+
+
+def sample_images(con, images, bindings: dict) -> list[tuple[str, np.ndarray]]:
+    """The sample images of a TUNE statement: ``[(name, HxWx3 array)]``.
+
+    ``images`` is an ``ast.Source`` of kind ``"path"`` (a folder: its image
+    files, sorted, not recursive; or a glob pattern) or a tuple of names
+    (resolved as ``FROM <name>`` resolves them: bound, LOAD IMAGE, sample).
+
+    Raises:
+        PlanError: nothing found, a file that is not an image, a name that is
+            not an image.
+    """
+    if isinstance(images, ast.Source):
+        files = _image_files(images.value)
+        from kql import sources
+        return [(f, sources.load_image(f)) for f in files]
+    out, seen = [], set()
+    for name in images:
+        if name in seen:
+            raise PlanError(f"TUNE lists image '{name}' twice")
+        seen.add(name)
+        array, _ = con.catalog.image(ast.Source("name", name), bindings)
+        out.append((name, array))
+    return out
+
+
+def _image_files(pattern: str) -> list[str]:
+    shown = os.fspath(pattern)
+    path = Path(os.path.expanduser(shown))
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise PlanError(f"no image files in folder '{shown}' (looked for "
+                            f"{', '.join(IMAGE_SUFFIXES)})")
+        return files
+    if glob.has_magic(shown):
+        files = sorted(f for f in glob.glob(os.path.expanduser(shown)) if os.path.isfile(f))
+        if not files:
+            raise PlanError(f"no files match '{shown}'")
+        return files
+    if path.is_file():
+        return [shown]
+    raise PlanError(f"TUNE ... ON '{shown}': no such folder or file (give a folder, a glob such as "
+                    f"'photos/*.png', or image names)")
+
+
+# ---------------------------------------------------------------------------
+# TUNE
+# ---------------------------------------------------------------------------
+
+
+def _check_taus(taus: Sequence[float]) -> list[float]:
+    bad = [t for t in taus if not 0 < t <= 1]
+    if bad:
+        raise PlanError(f"TAUS must be in (0, 1], got {bad[0]:g}")
+    distinct = sorted(set(float(t) for t in taus), reverse=True)
+    if len(distinct) < 3:
+        raise PlanError(f"TAUS needs at least 3 different thresholds for a degree-2 fit, got "
+                        f"{', '.join(f'{t:g}' for t in distinct)}")
+    return distinct
+
+
+def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "auto") -> Table:
+    """Run a ``TUNE`` statement: measure, fit, store; return the summary table.
+
+    Args:
+        con: the :class:`kql.api.Connection` (its catalog resolves names).
+        stmt: the parsed statement.
+        bindings: names bound for this statement (images and models).
+        progress: ``"auto"``, ``"on"`` or ``"off"``: a bar over images x τ.
+
+    Returns:
+        A :class:`Table`: per τ the mean and minimum SSIM over the images and
+        the fitted value; the footer gives the fit, τ for SSIM 0.8 / 0.9 /
+        0.95 and where the calibration was written.
+
+    Raises:
+        PlanError: bad TAUS, no images, a heatmap too small or all flat, and
+            anything a SELECT with these clauses raises.
+        QueryInterrupted: Ctrl-C; no calibration is written.
+    """
+    bindings = dict(bindings or {})
+    if _BOUND in bindings:
+        raise PlanError(f"the name {_BOUND} is reserved by TUNE")
+    taus = _check_taus(stmt.taus if stmt.taus is not None else DEFAULT_TAUS)
+    patch = stmt.patch
+    stride = stmt.stride or default_stride(patch)
+    spec = con.catalog.model(stmt.model, stmt.weights, bindings)   # fails early on an unknown model
+    images = sample_images(con, stmt.images, bindings)
+
+    approx_taus = [t for t in taus if t < 1]
+    total = len(images) * (1 + len(approx_taus))
+    ssim: dict[str, list[float]] = {}
+    notes: list[str] = []
+    input_hw = None
+    done = 0
+    bar = _bar(total, progress)
+    try:
+        for name, array in images:
+            run = dict(bindings, **{_BOUND: array})
+            base = ast.Select(source=ast.Source("name", _BOUND), model=stmt.model, weights=stmt.weights,
+                              patch=patch, stride=stride, color=stmt.color, mode="exact")
+            exact = _heatmap(con, base, run)
+            done += 1
+            bar.update(1)
+            hw = tuple(exact.image.shape[:2])
+            if input_hw is not None and hw != input_hw:
+                raise PlanError(f"TUNE needs one input size: image '{name}' is {hw[0]}x{hw[1]} but "
+                                f"the first was {input_hw[0]}x{input_hw[1]} (model '{spec.name}' "
+                                f"takes images of any size; resize them first)")
+            input_hw = hw
+            notes += [w for w in exact.warnings if w not in notes]
+            span = float(np.ptp(exact.heatmap))
+            if span < FLAT:
+                notes.append(f"image '{name}': the exact heatmap is flat (probability spans {span:.2g}): "
+                             f"left out")
+                done += len(approx_taus)
+                bar.update(len(approx_taus))
+                continue
+            label = ast.Label("index", exact.label)
+            row = []
+            for tau in taus:
+                if tau >= 1:
+                    row.append(1.0)
+                    continue
+                query = ast.Select(source=base.source, model=stmt.model, weights=stmt.weights, patch=patch,
+                                   stride=stride, color=stmt.color, label=label, mode="approx",
+                                   approx=ast.Approx("tau", tau))
+                row.append(heatmap_ssim(exact.heatmap, _heatmap(con, query, run).heatmap))
+                done += 1
+                bar.update(1)
+            ssim[name] = row
+    except KeyboardInterrupt:
+        raise QueryInterrupted(f"TUNE interrupted after {done} of {total} heatmaps; no calibration "
+                               f"was written") from None
+    finally:
+        bar.close()
+    if not ssim:
+        raise PlanError(f"every exact heatmap of TUNE {spec.name} is flat: occluding "
+                        f"{patch[0]}x{patch[1]} patches never changes the probability, so there is "
+                        f"nothing to calibrate; use a larger PATCH or other images")
+
+    cal = calibration.Calibration(
+        model=spec.name, weights=spec.weights, fingerprint=calibration.weights_fingerprint(spec.module),
+        input_hw=input_hw, patch=tuple(patch), stride=tuple(stride), color=_color_text(stmt.color),
+        taus=taus, ssim=ssim, coefficients=calibration.fit(taus, ssim),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    path = calibration.save(cal)
+    return summary(cal, notes + [f"saved to {path}"])
+
+
+def _heatmap(con, select: ast.Select, bindings: dict):
+    from kql.executor import execute
+    return execute(con.plan(select, bindings), progress="off")
+
+
+def _color_text(color: ast.Color) -> str:
+    if color.kind in ("value", "rgb"):
+        return f"{color.kind} {tuple(color.value) if color.kind == 'rgb' else color.value}"
+    return color.kind
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, progress: str):
+    """A tqdm bar over the heatmaps of a TUNE (the same rules as the executor's)."""
+    disable = {"on": False, "off": True}.get(progress, None)
+    if disable is None:
+        disable = not sys.stderr.isatty()
+    if disable:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc="TUNE", unit="heatmap", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def summary(cal: calibration.Calibration, notes: Sequence[str] = ()) -> Table:
+    """The table TUNE returns for a calibration."""
+    values = np.asarray(list(cal.ssim.values()))
+    rows = []
+    for i, tau in enumerate(cal.taus):
+        col = values[:, i]
+        rows.append([f"{tau:g}", f"{col.mean():.3f}", f"{col.min():.3f}", f"{cal.predict(tau):.3f}",
+                     f"{int((col >= 0.9).sum())}/{len(col)}"])
+    picks = ", ".join(f"{s:g} → τ {cal.tau_for(s):.2f}" for s in TARGETS)
+    footer = [f"fit: {cal.fit_text()}",
+              f"APPROX SSIM {picks}"] + list(notes)
+    title = (f"TUNE {cal.model} ({cal.weights}), input {_hw(cal.input_hw)}, patch {_hw(cal.patch)}, "
+             f"stride {_hw(cal.stride)}, {cal.n_images} image{'s' if cal.n_images != 1 else ''}")
+    return Table(["τ", "mean SSIM", "min SSIM", "fitted", "≥ 0.9"], rows, title=title, footer=footer)
+
+
+def _hw(hw) -> str:
+    return f"{hw[0]}x{hw[1]}"
+
+
+# ---------------------------------------------------------------------------
+# SHOW CALIBRATIONS
+# ---------------------------------------------------------------------------
+
+
+def show_calibrations() -> Table:
+    """Every stored calibration: the user's, then the built-in ones."""
+    rows = []
+    for c in calibration.load_all():
+        taus = f"{min(c.taus):g}-{max(c.taus):g} ({len(c.taus)})"
+        picks = " / ".join(f"{c.tau_for(s):.2f}" for s in TARGETS)
+        rows.append([c.model, c.weights, _hw(c.input_hw), _hw(c.patch), _hw(c.stride), str(c.n_images),
+                     taus, c.fit_text(short=True), picks, c.source, c.created[:16].replace("T", " ")])
+    cols = ["model", "weights", "input", "patch", "stride", "images", "τ range", "fit",
+            "τ for SSIM " + "/".join(f"{s:g}" for s in TARGETS), "source", "created"]
+    footer = [f"(user store: {calibration.user_store()}; TUNE adds to it)"]
+    if not rows:
+        footer.insert(0, "(no calibrations: make one with TUNE <model> ON <images> PATCH <n>)")
+    return Table(cols, rows, footer=footer)

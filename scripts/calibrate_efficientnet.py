@@ -1,0 +1,64 @@
+"""Make the SSIM calibration KQL ships for efficientnet_lite0 (kql/calibrations/efficientnet_lite0.json).
+
+It runs ``TUNE efficientnet_lite0 ON <tuning photos> PATCH <p> STRIDE <s>``
+(default thresholds 1.0, 0.9, ..., 0.4) through the public API, in a temporary
+user store, and writes what TUNE stored to the package's built-in file, one
+calibration per patch size. The photos are scikit-image's bundled samples (no
+download); the others are held out for benchmarks/approx_quality.py.
+
+    .venv/bin/python scripts/calibrate_efficientnet.py                # patch 16, stride 16
+    .venv/bin/python scripts/calibrate_efficientnet.py --patches 8,16,32
+
+The stride defaults to the patch (non-overlapping patches): TUNE runs seven
+heatmaps per photo, and at stride 16 one takes tens of seconds on two CPU
+cores; the held-out check in benchmarks/approx_quality.py shows how the
+thresholds it picks carry over to other photos.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Photos TUNE uses (4 colour, 2 grayscale); every other sample photo is held out.
+TUNING = ("coffee", "chelsea", "astronaut", "rocket", "camera", "coins")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--patches", default="16", help="comma-separated square patch sizes (default 16)")
+    ap.add_argument("--stride", type=int, default=None, help="stride (default: the patch size)")
+    ap.add_argument("--images", default=",".join(TUNING), help="comma-separated sample photo names")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--out", default=str(ROOT / "kql" / "calibrations" / "efficientnet_lite0.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(args.threads)
+    os.environ["KQL_DATA_DIR"] = tempfile.mkdtemp(prefix="kql-calibrate-")   # never the user's store
+    import kql
+    from kql import ast, calibration
+
+    con = kql.connect(progress="auto")
+    images = tuple(s.strip() for s in args.images.split(",") if s.strip())
+    found = []
+    for patch in (int(p) for p in args.patches.split(",")):
+        stride = args.stride or patch
+        stmt = ast.Tune("efficientnet_lite0", images, patch=(patch, patch), stride=(stride, stride))
+        t0 = time.perf_counter()
+        print(con.execute(stmt), flush=True)
+        print(f"({time.perf_counter() - t0:.0f} s)\n", flush=True)
+        found += [c for c in calibration.load_all() if c.source == "user" and c.patch == (patch, patch)]
+    out = Path(args.out)
+    calibration.write(out, found)
+    print(f"wrote {len(found)} calibration(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
