@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from kql.planner.plan import Plan, format_bytes, format_seconds
+from kql.planner.runtime import runtime_lines
 
 
 @dataclass
@@ -64,6 +65,7 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     lines += tree_lines(plan.root)
     if measured:
         lines.append(measured)
+    lines += runtime_lines(plan, timings)
     C, H, W = plan.input.shape
     lines.append("")
     lines.append(f"Layers (input {C}x{H}x{W}, patch {q.patch[0]}x{q.patch[1]}; patch in -> out is the "

@@ -14,6 +14,7 @@ from kql.planner.rules.approximate import approximate
 from kql.planner.rules.batch_size import batch_size
 from kql.planner.rules.choose_mode import choose_mode
 from kql.planner.rules.estimate_cost import estimate_cost
+from kql.planner.rules.estimate_runtime import estimate_runtime
 from kql.planner.rules.gather_backend import gather_backend
 from kql.planner.rules.incremental import incremental
 from kql.planner.rules.mqo_batches import mqo_batches
@@ -30,6 +31,7 @@ RULES = (
     mqo_batches,
     gather_backend,
     estimate_cost,
+    estimate_runtime,
 )
 
 

@@ -121,6 +121,7 @@ class Plan:
     gather_backend: str = "auto"
     layer_backends: dict = field(default_factory=dict)  # layer -> gather kernel
     r_batched: Optional[float] = None
+    runtime: Any = None  # planner.runtime.RuntimeEstimate (rules/estimate_runtime.py), computed when read
     # approximate plans (rules/approximate.py): the projective-field threshold,
     # where it came from, and the SSIM its calibration predicts
     tau: Optional[float] = None

@@ -1,7 +1,31 @@
-"""Suite-wide fixtures."""
+"""Suite-wide fixtures.
+
+EXPLAIN prints a runtime estimate calibrated by timing the plan's own layers
+(planner/runtime.py). Outside tests/test_runtime.py, which tests that, the
+estimate comes from a fixed calibration: the suite neither spends seconds
+timing large models in doc examples nor depends on the machine's speed, and
+nothing is written to the user's cache (``KQL_CACHE_DIR`` points at a
+temporary directory for the whole session).
+"""
 from __future__ import annotations
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _runtime_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KQL_CACHE_DIR", str(tmp_path_factory.mktemp("kql-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _fixed_runtime_calibration(request, monkeypatch):
+    if request.module.__name__.rpartition(".")[2] == "test_runtime":
+        return
+    from kql.planner import runtime
+    monkeypatch.setattr(runtime, "calibration_for", lambda plan: runtime.Calibration.fixed(plan))
 
 
 # -- A CNN really trained on Fashion-MNIST (kql.zoo), for tests of heatmap quality ----------

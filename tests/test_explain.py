@@ -8,7 +8,8 @@ planner or to EXPLAIN's layout is intended, regenerate them and review the diff:
 
 The plans are of tiny seeded models bound in the session, so nothing depends
 on downloaded weights; EXPLAIN (without ANALYZE) never runs the model, and the
-text holds no measured times, so it is the same on every machine.
+text holds no measured times, so it is the same on every machine: the runtime
+estimate uses a fixed calibration here (``fixed_runtime``), never a measured one.
 """
 from __future__ import annotations
 
@@ -71,6 +72,13 @@ class Upsampling(Counted):
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         x = torch.relu(self.conv2(x))
         return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(autouse=True)
+def fixed_runtime(monkeypatch):
+    """Runtime estimates from a fixed calibration: no timing, same text everywhere."""
+    from kql.planner import runtime
+    monkeypatch.setattr(runtime, "calibration_for", lambda plan: runtime.Calibration.fixed(plan))
 
 
 @pytest.fixture(scope="module")
