@@ -27,7 +27,7 @@ Plus the unoccluded reference inference and, for exact plans, materializing the
 views, each timed once. The estimate is of execution (reference + occlusion),
 which EXPLAIN ANALYZE compares it with; binding, planning and saving are not in it.
 
-Calibrating takes about three batches (a second or two) and is cached on disk,
+Calibrating takes a few batches (seconds on a quiet CPU) and is cached on disk,
 one JSON file per (model, layers, input size, device, threads, batch size
 bucket, mode family, torch version, CPU) under ``$KQL_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/kql`` or ``~/.cache/kql``), written atomically; a file that
@@ -281,8 +281,8 @@ def _fit(points: list[tuple[float, float]]) -> list[float]:
     if len(set(u.tolist())) < 2:
         return [0.0, float(t.mean() / max(u.mean(), 1.0))]
     c, a = np.polyfit(u, t, 1)
-    if c < 0:
-        return [float(t.mean()), 0.0]
+    if c < 0:  # a larger call read faster: noise; the fastest reading is the per-call cost
+        return [float(t.min()), 0.0]
     if a < 0:
         return [0.0, float((t * u).sum() / (u * u).sum())]
     return [float(a), float(c)]
@@ -337,8 +337,10 @@ def _calibrate_incremental(plan, model, need) -> Calibration:
         sub = idx[:max(1, len(idx) // 4)]
         if k == 0:
             runner.run(sub, label)  # warm-up: Numba kernels loaded, first-call costs paid
-        # The first batch twice (minimum per layer: the machine is noisy), the others once.
-        for positions in ([idx, sub] if len(sub) < len(idx) else [idx]) * (2 if k == 0 else 1):
+        # The first batch three times, the others twice, keeping each layer's
+        # fastest call: on a busy machine a millisecond call that loses its
+        # core for a time slice reads ten times too long.
+        for positions in ([idx, sub] if len(sub) < len(idx) else [idx]) * (3 if k == 0 else 2):
             runner.record = []
             total = _best(lambda: runner.run(positions, label), plan.device, 1)
             for name, state, units, seconds in runner.record:
