@@ -483,7 +483,28 @@ class Estimate:
 
 
 def estimate(plan, cal: Calibration) -> Estimate:
-    """Sum the calibrated costs over the plan's batches (see the module docstring)."""
+    """Sum the calibrated costs over the plan's batches (see the module docstring).
+
+    A DRILLDOWN plan costs its stage one in full, plus the fraction of its
+    own grid stage two runs: which positions stage two takes is known only
+    after stage one, so its batches are the whole grid's scaled by
+    ``n_select / n_fine`` (the selected positions are the sensitive ones,
+    usually away from the borders, so this leans low), plus its own views.
+    """
+    dd = getattr(plan, "drilldown", None)
+    if dd is not None:
+        one = estimate(dd.stage_one, calibration_for(dd.stage_one))
+        two = _estimate_grid(plan, cal)
+        share = dd.n_select / max(dd.n_fine, 1)
+        parts = {"reference": cal.reference, "views": one.parts.get("views", 0.0) + two.parts.get("views", 0.0),
+                 "batches": one.parts["batches"] + share * two.parts["batches"]}
+        batches = one.batches + int(round(share * two.batches))
+        return Estimate(sum(parts.values()), parts, batches, cal)
+    return _estimate_grid(plan, cal)
+
+
+def _estimate_grid(plan, cal: Calibration) -> Estimate:
+    """The estimate over every position of the plan's grid."""
     from kql.planner.rules.incremental import batch_bounds
     a, c = cal.batch
     if plan.mode == "naive":

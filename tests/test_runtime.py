@@ -109,6 +109,21 @@ def test_exact_estimate_sums_the_layer_lines_over_the_predicted_runs(con):
     assert est.seconds == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("mode", ["NAIVE", "EXACT", "APPROX TAU 0.5"])
+def test_drilldown_estimate_is_stage_one_plus_the_selected_share(con, monkeypatch, mode):
+    plan = plan_of(con, f"SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 1 {mode} DRILLDOWN FRACTION 0.2")
+    dd = plan.drilldown
+    monkeypatch.setattr(runtime, "calibration_for", lambda p: Calibration.fixed(p))
+    one = runtime.estimate(dd.stage_one, Calibration.fixed(dd.stage_one))
+    whole = runtime._estimate_grid(plan, Calibration.fixed(plan))
+    est = runtime.estimate(plan, Calibration.fixed(plan))
+    share = dd.n_select / dd.n_fine
+    assert 0 < share < 0.25
+    assert est.parts["batches"] == pytest.approx(one.parts["batches"] + share * whole.parts["batches"])
+    assert est.seconds == pytest.approx(one.seconds + whole.seconds - whole.parts["reference"]
+                                        - (1 - share) * whole.parts["batches"])
+
+
 def test_a_smaller_region_is_estimated_cheaper(con):
     """Fewer positions cost less; the same per-layer lines cover any grid."""
     big = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 2 EXACT BATCH 4")
