@@ -20,6 +20,16 @@ def _runtime_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_store(tmp_path_factory):
+    """TUNE's store (``KQL_DATA_DIR``, kql/calibration.py) in a temporary folder: no test reads
+    or writes the user's calibrations; the built-in ones (kql/calibrations/) are still read."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KQL_DATA_DIR", str(tmp_path_factory.mktemp("kql-data")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _fixed_runtime_calibration(request, monkeypatch):
     if request.module.__name__.rpartition(".")[2] == "test_runtime":
