@@ -5,7 +5,7 @@ PATCH <n>[x<m>]
 >>> help_text("nope")
 Traceback (most recent call last):
     ...
-kql.errors.KqlError: unknown HELP topic 'nope'; topics: BATCH, COLOR, DESCRIBE, EXACT, EXPLAIN, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, STRIDE, WEIGHTS
+kql.errors.KqlError: unknown HELP topic 'nope'; topics: APPROX, BATCH, CALIBRATIONS, COLOR, DESCRIBE, DRILLDOWN, EXACT, EXPLAIN, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, SSIM, STRIDE, TAU, TUNE, WEIGHTS
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ Statements (end each with ';'; keywords are case-insensitive, '--' starts a comm
   EXPLAIN [ANALYZE] SELECT ...         show the plan (ANALYZE also runs it and times it)
   DESCRIBE <model> [INPUT <h>x<w>] [PATCH <n> STRIDE <n>]
                                        show a model's layers, shapes and costs
-  SHOW MODELS | IMAGES | SETTINGS      list what the session knows
+  SHOW MODELS | IMAGES | SETTINGS | CALIBRATIONS
+                                       list what the session knows
+  TUNE <model> ON <images> PATCH <n>   calibrate APPROX SSIM on sample images
   LOAD IMAGE '<file>' AS <name>        bind an image file to a name
   LOAD MODEL '<file>' AS <name> [ARCHITECTURE <arch>] [TRUSTED]
                                        bind a model file to a name
@@ -43,7 +45,9 @@ SELECT HEATMAP FROM <image> USING <model> [WEIGHTS '<file>']
     [COLOR BLACK | GRAY | GREY | MEAN | <number> | (<r>, <g>, <b>)]
     [LABEL <index> | '<class name>' | PREDICTED]
     [REGION (<x0>, <y0>, <x1>, <y1>)]
-    [NAIVE | EXACT] [BATCH <n>] [ON CPU | CUDA] [INTO '<file>']
+    [NAIVE | EXACT | APPROX TAU <t> | APPROX SSIM <s>]
+    [DRILLDOWN [FRACTION <r>] [SPEEDUP <t>]]
+    [BATCH <n>] [ON CPU | CUDA] [INTO '<file>']
 
 Occludes the image with a patch at every stride step, runs the model on each
 occluded image and returns the heatmap of the chosen class probability.
@@ -74,12 +78,38 @@ Example:
   DESCRIBE resnet18 INPUT 224x224 PATCH 16 STRIDE 4;"""
 
 _SHOW = """\
-SHOW MODELS | SHOW IMAGES | SHOW SETTINGS
+SHOW MODELS | SHOW IMAGES | SHOW SETTINGS | SHOW CALIBRATIONS
 
-Lists the models (built in and loaded), the images (bound and bundled), or
-the session settings with their current values.
+Lists the models (built in and loaded), the images (bound and bundled), the
+session settings with their current values, or the SSIM calibrations APPROX
+SSIM can use (HELP CALIBRATIONS).
 Example:
   SHOW SETTINGS;"""
+
+_TUNE = """\
+TUNE <model> ON <images> PATCH <n>[x<m>] [STRIDE <n>[x<m>]] [WEIGHTS '<file>']
+    [COLOR ...] [TAUS (<t>, <t>, ...)]
+
+Calibrates APPROX SSIM for a model, its weights, input size and patch: on
+each sample image it compares the heatmap of APPROX TAU t with the exact one
+(SSIM) for every t in TAUS (default 1.0, 0.9, ..., 0.4), fits SSIM against t
+and stores the result (SHOW CALIBRATIONS). <images> is a quoted folder or
+glob, or image names separated by commas. STRIDE defaults to half the patch.
+APPROX SSIM s then uses the smallest tuned t at which 80% of the images
+reached s. Ctrl-C stops it without storing anything.
+Examples:
+  TUNE efficientnet_lite0 ON coffee, chelsea, astronaut PATCH 16 STRIDE 8;
+  TUNE my_net ON 'scans/*.png' PATCH 8 TAUS (0.9, 0.7, 0.5);"""
+
+_CALIBRATIONS = """\
+SHOW CALIBRATIONS
+
+Lists the calibrations TUNE made (the user store: $KQL_DATA_DIR, by default
+~/.local/share/kql/calibrations.json) and those shipped with KQL, with the
+model, weights, input, patch, stride, images, thresholds measured, fit, the
+t chosen for SSIM 0.8 / 0.9 / 0.95 and where each comes from.
+Example:
+  SHOW CALIBRATIONS;"""
 
 _LOAD = """\
 LOAD IMAGE '<file>' AS <name>
@@ -173,13 +203,36 @@ Example:
   SELECT HEATMAP FROM cat USING vgg16 PATCH 8 STRIDE 2 REGION (64, 32, 160, 128);"""
 
 _MODE = """\
-NAIVE | EXACT
+NAIVE | EXACT | APPROX ...
 
 NAIVE re-runs the whole model for every patch position. EXACT recomputes
 only the part of each layer the patch changes and gives the same heatmap.
-Without either, the mode setting decides (auto: the fastest exact plan).
+APPROX caps that part for more speed (HELP APPROX).
+Without any, the mode setting decides (auto: the fastest exact plan).
 Example:
   SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 NAIVE;"""
+
+_APPROX = """\
+APPROX TAU <t> | APPROX SSIM <s>
+
+Approximate incremental inference (projective-field thresholding): every
+conv and pooling layer recomputes at most round(t x size) rows and columns
+around the patch and takes the rest from the unoccluded image. TAU gives t
+(0 < t <= 1, 1 = EXACT); SSIM gives the similarity to the exact heatmap to
+keep, and t comes from a TUNE calibration (without one the query runs EXACT).
+Examples:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 APPROX TAU 0.5;
+  SELECT HEATMAP FROM cat USING efficientnet_lite0 PATCH 16 STRIDE 4 APPROX SSIM 0.9;"""
+
+_DRILLDOWN = """\
+DRILLDOWN [FRACTION <r>] [SPEEDUP <t>]
+
+Adaptive drill-down: a first pass at a coarser stride, then the query's
+stride on the fraction r (default 0.25) of the positions with the largest
+probability drop. The coarse stride is chosen for a speedup t (default 3)
+over the whole grid; t must be below 1/r. Works with NAIVE, EXACT and APPROX.
+Example:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 APPROX TAU 0.5 DRILLDOWN;"""
 
 _BATCH = """\
 BATCH <n>
@@ -209,6 +262,8 @@ TOPICS: dict[str, str] = {
     "EXPLAIN": _EXPLAIN,
     "DESCRIBE": _DESCRIBE,
     "SHOW": _SHOW,
+    "TUNE": _TUNE,
+    "CALIBRATIONS": _CALIBRATIONS,
     "LOAD": _LOAD,
     "SET": _SET,
     "HELP": _HELP,
@@ -220,6 +275,10 @@ TOPICS: dict[str, str] = {
     "REGION": _REGION,
     "NAIVE": _MODE,
     "EXACT": _MODE,
+    "APPROX": _APPROX,
+    "TAU": _APPROX,
+    "SSIM": _APPROX,
+    "DRILLDOWN": _DRILLDOWN,
     "BATCH": _BATCH,
     "ON": _DEVICE,
     "INTO": _INTO,
