@@ -171,3 +171,75 @@ def describe(spec, graph, patch=None, stride=None):
                       f"theoretical speedup of incremental vs naive: R = {report.r_grid:.2f} "
                       f"(exact regions over {ys.size} positions; {report.r_uniform:.2f} with one "
                       f"patch size per layer)"])
+
+
+# ---------------------------------------------------------------- multi-image queries
+
+def forward_seconds(plan: Plan, threads: int) -> float:
+    """Seconds one unoccluded inference of the plan's model takes here (the
+    second of two runs, with the job's thread count): the unit of the time
+    estimate until a calibrated model of seconds replaces it."""
+    import time
+
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = plan.spec.module.to(plan.device).eval()
+        x = plan.input.to(plan.device)[None]
+        with torch.inference_mode():
+            model(x)
+            if plan.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if plan.device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(previous)
+
+
+def estimate_job_seconds(plan: Plan, n_images: int, forward: float) -> tuple[float, float]:
+    """``(seconds per image, seconds for n_images)`` for a multi-image query.
+
+    One image costs its reference inference plus the occlusion stage, whose
+    FLOPs the cost model puts on the Infer step; FLOPs become seconds at the
+    rate of one measured unoccluded inference (``forward`` seconds for
+    ``full_flops``). This ignores gathering and per-call overhead, so it is a
+    lower bound for exact plans on the CPU. The one place to plug a
+    calibrated model of seconds into."""
+    infer = plan.root.find("Infer")
+    full = float(plan.cost.full_flops) or 1.0
+    per_image = forward * (1.0 + float(infer.flops or 0.0) / full)
+    return per_image, per_image * n_images
+
+
+def batch_explain_text(job, plan: Plan, first: str, done: int, todo: int, forward: float,
+                       measured: bool = False) -> str:
+    """EXPLAIN of a multi-image query: the job, its estimated total time and
+    the plan of its first image (every image is planned alike)."""
+    into = f" -> '{job.into}'" if job.into else " (no INTO: results are streamed, not written)"
+    lines = [f"Batch ({len(job.files)} images from '{job.source}'{into}; executor {job.executor}, "
+             f"{job.threads} thread{'s' if job.threads != 1 else ''} per image)"]
+    counts = f"images: {len(job.files)}"
+    if job.into:
+        counts += f" · {done} done earlier (valid in the manifest) · {todo} to run"
+    lines.append("  " + counts)
+    per, total = estimate_job_seconds(plan, todo if job.into else len(job.files), forward)
+    n = todo if job.into else len(job.files)
+    workers = "; the ray executor divides it among its workers" if job.executor == "ray" else ""
+    lines.append(f"  estimated total: {n} x {format_seconds(per)} ≈ {format_seconds(total)} "
+                 f"(per image: 1 + {float(plan.root.find('Infer').flops or 0) / float(plan.cost.full_flops or 1):.1f} "
+                 f"full inferences' worth of FLOPs at {format_seconds(forward)} each, measured on the "
+                 f"first image{workers})")
+    if measured:
+        c = job.counts
+        ran = c["ok"] + c["failed"]
+        lines.append(f"  measured: {c['ok']} explained, {c['skipped']} done earlier, {c['failed']} failed "
+                     f"in {format_seconds(job.seconds)}"
+                     + (f" ({format_seconds(job.seconds / ran)} per image run)" if ran else ""))
+    lines.append("")
+    lines.append(f"Plan of the first image, '{first}':")
+    lines.append(explain_text(plan))
+    return "\n".join(lines)
