@@ -122,7 +122,7 @@ def run_ray(job, explainer_args: tuple, items: Iterable[Union[Work, ImageResult,
         return actor_class.remote(select, spec_ref, settings, threads, render)
 
     actors = [start() for _ in range(workers_for(ray, job))]
-    free = [a for a in actors for _ in range(IN_FLIGHT_PER_ACTOR)]   # one entry per slot
+    free = [a for _ in range(IN_FLIGHT_PER_ACTOR) for a in actors]   # one entry per slot, round robin
     pending: dict = {}   # ObjectRef -> (actor, work)
 
     replaced: dict = {}  # dead actor -> its replacement

@@ -335,14 +335,19 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 def is_multi_image(path: str) -> bool:
     """Whether ``FROM '<path>'`` names many images: a folder or a glob pattern
-    (``*``, ``?``, ``[...]``; ``**`` matches folders recursively).
+    (``*``, ``?``, ``[...]``; ``**`` matches folders recursively). A path that
+    does not exist counts as a folder when it has no extension, so the error
+    says "image folder not found".
 
     >>> is_multi_image("scans/*.png"), is_multi_image("scan.png")
     (True, False)
     """
     if os.path.isfile(path):
         return False        # 'scan[1].png' that exists is one file, not a pattern
-    return bool(_GLOB_CHARS.search(path)) or os.path.isdir(path)
+    if _GLOB_CHARS.search(path) or os.path.isdir(path):
+        return True
+    # a missing path without an extension ('scans', 'scans/') was meant as a folder
+    return not os.path.exists(path) and (path.endswith(("/", os.sep)) or not os.path.splitext(path)[1])
 
 
 @functools.lru_cache(maxsize=1)
