@@ -394,3 +394,15 @@ def test_output_names_keep_folders_and_extensions(con, tmp_path):
                              f"INTO '{tmp_path}/out'", net=net()))
     assert [i.name for i in items] == ["left__knee.png", "right__knee.png"]
     assert (tmp_path / "out" / "right__knee.png.npy").exists()
+
+
+def test_model_fingerprint_covers_buffers_and_scalars():
+    from kql import sources
+    from kql.executor.batch import model_fingerprint
+    bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()    # a 0-dim num_batches_tracked
+    before = model_fingerprint(sources.spec_from_module("m", bn))
+    assert before == model_fingerprint(sources.spec_from_module("m", bn))
+    bn[1].running_mean += 1
+    assert model_fingerprint(sources.spec_from_module("m", bn)) != before
+    assert model_fingerprint(sources.spec_from_module("m", bn, mean=0.5)) != \
+        model_fingerprint(sources.spec_from_module("m", bn))
