@@ -219,12 +219,10 @@ class ImageExplainer:
         """Decode, plan, run and render one image. A failure of this image
         (unreadable, too small for the patch, the model raising...) becomes a
         failed :class:`Outcome` with the reason; Ctrl-C propagates."""
-        import torch
         from kql.executor import execute
         out = Outcome(work.name, work.path, work.sha256, "failed", worker=self.worker)
         start = time.perf_counter()
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        restore = set_threads(self.threads)
         try:
             image = sources.decode_image(work.data, work.path)
             t_decode = time.perf_counter() - start
@@ -245,7 +243,7 @@ class ImageExplainer:
             out.timings = {"total": time.perf_counter() - start}
             return out
         finally:
-            torch.set_num_threads(previous)
+            restore()
         out.status = "ok"
         out.mode = plan.mode
         tau = getattr(plan, "tau", None)
@@ -256,6 +254,32 @@ class ImageExplainer:
                        **{k: v for k, v in result.timings.items() if k != "total"},
                        "render": t_render, "total": time.perf_counter() - start}
         return out
+
+
+def set_threads(n: int):
+    """Run torch and Numba with ``n`` threads; returns a function that restores
+    the previous counts.
+
+    torch's count fixes how its CPU kernels split their sums, so every executor
+    computes the same floats. Numba's (the exact mode's gather kernels) keeps
+    several workers on one machine from each starting a thread per core."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        import kql.kernels.gather_cpu  # noqa: F401  (picks Numba's threading layer before it starts)
+        numba_previous = numba.get_num_threads()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover - numba is a dependency
+        numba = None
+
+    def restore() -> None:
+        torch.set_num_threads(previous)
+        if numba is not None:
+            numba.set_num_threads(numba_previous)
+    return restore
 
 
 def run_local(explainer: ImageExplainer, items: Iterable[Union[Work, ImageResult, Outcome]]

@@ -57,6 +57,19 @@ def test_ray_gives_the_heatmaps_of_local_bit_for_bit_and_resumes(local_ray, tmp_
     assert again == {"a.png": "skipped", "b.png": "skipped", "c.jpg": "ok", "d.png": "skipped",
                      "broken.png": "failed", "small.png": "failed"}
     assert np.array_equal(np.load(out / "c.jpg.npy"), local["c.jpg"].heatmap)
+
+    # a catalog model with real weights goes through the object store too; its exact plan runs the
+    # Numba gather kernels, whose OpenMP threads once changed torch's sums (kernels/gather_cpu.py)
+    lite = "SELECT HEATMAP FROM '{src}' USING efficientnet_lite0 PATCH 112 STRIDE 112 REGION (0, 0, 224, 112)"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from kql import sources
+    (photos / "coffee.png").write_bytes(open(sources.SAMPLE_IMAGES["coffee"].file, "rb").read())
+    here = [i.heatmap for i in kql.connect(progress="off", threads=1).execute(lite.format(src=photos))]
+    here += [i.heatmap for i in kql.connect(progress="off", threads=1).execute(lite.format(src=photos))]
+    there = [i for i in con.execute(lite.format(src=photos))]
+    assert there[0].status == "ok" and there[0].record["label_name"] == "espresso"
+    assert np.array_equal(here[0], here[1]) and np.array_equal(here[0], there[0].heatmap)
     assert ray.is_initialized()                 # KQL leaves an instance it did not start alone
     con.close()
     assert ray.is_initialized()
