@@ -76,6 +76,13 @@ def main(argv=None) -> int:
     heatmaps: dict = {}
     print(f"torch {torch.__version__}, ray {ray.__version__}, {os.cpu_count()} CPUs, "
           f"threads per image {args.threads}; ray.init {ray_start:.1f} s", flush=True)
+    # Warm up this process once (the model's weights from disk, Numba's kernels from their cache):
+    # a session pays that once, not per job. Ray's actors are new for every job, so their start-up
+    # stays in the figures: it is part of a job's fixed cost.
+    t = time.perf_counter()
+    list(kql.connect(progress="off", threads=args.threads).execute(
+        query.format(src=folder[sizes[0]], out=os.path.join(work, "warmup"))))
+    print(f"  warm-up (local, {sizes[0]} images, not counted): {time.perf_counter() - t:.1f} s", flush=True)
     run = 0
     for _ in range(args.repeat):
         for n in sizes:

@@ -95,6 +95,11 @@ class _Actor:
 
 def workers_for(ray, job) -> int:
     """How many actors a job gets: ``SET workers``, else what the cluster holds."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    biggest = max((r.get("CPU", 0) for r in nodes), default=0)
+    if job.threads > biggest:      # such an actor would wait forever for a node
+        raise PlanError(f"threads = {job.threads} per image, but the largest Ray node has "
+                        f"{biggest:g} CPUs: SET threads = {max(int(biggest), 1)} (or fewer)")
     if job.settings.workers:
         return job.settings.workers
     resources = ray.cluster_resources()

@@ -7,6 +7,7 @@ batch_size = 16
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any, Optional, Union
@@ -184,6 +185,14 @@ class Connection:
         root, files = sources.list_images(stmt.source.value)
         if stmt.into is not None:
             _check_output_folder(stmt.into, stmt.source.value, len(files))
+            into, top = os.path.realpath(stmt.into), os.path.realpath(root)
+            if into == top or top.startswith(into + os.sep):
+                raise PlanError(f"INTO '{stmt.into}' holds the images of FROM '{stmt.source.value}': "
+                                f"the next run would read its overlays as images; choose another folder")
+            # results of an earlier run inside the source tree (FROM 'scans/**' INTO 'scans/out')
+            files = [f for f in files if not os.path.realpath(f).startswith(into + os.sep)]
+            if not files:
+                raise PlanError(f"FROM '{stmt.source.value}' names no images outside INTO '{stmt.into}'")
         device = (stmt.device or self.settings.device).lower()
         if device == "cuda" and not torch.cuda.is_available():
             raise PlanError("ON CUDA: CUDA is not available on this machine; use ON CPU")
@@ -317,7 +326,6 @@ class Connection:
 def _check_output_folder(into: str, source: str, n: int) -> None:
     """INTO of a multi-image query names a folder (created if missing) whose
     parent exists."""
-    import os
     if os.path.splitext(into)[1].lower() in (".png", ".npy") and not os.path.isdir(into):
         raise PlanError(f"INTO '{into}' is a file, but FROM '{source}' names {n} images: "
                         f"INTO takes a folder for a multi-image query (e.g. INTO 'heatmaps/')")

@@ -262,6 +262,8 @@ def test_sigkill_mid_job_then_rerun_does_every_image_exactly_once(tmp_path):
                                              "not a folder"),
     ("{tmp}/scans", "{tmp}/no/out", "cannot write into '{tmp}/no/out': directory '{tmp}/no' does not "
                                     "exist (create it first)"),
+    ("{tmp}/scans/*.png", "{tmp}/scans", "INTO '{tmp}/scans' holds the images of FROM '{tmp}/scans/*.png': "
+                                         "the next run would read its overlays as images; choose another folder"),
 ])
 def test_bad_sources_and_outputs_fail_before_any_work(con, images, tmp_path, source, into, message):
     (tmp_path / "empty").mkdir()
@@ -394,6 +396,12 @@ def test_output_names_keep_folders_and_extensions(con, tmp_path):
                              f"INTO '{tmp_path}/out'", net=net()))
     assert [i.name for i in items] == ["left__knee.png", "right__knee.png"]
     assert (tmp_path / "out" / "right__knee.png.npy").exists()
+    # results written inside the source tree are not taken for images by the next run
+    again = list(con.execute(f"SELECT HEATMAP FROM '{root}/**/*.png' USING net PATCH 8 STRIDE 8 "
+                             f"INTO '{root}/out'", net=net()))
+    again = list(con.execute(f"SELECT HEATMAP FROM '{root}/**/*.png' USING net PATCH 8 STRIDE 8 "
+                             f"INTO '{root}/out'", net=net()))
+    assert [(i.name, i.status) for i in again] == [("left__knee.png", "skipped"), ("right__knee.png", "skipped")]
 
 
 def test_model_fingerprint_covers_buffers_and_scalars():
