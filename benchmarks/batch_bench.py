@@ -1,7 +1,7 @@
 """Multi-image queries: the local executor vs Ray with 1 and 2 workers, side by side.
 
     .venv/bin/python benchmarks/batch_bench.py                 # 8 photos, efficientnet_lite0
-    .venv/bin/python benchmarks/batch_bench.py --images 4 --stride 32
+    .venv/bin/python benchmarks/batch_bench.py --images 4 --stride 16   # 13x13 positions
 
 Everything runs in one process on one local Ray instance (``--cpus``, default
 2), over the bundled sample photos copied into a temporary folder, every run
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=8, help="images in the large job (the small has half)")
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--patch", type=int, default=32)
-    ap.add_argument("--stride", type=int, default=16)
+    ap.add_argument("--stride", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per image, every executor")
     ap.add_argument("--cpus", type=int, default=2, help="num_cpus of the local Ray instance")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration and size (min taken)")
