@@ -246,18 +246,18 @@ class Connection:
         for path in job.files:
             try:
                 with open(path, "rb") as f:
-                    image = sources.decode_image(f.read(), path)
+                    plan = explainer.plan(path, sources.decode_image(f.read(), path))
             except OSError as e:
                 reasons.append(f"{path}: {e.strerror or e}")
                 continue
-            except PlanError as e:
+            except PlanError as e:      # this image fails; the job would go on with the next
                 reasons.append(str(e))
                 continue
-            plan, first = explainer.plan(path, image), path
+            first = path
             break
         if plan is None:
-            raise PlanError(f"none of the {len(job.files)} images of '{job.source}' can be read "
-                            f"(first: {reasons[0]})")
+            raise PlanError(f"none of the {len(job.files)} images of '{job.source}' can be planned "
+                            f"(the first: {reasons[0]})")
         done, todo = job.pending()
         seconds = forward_seconds(plan, job.threads)
         if not stmt.analyze:

@@ -227,14 +227,26 @@ def test_sigkill_mid_job_then_rerun_does_every_image_exactly_once(tmp_path):
     script.write_text(textwrap.dedent(SCRIPT))
     query = QUERY.format(src=images, out=out, extra="")
 
-    first = run_until(script, query, oks=2)
-    second = run_until(script, query, oks=2)
-    third = run_until(script, query, oks=None)
+    def committed() -> list[str]:
+        manifest = out / "manifest.jsonl"
+        return [json.loads(line)["name"] for line in manifest.read_text().splitlines()] \
+            if manifest.exists() else []
 
     names = sorted(GOOD + [f"x{i}.png" for i in range(4)])
-    assert [s for s, _ in first] == ["ok", "ok"]
-    assert [s for s, _ in second] == ["skipped", "skipped", "ok", "ok"]
-    assert [s for s, _ in third[:-1]] == ["skipped"] * 4 + ["ok"] * 4
+    done: list[str] = []
+    for oks in (2, 2, None):
+        printed = run_until(script, query, oks=oks)
+        if oks is None:
+            printed = printed[:-1]
+        # a run skips exactly what earlier runs committed and explains the rest in order
+        # (the kill may land after a line is committed but before the child printed it)
+        assert [name for status, name in printed if status == "skipped"] == done
+        assert [status for status, _ in printed] == ["skipped"] * len(done) + ["ok"] * (len(printed) - len(done))
+        now = committed()
+        assert now[:len(done)] == done and now[len(done):] == names[len(done):len(now)]
+        assert len(now) >= len(done) + (oks or 0)
+        done = now
+    assert done == names                                        # every image done exactly once
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["name"] for r in records) == names          # every image done exactly once
     assert {r["status"] for r in records} == {"ok"}
@@ -368,6 +380,10 @@ def test_explain_shows_images_estimate_and_the_first_images_plan(con, images, tm
     assert isinstance(analyzed.result, BatchJob) and analyzed.result.counts["ok"] == 4
     assert re.search(r"  measured: 4 explained, 0 done earlier, 2 failed in [\d.]+ m?s", str(analyzed))
     assert "  images: 6 · 4 done earlier (valid in the manifest) · 2 to run" in str(con.explain(q, net=net()))
+    with pytest.raises(kql.PlanError) as e:
+        con.explain(QUERY.format(src=images / "*[nl].png", out=out, extra=""), net=net())
+    assert str(e.value) == (f"none of the 2 images of '{images}/*[nl].png' can be planned (the first: "
+                            f"cannot read image '{images / 'broken.png'}': not a valid image file)")
 
 
 def test_the_shell_prints_a_line_per_image_and_a_summary(images, tmp_path, monkeypatch):
