@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kql-installed
 
-.PHONY: demo test venv clean bench docs
+.PHONY: demo test venv clean bench bench-batch docs
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ $(FASHION_MNIST):
 
 bench: $(STAMP)
 	$(PY) benchmarks/occlusion_bench.py
+
+bench-batch: $(STAMP)
+	$(PY) benchmarks/batch_bench.py
 
 docs: $(STAMP)
 	$(PY) scripts/plot_speedup.py

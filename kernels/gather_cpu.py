@@ -32,6 +32,15 @@ import numpy as np
 import torch
 from numba import njit, prange, uint64
 
+# Numba's OpenMP threading layer shares the OpenMP runtime with torch: once a
+# parallel kernel has run there, torch's CPU convolutions split their sums
+# differently, so one exact query gave other last bits in a process's first run
+# than in its later ones, and than in another process (measured: up to 4e-7 on
+# an efficientnet_lite0 heatmap at one torch thread). Numba's own thread pool
+# leaves torch alone; an explicit NUMBA_THREADING_LAYER is still obeyed.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
+
 __all__ = ["gather", "paste", "gather_into", "PARALLEL_MIN_CELLS"]
 
 # Output cells from which the parallel kernel is used (benchmarks/bench_kernels.py --sweep).

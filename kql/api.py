@@ -7,6 +7,7 @@ batch_size = 16
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any, Optional, Union
@@ -88,8 +89,15 @@ class Connection:
 
     def executescript(self, text: str, **bindings: Any) -> list:
         """Run every statement of a script in order; returns their results."""
+        from kql.executor.batch import BatchJob
         from kql.parser import parse_script
-        return [self.execute(stmt, **bindings) for stmt in parse_script(text)]
+        results = []
+        for stmt in parse_script(text):
+            result = self.execute(stmt, **bindings)
+            if isinstance(result, BatchJob):
+                result.run()      # a script's statements run in order: finish the job first
+            results.append(result)
+        return results
 
     def explain(self, query: Query, analyze: bool = False, **bindings: Any):
         """The plan of a SELECT (or EXPLAIN) as an ``Explanation``: ``str()``
@@ -142,8 +150,12 @@ class Connection:
         return plan
 
     def close(self) -> None:
-        """Forget the session's names and caches."""
+        """Forget the session's names and caches; stop a Ray instance this
+        session started."""
         self.catalog = Catalog()
+        import sys
+        if "kql.executor.distributed" in sys.modules:
+            sys.modules["kql.executor.distributed"].shutdown()
 
     def __enter__(self) -> "Connection":
         return self
@@ -159,8 +171,50 @@ class Connection:
             return parse(query)
         return query
 
+    @staticmethod
+    def _is_batch(stmt: ast.Select) -> bool:
+        return stmt.source.kind == "path" and sources.is_multi_image(stmt.source.value)
+
+    def _batch_job(self, stmt: ast.Select, bindings: dict):
+        """Check a multi-image query and make its (not yet started) job."""
+        import dataclasses
+
+        import numpy as np
+
+        from kql.executor.batch import BatchJob
+        root, files = sources.list_images(stmt.source.value)
+        if stmt.into is not None:
+            _check_output_folder(stmt.into, stmt.source.value, len(files))
+            into, top = os.path.realpath(stmt.into), os.path.realpath(root)
+            if into == top or top.startswith(into + os.sep):
+                raise PlanError(f"INTO '{stmt.into}' holds the images of FROM '{stmt.source.value}': "
+                                f"the next run would read its overlays as images; choose another folder")
+            # results of an earlier run inside the source tree (FROM 'scans/**' INTO 'scans/out')
+            files = [f for f in files if not os.path.realpath(f).startswith(into + os.sep)]
+            if not files:
+                raise PlanError(f"FROM '{stmt.source.value}' names no images outside INTO '{stmt.into}'")
+        device = (stmt.device or self.settings.device).lower()
+        if device == "cuda" and not torch.cuda.is_available():
+            raise PlanError("ON CUDA: CUDA is not available on this machine; use ON CPU")
+        if self.settings.executor == "ray":
+            from kql.executor.distributed import require_ray
+            require_ray()
+        spec = self.catalog.model(stmt.model, stmt.weights, bindings)
+        sources.resolve_label(spec, stmt.label)
+        if spec.input_size is not None:
+            # Every image is resized to this size: plan once on a blank one, so
+            # a patch, region or memory budget that cannot work fails now.
+            probe = "__kql_probe__"
+            blank = np.zeros((*spec.input_size, 3), dtype=np.float32)
+            self.plan(dataclasses.replace(stmt, source=ast.Source("name", probe), into=None),
+                      {**bindings, probe: blank})
+        return BatchJob(stmt, spec, self.settings, files, root, progress=self.settings.progress,
+                        graphs=self.catalog._graphs)
+
     def _run_select(self, stmt: ast.Select, bindings: dict):
         from kql.executor import execute
+        if self._is_batch(stmt):
+            return self._batch_job(stmt, bindings)
         plan = self.plan(stmt, bindings)
         result = execute(plan, progress=self.settings.progress)
         result.timings = {**plan.timings, **result.timings}
@@ -169,6 +223,8 @@ class Connection:
     def _run_explain(self, stmt: ast.Explain, bindings: dict):
         from kql.executor import execute
         from kql.planner.explain import Explanation, explain_text
+        if self._is_batch(stmt.select):
+            return self._explain_batch(stmt, bindings)
         plan = self.plan(stmt.select, bindings)
         if not stmt.analyze:
             return Explanation(explain_text(plan), plan)
@@ -177,6 +233,38 @@ class Connection:
         text = explain_text(plan, result.timings, result.peak_memory)
         result.plan_text = text
         return Explanation(text, plan, result)
+
+    def _explain_batch(self, stmt: ast.Explain, bindings: dict):
+        """EXPLAIN of a multi-image query: the images, the plan of the first
+        readable one, the estimated total time; with ANALYZE the job runs."""
+        from kql.executor.batch import ImageExplainer
+        from kql.planner.explain import Explanation, batch_explain_text, forward_seconds
+        job = self._batch_job(stmt.select, bindings)
+        explainer = ImageExplainer(stmt.select, job.spec, self.settings, job.threads,
+                                   graphs=self.catalog._graphs)
+        plan, first, reasons = None, None, []
+        for path in job.files:
+            try:
+                with open(path, "rb") as f:
+                    plan = explainer.plan(path, sources.decode_image(f.read(), path))
+            except OSError as e:
+                reasons.append(f"{path}: {e.strerror or e}")
+                continue
+            except PlanError as e:      # this image fails; the job would go on with the next
+                reasons.append(str(e))
+                continue
+            first = path
+            break
+        if plan is None:
+            raise PlanError(f"none of the {len(job.files)} images of '{job.source}' can be planned "
+                            f"(the first: {reasons[0]})")
+        done, todo = job.pending()
+        seconds = forward_seconds(plan, job.threads)
+        if not stmt.analyze:
+            return Explanation(batch_explain_text(job, plan, first, done, todo, seconds), plan)
+        job.run()
+        text = batch_explain_text(job, plan, first, done, todo, seconds, measured=True)
+        return Explanation(text, plan, job)
 
     def _run_describe(self, stmt: ast.Describe, bindings: dict):
         from kql.planner.explain import describe
@@ -241,6 +329,20 @@ class Connection:
     def _run_help(self, stmt: ast.Help, bindings):
         from kql.help import help_text
         return help_text(stmt.topic)
+
+
+def _check_output_folder(into: str, source: str, n: int) -> None:
+    """INTO of a multi-image query names a folder (created if missing) whose
+    parent exists."""
+    if os.path.splitext(into)[1].lower() in (".png", ".npy") and not os.path.isdir(into):
+        raise PlanError(f"INTO '{into}' is a file, but FROM '{source}' names {n} images: "
+                        f"INTO takes a folder for a multi-image query (e.g. INTO 'heatmaps/')")
+    if os.path.exists(into) and not os.path.isdir(into):
+        raise PlanError(f"cannot write into '{into}': it is a file, not a folder")
+    parent = os.path.dirname(into.rstrip("/" + os.sep)) or "."
+    if not os.path.isdir(parent):
+        raise PlanError(f"cannot write into '{into}': directory '{parent}' does not exist "
+                        f"(create it first)")
 
 
 def _size(hw) -> str:

@@ -98,6 +98,69 @@ class Select:
     into: Optional[str] = None          # output .png or .npy path
 
 
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _size(hw: tuple[int, int]) -> str:
+    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
+
+
+def _num(v) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def select_text(select: Select, *, source: bool = True, into: bool = True) -> str:
+    """A SELECT as canonical KQL text: clauses in one order, keywords upper
+    case, every clause the query gave and no other. Parsing the text gives
+    the same statement back. Multi-image jobs record it in their manifest and
+    key their results on it (without FROM and INTO: a result depends on the
+    image, not on how the folder was named).
+
+    >>> from kql.parser import parse
+    >>> select_text(parse("select heatmap from 'a.png' using m stride 4 patch 16x8 color black"))
+    "SELECT HEATMAP FROM 'a.png' USING m PATCH 16x8 STRIDE 4 COLOR BLACK"
+    >>> select_text(parse("select heatmap from x using m patch 8 stride 2 drilldown approx ssim .9"))
+    'SELECT HEATMAP FROM x USING m PATCH 8 STRIDE 2 APPROX SSIM 0.9 DRILLDOWN FRACTION 0.25 SPEEDUP 3'
+    """
+    parts = ["SELECT HEATMAP"]
+    if source:
+        src = select.source
+        parts.append("FROM " + (_quote(src.value) if src.kind == "path" else src.value))
+    parts.append(f"USING {select.model}")
+    if select.weights is not None:
+        parts.append(f"WEIGHTS {_quote(select.weights)}")
+    parts.append(f"PATCH {_size(select.patch)} STRIDE {_size(select.stride)}")
+    c = select.color
+    if c != Color():
+        if c.kind == "value":
+            parts.append(f"COLOR {_num(c.value[0])}")
+        elif c.kind == "rgb":
+            parts.append("COLOR (" + ", ".join(_num(v) for v in c.value) + ")")
+        else:
+            parts.append(f"COLOR {c.kind.upper()}")
+    if select.label != Label():
+        value = select.label.value
+        parts.append(f"LABEL {_quote(value) if select.label.kind == 'name' else value}")
+    if select.region is not None:
+        r = select.region
+        parts.append(f"REGION ({r.x0}, {r.y0}, {r.x1}, {r.y1})")
+    if select.mode == "approx" and select.approx is not None:
+        parts.append(f"APPROX {select.approx.kind.upper()} {_num(select.approx.value)}")
+    elif select.mode is not None:
+        parts.append(select.mode.upper())
+    if select.drilldown is not None:
+        d = select.drilldown
+        parts.append(f"DRILLDOWN FRACTION {_num(d.fraction)} SPEEDUP {_num(d.speedup)}")
+    if select.batch is not None:
+        parts.append(f"BATCH {select.batch}")
+    if select.device is not None:
+        parts.append(f"ON {select.device.upper()}")
+    if into and select.into is not None:
+        parts.append(f"INTO {_quote(select.into)}")
+    return " ".join(parts)
+
+
 @dataclass(frozen=True)
 class Explain:
     """``EXPLAIN [ANALYZE] <select>``."""

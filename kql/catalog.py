@@ -21,6 +21,9 @@ class Catalog:
     def __init__(self) -> None:
         self.images: dict[str, Any] = {}
         self.models: dict[str, Any] = {}
+        # Path -> decoded image: a multi-image job hands its worker the bytes
+        # it hashed, so FROM '<path>' must not read the file a second time.
+        self.files: dict[str, Any] = {}
         self._specs: dict[tuple, Any] = {}
         self._graphs: dict[tuple, Any] = {}
 
@@ -29,6 +32,8 @@ class Catalog:
         """Load the image a ``Source`` names: ``(array HxWx3 in [0,1], description)``."""
         bindings = bindings or {}
         if source.kind == "path":
+            if source.value in self.files:
+                return self.files[source.value], f"file '{source.value}'"
             return sources.load_image(source.value), f"file '{source.value}'"
         name = source.value
         bound = bindings.get(name)

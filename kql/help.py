@@ -52,7 +52,8 @@ SELECT HEATMAP FROM <image> USING <model> [WEIGHTS '<file>']
 Occludes the image with a patch at every stride step, runs the model on each
 occluded image and returns the heatmap of the chosen class probability.
 <image> is a quoted file path or a name (LOAD IMAGE, a Python binding, or a
-bundled sample such as coffee). <model> is a torchvision architecture name or
+bundled sample such as coffee). A quoted folder or glob ('scans/', 'scans/*.png')
+explains every image in it, INTO a folder (HELP INTO). <model> is a torchvision architecture name or
 a name bound by LOAD MODEL. PATCH and STRIDE are required; the clauses after
 USING <model> may come in any order, each at most once.
 Sizes are height x width: PATCH 16x8 is 16 rows by 8 columns; PATCH 16 is 16x16.
@@ -140,6 +141,12 @@ Option names are case-insensitive.
   mode          auto | exact | naive
                                     the default for NAIVE / EXACT; auto picks the
                                     fastest exact plan
+  executor      local | ray         who runs a multi-image query (FROM a folder)
+  ray_address   '' | 'auto' | 'host:port' | 'ray://host:10001'
+                                    the Ray cluster; '' starts a local instance
+  workers       <int>               Ray actors; 0 (default) one per threads CPUs
+  threads       <int>               torch threads per image in a multi-image
+                                    query; 0 (default) torch's default
 Example:
   SET memory_limit = '2GB';"""
 
@@ -250,12 +257,15 @@ Example:
   SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 ON CUDA;"""
 
 _INTO = """\
-INTO '<file>'
+INTO '<file>' | '<folder>'
 
 Writes the heatmap to a file: '.png' for an image, '.npy' for the array of
-probabilities.
-Example:
-  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 INTO 'cat_heatmap.png';"""
+probabilities. When FROM names a folder or a glob, INTO names a folder: it
+gets <image>.npy and <image>.png per image and manifest.jsonl, one line per
+image; rerunning the query skips the images already done.
+Examples:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 INTO 'cat_heatmap.png';
+  SELECT HEATMAP FROM 'scans/*.png' USING vgg16 PATCH 16 STRIDE 4 INTO 'heatmaps/';"""
 
 TOPICS: dict[str, str] = {
     "SELECT": _SELECT,

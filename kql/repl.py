@@ -220,6 +220,17 @@ class _Shell:
         """Execute one statement and print its result (if not None)."""
         def execute() -> None:
             result = self.connection().execute(statement)
+            from kql.executor.batch import BatchJob
+            if isinstance(result, BatchJob):
+                try:     # a multi-image query: a line per image as it finishes
+                    for item in result:
+                        self.stdout.write(f"{item}\n")
+                        self.stdout.flush()
+                finally:
+                    result.close()
+                    self.stdout.write(f"{result}\n")
+                    self.stdout.flush()
+                return
             if result is not None:
                 self.stdout.write(f"{result}\n")
                 self.stdout.flush()

@@ -16,7 +16,7 @@ import numpy as np
 from kql.ast import Region
 from kql.errors import ExecutionError, PlanError
 
-__all__ = ["HeatmapResult", "check_output_path"]
+__all__ = ["HeatmapResult", "check_output_path", "write_atomic"]
 
 _FORMATS = (".png", ".npy")
 
@@ -47,6 +47,36 @@ def check_output_path(path: str | os.PathLike) -> str:
     if not os.path.isdir(parent):
         raise PlanError(f"cannot write '{shown}': directory '{parent}' does not exist (create it first)")
     return ext
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the file appears whole or not at all.
+
+    The bytes go to a temporary file in the same directory (``.<name>.<random>.tmp``),
+    are flushed to disk, and the file is renamed over ``path``: a reader, or a
+    rerun after a crash (even SIGKILL or a power cut), sees the old file or the
+    new one, never a partial one. A failure removes the temporary file.
+
+    Raises:
+        ExecutionError: writing failed (disk full, permissions...).
+    """
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+            raise ExecutionError(f"cannot write '{path}': {reason}") from e
+        raise
 
 
 @dataclass(repr=False)
@@ -206,26 +236,27 @@ class HeatmapResult:
         """
         shown = os.fspath(path)
         ext = check_output_path(shown)
-        directory, base = os.path.split(shown)
-        tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                if ext == ".npy":
-                    np.save(f, self.heatmap)
-                else:
-                    self._figure().savefig(f, format="png", dpi=100, bbox_inches="tight")
-            os.replace(tmp, shown)
-        except BaseException as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(e, OSError):
-                reason = e.strerror or str(e)
-                raise ExecutionError(f"cannot write '{shown}': {reason}") from e
-            raise
+        write_atomic(shown, self.to_bytes(ext))
         self.output_path = shown
         return shown
+
+    def to_bytes(self, fmt: str) -> bytes:
+        """The contents :meth:`save` writes for ``fmt`` ``".png"`` or ``".npy"``.
+
+        >>> r = HeatmapResult(np.zeros((1, 1)), 0, None, 1.0, [0], [0], (1, 1), (1, 1),
+        ...                   None, np.zeros((1, 1, 3)), "m", "naive")
+        >>> np.load(__import__("io").BytesIO(r.to_bytes(".npy"))).dtype
+        dtype('float32')
+        """
+        import io
+        buf = io.BytesIO()
+        if fmt == ".npy":
+            np.save(buf, self.heatmap)
+        elif fmt == ".png":
+            self._figure().savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        else:
+            raise ValueError(f"to_bytes takes '.png' or '.npy', got {fmt!r}")
+        return buf.getvalue()
 
     def _figure(self):
         """The PNG figure (object-oriented matplotlib: no pyplot global state)."""

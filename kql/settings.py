@@ -63,6 +63,28 @@ def _mode(value: Any) -> str:
     return v
 
 
+def _executor(value: Any) -> str:
+    v = str(value).lower()
+    if v not in ("local", "ray"):
+        raise PlanError(f"executor takes local or ray, got {value!r}")
+    return v
+
+
+def _ray_address(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise PlanError(f"ray_address takes a quoted address such as 'auto', '10.0.0.5:6379' or "
+                        f"'ray://head:10001' ('' starts a local Ray instance), got {value!r}")
+    return value.strip()
+
+
+def _count(option: str, zero: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise PlanError(f"{option} takes a whole number (0 = {zero}), got {value!r}")
+        return value
+    return parse
+
+
 def _gather_backend(value: Any) -> str:
     v = str(value).lower()
     if v not in ("auto", "torch", "numba", "cuda"):
@@ -83,6 +105,16 @@ class Settings:
             exact mode available; 'exact' or 'naive' force one.
         gather_backend: kernel that gathers read-in windows in exact mode:
             'auto' (chosen per layer by the planner), 'torch', 'numba', 'cuda'.
+        executor: who runs a multi-image query: 'local' (this process) or
+            'ray' (actors on a Ray cluster).
+        ray_address: the Ray cluster to join ('auto', 'host:port',
+            'ray://host:10001'); '' starts a local Ray instance.
+        workers: Ray actors of a multi-image query; 0 = as many as the
+            cluster's CPUs (GPUs with ON CUDA) allow.
+        threads: torch intra-op threads per image in a multi-image query;
+            0 = this process's torch default. Fixed per job so that every
+            executor computes the same floats (the thread count changes how
+            a convolution's sums are split, and so their last bits).
     """
     device: str = "cpu"
     batch_size: int = 0
@@ -90,6 +122,10 @@ class Settings:
     progress: str = "auto"
     mode: str = "auto"
     gather_backend: str = "auto"
+    executor: str = "local"
+    ray_address: str = ""
+    workers: int = 0
+    threads: int = 0
 
     def with_option(self, option: str, value: Any) -> "Settings":
         """A copy with one option changed; unknown options and bad values raise PlanError."""
@@ -114,6 +150,12 @@ def _show(name: str, value: Any) -> str:
         return format_bytes(value)
     if name == "batch_size" and value == 0:
         return "0 (from memory_limit)"
+    if name == "ray_address" and value == "":
+        return "'' (start a local instance)"
+    if name == "workers" and value == 0:
+        return "0 (one per CPU of the cluster)"
+    if name == "threads" and value == 0:
+        return "0 (torch's default)"
     return str(value)
 
 
@@ -124,4 +166,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "progress": _progress,
     "mode": _mode,
     "gather_backend": _gather_backend,
+    "executor": _executor,
+    "ray_address": _ray_address,
+    "workers": _count("workers", "one per CPU of the cluster"),
+    "threads": _count("threads", "torch's default"),
 }

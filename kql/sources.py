@@ -33,7 +33,8 @@ from kql.ast import Color, Label
 from kql.errors import PlanError
 
 __all__ = [
-    "SAMPLE_IMAGES", "SampleImage", "load_sample", "load_image",
+    "SAMPLE_IMAGES", "SampleImage", "load_sample", "load_image", "decode_image",
+    "is_multi_image", "list_images",
     "ModelSpec", "list_models", "load_model", "load_model_file", "spec_from_module",
     "resolve_label", "preprocess", "fill_value",
     "IMAGENET_MEAN", "IMAGENET_STD",
@@ -176,15 +177,43 @@ def load_image(obj: ImageLike) -> np.ndarray:
 
 
 def _read_file(path: Union[str, os.PathLike]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     shown = os.fspath(path)
     if not os.path.exists(shown):
         raise PlanError(f"image file not found: '{shown}'")
     if os.path.isdir(shown):
         raise PlanError(f"cannot read image '{shown}': it is a directory, not an image file")
+    return _decode(shown, shown)
+
+
+def decode_image(data: bytes, shown: str) -> np.ndarray:
+    """Decode the bytes of an image file, as :func:`load_image` reads a path.
+
+    A multi-image query reads (and hashes) each file once and decodes those
+    very bytes, in this process or on a Ray worker that cannot see the file.
+
+    Args:
+        data: the file's contents.
+        shown: the file's name, for error messages.
+
+    Returns:
+        float32 ``HxWx3`` in ``[0, 1]``.
+
+    Raises:
+        PlanError: as :func:`load_image` for a file that is not a valid image.
+
+    >>> decode_image(b"GIF89a...", "x.gif")
+    Traceback (most recent call last):
+    kql.errors.PlanError: cannot read image 'x.gif': not a valid image file
+    """
+    import io
+    return _decode(io.BytesIO(data), shown)
+
+
+def _decode(source, shown: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(shown) as img:
+        with Image.open(source) as img:
             img.load()
             arr = _pil_to_array(img, f"image '{shown}'")
     except PermissionError:
@@ -295,6 +324,79 @@ def _from_array(arr: np.ndarray, what: str) -> np.ndarray:
 
 def _shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+# ---------------------------------------------------------------------------
+# Folders and globs (multi-image queries)
+# ---------------------------------------------------------------------------
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def is_multi_image(path: str) -> bool:
+    """Whether ``FROM '<path>'`` names many images: a folder or a glob pattern
+    (``*``, ``?``, ``[...]``; ``**`` matches folders recursively). A path that
+    does not exist counts as a folder when it has no extension, so the error
+    says "image folder not found".
+
+    >>> is_multi_image("scans/*.png"), is_multi_image("scan.png")
+    (True, False)
+    """
+    if os.path.isfile(path):
+        return False        # 'scan[1].png' that exists is one file, not a pattern
+    if _GLOB_CHARS.search(path) or os.path.isdir(path):
+        return True
+    # a missing path without an extension ('scans', 'scans/') was meant as a folder
+    return not os.path.exists(path) and (path.endswith(("/", os.sep)) or not os.path.splitext(path)[1])
+
+
+@functools.lru_cache(maxsize=1)
+def _image_extensions() -> frozenset[str]:
+    from PIL import Image
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+def list_images(path: str) -> tuple[str, list[str]]:
+    """The image files ``FROM '<folder or glob>'`` names, sorted, and the
+    folder their output names are relative to.
+
+    A folder gives the files directly in it whose extension Pillow knows
+    (``.png``, ``.jpg``, ``.tif``, ...); other files are left alone. A glob
+    gives every file it matches (``**`` recurses), whatever its extension, so
+    a non-image it names is reported as a failed image, not skipped. Hidden
+    files (``.name``) are left out of both.
+
+    Args:
+        path: a folder or a glob pattern.
+
+    Returns:
+        ``(root, files)``: ``root`` the folder (for a glob, the part before the
+        first wildcard), ``files`` the matching paths, sorted.
+
+    Raises:
+        PlanError: "image folder not found: 'scans'", "no files match
+            'scans/*.png'", "folder 'scans' holds no image files".
+    """
+    import glob
+    if _GLOB_CHARS.search(path):
+        files = sorted(f for f in glob.glob(path, recursive=True)
+                       if os.path.isfile(f) and not os.path.basename(f).startswith("."))
+        if not files:
+            raise PlanError(f"no files match '{path}'")
+        head = _GLOB_CHARS.split(path, maxsplit=1)[0]
+        root = head if head.endswith(("/", os.sep)) else os.path.dirname(head)
+        return root or ".", files
+    if not os.path.exists(path):
+        raise PlanError(f"image folder not found: '{path}'")
+    if not os.path.isdir(path):
+        raise PlanError(f"'{path}' is a file, not a folder")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in _image_extensions()
+                   and os.path.isfile(os.path.join(path, f)))
+    if not files:
+        raise PlanError(f"folder '{path}' holds no image files (known extensions: .png, .jpg, .tif, ...; "
+                        f"a glob such as '{os.path.join(path, '*')}' takes every file)")
+    return path, files
 
 
 # ---------------------------------------------------------------------------

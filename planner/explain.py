@@ -201,3 +201,82 @@ def describe(spec, graph, patch=None, stride=None):
                       f"theoretical speedup of incremental vs naive: R = {report.r_grid:.2f} "
                       f"(exact regions over {ys.size} positions; {report.r_uniform:.2f} with one "
                       f"patch size per layer)"])
+
+
+# ---------------------------------------------------------------- multi-image queries
+
+def forward_seconds(plan: Plan, threads: int) -> float:
+    """Seconds one unoccluded inference of the plan's model takes here (the
+    second of two runs, with the job's thread count): the unit of the time
+    estimate until a calibrated model of seconds replaces it."""
+    import time
+
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = plan.spec.module.to(plan.device).eval()
+        x = plan.input.to(plan.device)[None]
+        with torch.inference_mode():
+            model(x)
+            if plan.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if plan.device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(previous)
+
+
+def estimate_job_seconds(plan: Plan, n_images: int, forward: float) -> tuple[float, float, str]:
+    """``(seconds per image, seconds for n_images, how)`` for a multi-image query.
+
+    One image costs what the plan's runtime estimate says (``planner/runtime.py``,
+    calibrated on this machine: reference inference plus occlusion). Without
+    one (it failed, or the plan has none), FLOPs become seconds at the rate
+    of one measured unoccluded inference (``forward`` seconds for
+    ``full_flops``): a lower bound for exact plans on the CPU, as it ignores
+    gathering and per-call overhead."""
+    runtime = getattr(plan, "runtime", None)
+    if runtime is not None:
+        try:
+            per_image = runtime.get().seconds
+            return per_image, per_image * n_images, "the plan's runtime estimate for one image"
+        except Exception:  # noqa: BLE001 - a failed calibration falls back to the FLOPs rate
+            pass
+    infer = plan.root.find("Infer")
+    full = float(plan.cost.full_flops) or 1.0
+    ratio = float(infer.flops or 0.0) / full
+    per_image = forward * (1.0 + ratio)
+    return per_image, per_image * n_images, (f"1 + {ratio:.1f} full inferences' worth of FLOPs at "
+                                             f"{format_seconds(forward)} each, measured on the first image")
+
+
+def batch_explain_text(job, plan: Plan, first: str, done: int, todo: int, forward: float,
+                       measured: bool = False) -> str:
+    """EXPLAIN of a multi-image query: the job, its estimated total time and
+    the plan of its first image (every image is planned alike)."""
+    into = f" -> '{job.into}'" if job.into else " (no INTO: results are streamed, not written)"
+    lines = [f"Batch ({len(job.files)} images from '{job.source}'{into}; executor {job.executor}, "
+             f"{job.threads} thread{'s' if job.threads != 1 else ''} per image)"]
+    counts = f"images: {len(job.files)}"
+    if job.into:
+        counts += f" · {done} done earlier (valid in the manifest) · {todo} to run"
+    lines.append("  " + counts)
+    per, total, how = estimate_job_seconds(plan, todo if job.into else len(job.files), forward)
+    n = todo if job.into else len(job.files)
+    workers = "; the ray executor divides it among its workers" if job.executor == "ray" else ""
+    lines.append(f"  estimated total: {n} x {format_seconds(per)} ≈ {format_seconds(total)} "
+                 f"(per image: {how}{workers})")
+    if measured:
+        c = job.counts
+        ran = c["ok"] + c["failed"]
+        lines.append(f"  measured: {c['ok']} explained, {c['skipped']} done earlier, {c['failed']} failed "
+                     f"in {format_seconds(job.seconds)}"
+                     + (f" ({format_seconds(job.seconds / ran)} per image run)" if ran else ""))
+    lines.append("")
+    lines.append(f"Plan of the first image, '{first}':")
+    lines.append(explain_text(plan))
+    return "\n".join(lines)
