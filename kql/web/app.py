@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from kql.errors import KqlError
+from kql.planner.plan import format_bytes
 from kql.web.errors import WebError
 from kql.web.uploads import MAX_BYTES, MAX_PIXELS, ImageStore, decode
 
@@ -69,13 +70,13 @@ def create_app(engine=None, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX
     async def read_body(request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise WebError(f"the request is {int(declared) / 2**20:.1f} MiB; the limit is "
-                           f"{limit / 2**20:.1f} MiB", 413)
+            raise WebError(f"the request is {format_bytes(int(declared))}; the limit is "
+                           f"{format_bytes(limit)}", 413)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise WebError(f"the request is larger than the limit of {limit / 2**20:.1f} MiB", 413)
+                raise WebError(f"the request is larger than the limit of {format_bytes(limit)}", 413)
             chunks.append(chunk)
         return b"".join(chunks)
 

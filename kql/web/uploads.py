@@ -104,7 +104,8 @@ def _header(data: bytes) -> tuple[int, int, int, str]:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    from kql.planner.plan import format_bytes
+    return format_bytes(n)
 
 
 def _mp(n: int) -> str:
