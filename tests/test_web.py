@@ -403,6 +403,11 @@ def test_the_queue_has_a_limit():
         full = c.post("/api/jobs", json=SLOW)
         assert second.status_code == 202
         assert full.status_code == 429 and error(full) == "the queue is full (1 jobs waiting); try again later"
+        # a model not traced yet waits for the running job: the estimate says so at once
+        busy = c.post("/api/explain", json={**SMALL, "model": "resnet18"})
+        assert busy.status_code == 503 and error(busy) == (
+            "the estimate needs resnet18 loaded, which waits for the running job; it is shown again "
+            "when that job ends")
         for job in (second.json(), first):
             c.post(f"/api/jobs/{job['id']}/cancel")
         assert wait(c, first["id"])["state"] == "cancelled"

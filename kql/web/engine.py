@@ -114,6 +114,7 @@ class Engine:
         self.uploads = uploads if uploads is not None else ImageStore()
         self.lock = threading.RLock()
         self._traced: set[str] = set()
+        self.busy = False  # a job is running
         self._rates: dict[tuple[str, str], tuple[float, str]] = {}
         self._samples: dict[str, np.ndarray] = {}
         self._models = self._catalog_models()
@@ -225,7 +226,9 @@ class Engine:
         if request.model in self._traced:
             e = self.con.explain(request.query, img=pixels)
         else:
-            if not self.lock.acquire(timeout=2.0):
+            # Another estimate holding the lock is tracing: seconds, wait for it.
+            # A job holding it may take minutes: answer now, the page retries.
+            if not self.lock.acquire(timeout=2.0 if self.busy else -1):
                 raise WebError(f"the estimate needs {request.model} loaded, which waits for the running "
                                f"job; it is shown again when that job ends", 503)
             try:
@@ -269,8 +272,12 @@ class Engine:
         pixels = self.pixels(request.image)
         t0 = time.perf_counter()
         with self.lock, batch_hook(job.progress):
-            e = self.con.explain(request.query, analyze=True, img=pixels)
-            self._traced.add(request.model)
+            self.busy = True
+            try:
+                e = self.con.explain(request.query, analyze=True, img=pixels)
+                self._traced.add(request.model)
+            finally:
+                self.busy = False
         seconds = time.perf_counter() - t0
         r = e.result
         job.phase = "rendering"

@@ -19,7 +19,9 @@ async function api(path, init) {
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
-    throw new Error((body && body.error) || `the server answered ${response.status}`);
+    const error = new Error((body && body.error) || `the server answered ${response.status}`);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -199,6 +201,7 @@ async function estimate() {
     if (seq !== state.estimateSeq) return;
     for (const id of ["est-positions", "est-time", "est-speedup"]) $(id).textContent = "–";
     $("est-note").textContent = err.message;
+    if (err.status === 503) state.estimateTimer = setTimeout(estimate, 3000);  // busy: try again
   }
 }
 
@@ -254,6 +257,7 @@ function finish(job) {
   $("cancel").disabled = true;
   $("run").disabled = false;
   $("progress").hidden = true;
+  if ($("est-positions").textContent === "–") scheduleEstimate();  // it may have waited for this job
   if (job.state === "done") {
     setStatus("done");
     showResult(job.result, job.files);
