@@ -106,7 +106,7 @@ def test_options_publish_the_choices(client):
     o = client.get("/api/options").json()
     models = {m["name"]: m for m in o["models"]}
     assert models[LITE]["input"] == [224, 224] and models[LITE]["source"] == "built-in"
-    assert models["vgg16"]["weights"].startswith("random")
+    assert models["vgg16"]["weights"] == "random (the page loads no weight files)"
     assert {"name": "coffee", "id": "sample-coffee"}.items() <= \
         next(s for s in o["samples"] if s["name"] == "coffee").items()
     assert o["patches"] == [4, 8, 16, 32] and o["strides"] == [2, 4, 8, 16]
@@ -164,6 +164,7 @@ def test_upload_png_and_read_it_back(client):
     assert r.status_code == 201
     item = r.json()
     assert (item["width"], item["height"]) == (64, 48) and item["id"].startswith("u")
+    assert item["name"] == "scan 1.png"
     back = client.get(f"/api/images/{item['id']}")
     assert back.headers["content-type"] == "image/png"
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(back.content))), rgb())
@@ -435,3 +436,16 @@ def test_serve_command_parses_its_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--port", "not-a-port"])
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_image_store_forgets_the_oldest_upload():
+    from kql.web.errors import WebError
+    from kql.web.uploads import ImageStore
+    store = ImageStore(capacity=2)
+    a, b = store.add("a.png", rgb()), store.add("b.png", rgb())
+    store.get(a.id)                       # a is now the most recently used
+    c = store.add("c\x00\n.png", rgb())   # evicts b
+    assert len(store) == 2 and store.get(a.id) is a and c.name == "c.png"
+    with pytest.raises(WebError) as info:
+        store.get(b.id)
+    assert info.value.status == 404 and info.value.message.startswith("unknown image")

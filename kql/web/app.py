@@ -27,6 +27,7 @@ import json
 import logging
 from pathlib import Path
 from typing import Optional
+from urllib.parse import unquote
 
 from kql.errors import KqlError
 from kql.planner.plan import format_bytes
@@ -110,7 +111,8 @@ def create_app(engine=None, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX
     async def upload(request):
         data = await read_body(request, max_bytes)
         pixels = await run_in_threadpool(decode, data, max_bytes=max_bytes, max_pixels=max_pixels)
-        item = engine.uploads.add(request.headers.get("x-filename", ""), pixels)
+        # the page sends the file name URL-encoded (headers are Latin-1); it is only shown back
+        item = engine.uploads.add(unquote(request.headers.get("x-filename", "")), pixels)
         h, w = pixels.shape[:2]
         return JSONResponse({"id": item.id, "name": item.name, "width": w, "height": h}, status_code=201)
 

@@ -127,8 +127,11 @@ class Engine:
         for row in self.con.execute("SHOW MODELS").as_dicts():
             m = re.fullmatch(r"(\d+)x(\d+)", str(row["input"]))
             if row["source"] in ("built-in", "torchvision") and m and _NAME.match(row["model"]):
+                # SHOW MODELS says "random unless WEIGHTS '<file>.pth'": the page never loads a file
+                weights = row["weights"] if row["source"] == "built-in" else \
+                    "random (the page loads no weight files)"
                 out[row["model"]] = {"name": row["model"], "input": [int(m.group(1)), int(m.group(2))],
-                                     "weights": row["weights"], "source": row["source"]}
+                                     "weights": weights, "source": row["source"]}
         return out
 
     def options(self) -> dict:

@@ -145,7 +145,7 @@ async function upload(file) {
     });
     const option = document.createElement("option");
     option.value = item.id;
-    option.textContent = `upload: ${decodeURIComponent(item.name)} (${item.width}x${item.height})`;
+    option.textContent = `upload: ${item.name} (${item.width}x${item.height})`;
     $("image-select").prepend(option);
     $("image-select").value = item.id;
     $("upload-note").textContent = "";
