@@ -449,3 +449,16 @@ def test_image_store_forgets_the_oldest_upload():
     with pytest.raises(WebError) as info:
         store.get(b.id)
     assert info.value.status == 404 and info.value.message.startswith("unknown image")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_upload_applies_the_exif_orientation_like_pillow(orientation):
+    from PIL import ImageOps
+    from kql.web.uploads import decode
+    image = Image.fromarray(rgb(5, 7))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, "PNG", exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
+    assert np.array_equal(decode(buf.getvalue()), expected)

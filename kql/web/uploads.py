@@ -50,7 +50,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIX
         raise WebError("the upload is empty: choose an image file")
     if len(data) > max_bytes:
         raise WebError(f"the upload is {_mb(len(data))}; the limit is {_mb(max_bytes)}", 413)
-    width, height, frames, mode = _header(data)
+    width, height, frames, mode, orientation = _header(data)
     pixels = width * height * frames
     if pixels > max_pixels:
         what = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
@@ -70,6 +70,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIX
     if arr.shape[:2] != (height, width):
         raise WebError(f"the upload could not be decoded: its header says {width}x{height}, "
                        f"its pixels are {'x'.join(map(str, arr.shape[1::-1]))}")
+    arr = _orient(arr, orientation)
     if arr.ndim == 3 and arr.shape[2] == 2:  # gray + alpha -> RGBA
         arr = np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2)
     from kql import sources
@@ -81,8 +82,9 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIX
     return np.round(image * 255).astype(np.uint8)
 
 
-def _header(data: bytes) -> tuple[int, int, int, str]:
-    """(width, height, frames, mode) from the file's header, nothing decoded."""
+def _header(data: bytes) -> tuple[int, int, int, str, int]:
+    """(width, height, frames, mode, EXIF orientation) from the file's header,
+    nothing decoded."""
     from PIL import Image
     try:
         with warnings.catch_warnings():
@@ -92,6 +94,10 @@ def _header(data: bytes) -> tuple[int, int, int, str]:
                 width, height = img.size
                 frames = int(getattr(img, "n_frames", 1) or 1)
                 mode = img.mode
+                try:
+                    orientation = int(img.getexif().get(0x0112, 1))
+                except Exception:  # a broken EXIF block does not make the image unreadable
+                    orientation = 1
     except Image.DecompressionBombError:
         raise WebError("the image has far more pixels than the limit (a decompression bomb?)", 413) from None
     except Exception:
@@ -100,7 +106,18 @@ def _header(data: bytes) -> tuple[int, int, int, str]:
         raise WebError(f"{fmt} images are not accepted: accepted formats are {', '.join(FORMATS)}")
     if width < 1 or height < 1:
         raise WebError(f"the image is empty ({width}x{height})")
-    return width, height, frames, mode
+    return width, height, frames, mode, orientation
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) the way ``PIL.ImageOps.exif_transpose``
+    does, so an upload looks as it does in a viewer and as ``LOAD IMAGE``
+    reads it (scikit-image decodes the stored pixels unrotated)."""
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+    op = ops.get(orientation)
+    return arr if op is None else np.ascontiguousarray(op(arr))
 
 
 def _mb(n: int) -> str:
