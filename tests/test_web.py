@@ -462,3 +462,20 @@ def test_upload_applies_the_exif_orientation_like_pillow(orientation):
     image.save(buf, "PNG", exif=exif)
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
     assert np.array_equal(decode(buf.getvalue()), expected)
+
+
+def test_estimate_never_runs_a_model_while_a_job_holds_the_engine():
+    """Timing a forward pass while the worker may be tracing would be unsafe:
+    with the engine busy, a model without a measured rate has no estimate."""
+    with TestClient(create_app()) as c:
+        engine = c.app.state.engine
+        assert c.post("/api/explain", json=SMALL).json()["estimate_basis"] == "a timed forward pass"
+        engine._rates.clear()
+        with engine.lock:  # what a running job holds; the request thread cannot take it
+            import threading
+            answer = {}
+            t = threading.Thread(target=lambda: answer.update(c.post("/api/explain", json=SMALL).json()))
+            t.start()
+            t.join(120)
+        assert answer["estimated_seconds"] is None and answer["estimate_basis"] == "nothing yet: a job is running"
+        assert answer["positions"] == 25

@@ -245,15 +245,17 @@ class Engine:
                 "estimated_seconds": seconds, "estimate_basis": basis,
                 "warnings": list(e.plan.warnings)}
 
-    def _estimate(self, plan, request: RunRequest) -> tuple[float, str]:
+    def _estimate(self, plan, request: RunRequest) -> tuple[Optional[float], str]:
         """Seconds the query should take: its estimated FLOPs times a measured
         rate, from the last run of this model and mode, else from timing one
-        forward pass of the model now."""
+        forward pass of the model. The timing runs the model, so it waits for
+        no one: while a job holds the lock (it may be tracing, which must not
+        overlap any forward pass) another measured rate of the model is used,
+        or there is no estimate yet (None)."""
         flops = float(plan.root.find("Infer").flops or 0.0) + float(plan.cost.full_flops)
-        rate = self._rates.get((request.model, plan.mode))
-        if rate is None:
-            rate = self._rates.get((request.model, "forward"))
-            if rate is None:
+        rate = self._rates.get((request.model, plan.mode)) or self._rates.get((request.model, "forward"))
+        if rate is None and self.lock.acquire(blocking=False):
+            try:
                 import torch
                 x = plan.input[None]
                 module = plan.spec.module.eval()
@@ -264,6 +266,12 @@ class Engine:
                     seconds = time.perf_counter() - t0
                 rate = (seconds / max(float(plan.cost.full_flops), 1.0), "a timed forward pass")
                 self._rates[(request.model, "forward")] = rate
+            finally:
+                self.lock.release()
+        if rate is None:
+            rate = next((r for (m, _), r in list(self._rates.items()) if m == request.model), None)
+        if rate is None:
+            return None, "nothing yet: a job is running"
         return round(flops * rate[0], 3), rate[1]
 
     # -- running (in the job worker) -----------------------------------------------

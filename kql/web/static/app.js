@@ -189,7 +189,7 @@ async function estimate() {
                                            body: JSON.stringify(request()) });
     if (seq !== state.estimateSeq) return;
     $("est-positions").textContent = `${e.positions}`;
-    $("est-time").textContent = `≈ ${seconds(e.estimated_seconds)}`;
+    $("est-time").textContent = e.estimated_seconds == null ? "–" : `≈ ${seconds(e.estimated_seconds)}`;
     $("est-speedup").textContent = `${e.speedup.toFixed(2)}× (incremental vs naive FLOPs)`;
     $("est-note").textContent = `${e.mode} plan; time estimated from ${e.estimate_basis}`;
     if (!state.job) {
