@@ -1,11 +1,14 @@
 """Pieces every physical executor shares: turning logits into probabilities,
 the unoccluded reference inference, and a batch loop with a progress bar that
-Ctrl-C stops cleanly."""
+Ctrl-C stops cleanly (and that a caller can watch and cancel: see
+:func:`batch_hook`)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -62,6 +65,37 @@ def batches(n: int, size) -> Iterator[slice]:
             yield slice(start, stop)
 
 
+# A context variable, not a plan field or an argument, so every executor's
+# batch loop reports without any executor (or the API between the caller and
+# the executor) passing it along; and each thread sees only its own hook.
+_BATCH_HOOK: contextvars.ContextVar[Optional[Callable[[int, int], None]]] = \
+    contextvars.ContextVar("kql_batch_hook", default=None)
+
+
+@contextlib.contextmanager
+def batch_hook(hook: Callable[[int, int], None]):
+    """Watch and cancel the queries run inside this ``with`` block (in this
+    thread): :func:`run_batches` calls ``hook(done, total)`` with the number of
+    positions done, before its first batch and after each one.
+
+    To cancel cooperatively, the hook raises :class:`QueryInterrupted` (or
+    ``KeyboardInterrupt``): the query stops between two batches and raises
+    ``QueryInterrupted("interrupted after <done> of <total> positions; nothing
+    was written")``, exactly as on Ctrl-C.
+
+    >>> seen = []
+    >>> with batch_hook(lambda done, total: seen.append(done)):
+    ...     _ = run_batches(5, 2, lambda sl: None, progress="off")
+    >>> seen
+    [0, 2, 4, 5]
+    """
+    token = _BATCH_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _BATCH_HOOK.reset(token)
+
+
 def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = "auto",
                 desc: str = "positions", plan=None) -> float:
     """Call ``step`` for consecutive slices of ``range(n)`` (see :func:`batches`)
@@ -71,16 +105,20 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
     saying how far it got; nothing has been written by then. Any other
     failure of ``step`` that is not a KqlError is the model's (or a bug's)
     and becomes an :class:`ExecutionError` naming the model (see
-    :func:`model_failed`).
+    :func:`model_failed`). A :func:`batch_hook` in force sees every batch and
+    may cancel between them.
     """
     from tqdm import tqdm
     slices = list(batches(n, size))
     disable = {"on": False, "off": True}.get(progress, None)
     if disable is None:  # auto: a bar on a terminal, for more than one batch
         disable = not sys.stderr.isatty() or len(slices) <= 1
+    hook = _BATCH_HOOK.get()
     start = time.perf_counter()
     done = 0
     try:
+        if hook is not None:
+            hook(0, n)
         with tqdm(total=n, desc=desc, unit="pos", disable=disable, leave=False,
                   file=sys.stderr, dynamic_ncols=True) as bar:
             for sl in slices:
@@ -94,6 +132,8 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
                     raise model_failed(plan, e, sl.stop - sl.start) from e
                 done = sl.stop
                 bar.update(sl.stop - sl.start)
+                if hook is not None:
+                    hook(done, n)
     except KeyboardInterrupt:
         raise QueryInterrupted(f"interrupted after {done} of {n} positions; nothing was written") from None
     return time.perf_counter() - start

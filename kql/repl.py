@@ -4,6 +4,8 @@
     kql -c 'SHOW MODELS; ...'   run statements and exit
     kql script.kql              run a script file ('-' reads stdin)
     echo 'HELP;' | kql          run statements piped on stdin
+    kql serve [--host H] [--port P]   the web page (kql.web; a script named
+                                "serve" runs as ./serve)
 
 Scripts are parsed whole before anything runs, so a syntax error anywhere
 stops the script before its first statement and line numbers are the
@@ -48,6 +50,10 @@ def main(argv: Optional[list[str]] = None, *, connection: Any = None,
             to print (or ``None``); ``None`` to open ``kql.connect()``.
         stdin, stdout, stderr: the streams; ``None`` for the ``sys`` ones.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from kql.web import main as serve
+        return serve(argv[1:])
     stdin = stdin if stdin is not None else sys.stdin
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
@@ -108,7 +114,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="kql", add_help=False,
         description="KQL: declarative occlusion-based explanations of CNN predictions.",
-        epilog="Inside the shell, HELP; lists the statements.")
+        epilog="Inside the shell, HELP; lists the statements. `kql serve --help`: the web page.")
     parser.add_argument("script", nargs="?", help="a file of KQL statements ('-' for stdin)")
     parser.add_argument("-c", dest="command", metavar="STATEMENTS", help="run these statements and exit")
     parser.add_argument("-i", "--interactive", action="store_true",

@@ -4,7 +4,8 @@
   document order, in one session per file (later blocks use names that earlier
   ones LOAD).
 - Every ```python block of docs/api.md runs, in order, in one namespace (like
-  the cells of a notebook); the blocks assert what they show.
+  the cells of a notebook); the blocks assert what they show. So do those of
+  docs/web.md (the web API through Starlette's test client).
 
 Everything runs in a temporary directory holding the files the examples name
 (``photos/cat.png``, ``weights/lite0_finetuned.pth``, ``models/tiny_cnn.pt``),
@@ -29,8 +30,9 @@ from kql.result import HeatmapResult
 ROOT = Path(__file__).resolve().parents[1]
 LANGUAGE = ROOT / "docs" / "language.md"
 API = ROOT / "docs" / "api.md"
+WEB = ROOT / "docs" / "web.md"
 README = ROOT / "README.md"
-DOC_PAGES = ("index.md", "language.md", "api.md", "architecture.md", "speedup.md")
+DOC_PAGES = ("index.md", "language.md", "api.md", "architecture.md", "speedup.md", "web.md")
 
 
 def blocks(path: Path, lang: str) -> list[tuple[int, str]]:
@@ -109,16 +111,26 @@ def test_readme_examples_run(workspace, monkeypatch):
     run_kql_blocks(README, workspace, monkeypatch)
 
 
-def test_api_examples_run(workspace, monkeypatch):
-    monkeypatch.chdir(workspace)
-    found = blocks(API, "python")
-    assert found, "api.md has no ```python blocks"
-    namespace: dict = {"__name__": "api_md"}
+def run_python_blocks(path: Path) -> None:
+    """Run every python block of ``path`` in order, in one namespace."""
+    found = blocks(path, "python")
+    assert found, f"{path.name} has no ```python blocks"
+    namespace: dict = {"__name__": path.stem + "_md"}
     for line, text in found:
         try:
-            exec(compile(text, f"docs/api.md:{line}", "exec"), namespace)
+            exec(compile(text, f"docs/{path.name}:{line}", "exec"), namespace)
         except Exception as e:
-            pytest.fail(f"api.md, ```python block at line {line} failed: {type(e).__name__}: {e}\n{text}")
+            pytest.fail(f"{path.name}, ```python block at line {line} failed: {type(e).__name__}: {e}\n{text}")
+
+
+def test_api_examples_run(workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    run_python_blocks(API)
+
+
+def test_web_examples_run(workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    run_python_blocks(WEB)
 
 
 def _anchors(path: Path) -> set[str]:

@@ -1,0 +1,377 @@
+"""What the page may ask for, turned into KQL through the Python API.
+
+A request from the page is a handful of choices, each checked against an
+enumeration the server publishes (:meth:`Engine.options`): an image id (a
+bundled sample or an upload the server named), a model from ``SHOW MODELS``,
+patch and stride from fixed lists, a mode, an SSIM target offered by
+:func:`approximate_support`, and a crop of whole pixels inside the model's
+input. The query text is built from those validated values only; the image
+is always bound as the parameter ``img`` (``con.explain(query, img=pixels)``),
+never pasted into the text, and no WEIGHTS clause or file path is ever
+written, so no client can make the server read a file.
+"""
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from kql.errors import KqlError, ParseError
+from kql.web.errors import WebError
+from kql.web.uploads import ImageStore
+
+PATCHES = (4, 8, 16, 32)
+STRIDES = (2, 4, 8, 16)
+MODES = ("naive", "exact", "approximate")
+SAMPLE_PREFIX = "sample-"
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# The query the page runs. ``img`` is a binding, never text from the client.
+QUERY = "SELECT HEATMAP FROM img USING {model} PATCH {patch} STRIDE {stride} {mode}{region}"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A validated request from the page."""
+    image: str
+    model: str
+    patch: int
+    stride: int
+    mode: str
+    ssim: Optional[float]
+    region: Optional[tuple[int, int, int, int]]  # x0, y0, x1, y1 in model-input pixels
+
+    @property
+    def query(self) -> str:
+        """The KQL text of this request (see :data:`QUERY`).
+
+        >>> RunRequest("sample-coffee", "efficientnet_lite0", 16, 8, "exact", None,
+        ...            (0, 0, 112, 112)).query
+        'SELECT HEATMAP FROM img USING efficientnet_lite0 PATCH 16 STRIDE 8 EXACT REGION (0, 0, 112, 112)'
+        """
+        if self.mode == "approximate":
+            mode = f"APPROX SSIM {self.ssim:g}"
+        else:
+            mode = self.mode.upper()
+        region = "" if self.region is None else " REGION ({}, {}, {}, {})".format(*self.region)
+        return QUERY.format(model=self.model, patch=self.patch, stride=self.stride, mode=mode, region=region)
+
+
+def approximate_support(con, model: str, patch: int) -> dict:
+    """Whether the page may offer approximate mode for ``model`` at ``patch``,
+    and with which SSIM targets.
+
+    The one place that decides it. It asks the engine rather than assuming:
+    if the parser rejects ``APPROX SSIM`` this build has no approximate mode;
+    otherwise the targets are the ones ``SHOW CALIBRATIONS`` lists for the
+    model and patch size.
+
+    Returns:
+        ``{"available": bool, "ssim": [targets, ascending], "reason": str}``
+        (``reason`` says why not, for the page to show; "" when available).
+    """
+    from kql.parser import parse
+    try:
+        parse(f"SELECT HEATMAP FROM img USING {model} PATCH {patch} STRIDE {patch} APPROX SSIM 0.9")
+    except ParseError:
+        return {"available": False, "ssim": [], "reason": "not available in this build"}
+    try:
+        rows = con.execute("SHOW CALIBRATIONS").as_dicts()
+    except KqlError as e:
+        return {"available": False, "ssim": [], "reason": f"no calibrations: {_first_line(e)}"}
+    targets = set()
+    for row in rows:
+        row = {str(k).lower(): v for k, v in row.items()}
+        if str(row.get("model")) != model or _as_int(row.get("patch")) != patch:
+            continue
+        for key, value in row.items():
+            if "ssim" in key:
+                targets.update(_numbers(value))
+    if not targets:
+        return {"available": False, "ssim": [],
+                "reason": f"{model} is not calibrated for patch {patch}"}
+    return {"available": True, "ssim": sorted(targets), "reason": ""}
+
+
+class Engine:
+    """The KQL session behind the page, and what it may be asked.
+
+    One :class:`kql.Connection` serves every request. ``lock`` is held while
+    a job runs and while a model is planned for the first time: tracing a
+    model (torch.fx patches ``nn.Module.__call__`` for the whole process)
+    must never overlap a running query. Plans of models already traced are
+    made without it, so the page can show an estimate while a job runs.
+    """
+
+    def __init__(self, connection=None, *, uploads: Optional[ImageStore] = None) -> None:
+        import kql
+        self.con = connection if connection is not None else kql.connect(progress="off")
+        self.uploads = uploads if uploads is not None else ImageStore()
+        self.lock = threading.RLock()
+        self._traced: set[str] = set()
+        self.busy = False  # a job is running
+        self._rates: dict[tuple[str, str], tuple[float, str]] = {}
+        self._samples: dict[str, np.ndarray] = {}
+        self._models = self._catalog_models()
+
+    # -- what the page may choose ----------------------------------------------
+    def _catalog_models(self) -> dict[str, dict]:
+        """The built-in models of SHOW MODELS with a fixed input size (the only
+        ones the page offers: never a file, never weights from the client)."""
+        out = {}
+        for row in self.con.execute("SHOW MODELS").as_dicts():
+            m = re.fullmatch(r"(\d+)x(\d+)", str(row["input"]))
+            if row["source"] in ("built-in", "torchvision") and m and _NAME.match(row["model"]):
+                # SHOW MODELS says "random unless WEIGHTS '<file>.pth'": the page never loads a file
+                weights = row["weights"] if row["source"] == "built-in" else \
+                    "random (the page loads no weight files)"
+                out[row["model"]] = {"name": row["model"], "input": [int(m.group(1)), int(m.group(2))],
+                                     "weights": weights, "source": row["source"]}
+        return out
+
+    def options(self) -> dict:
+        from kql import sources
+        from kql.web import uploads
+        return {
+            "models": list(self._models.values()),
+            "samples": [{"id": SAMPLE_PREFIX + name, "name": name, "description": s.description}
+                        for name, s in sources.SAMPLE_IMAGES.items()],
+            "patches": list(PATCHES), "strides": list(STRIDES), "modes": list(MODES),
+            "limits": {"upload_bytes": uploads.MAX_BYTES, "upload_pixels": uploads.MAX_PIXELS},
+        }
+
+    def approximate(self, model: Any, patch: Any) -> dict:
+        model, patch = self._model(model), _choice("patch", patch, PATCHES)
+        return approximate_support(self.con, model, patch)
+
+    def validate(self, payload: Any) -> RunRequest:
+        """Check every field of a request from the page; WebError names the bad one."""
+        if not isinstance(payload, dict):
+            raise WebError("the request must be a JSON object")
+        unknown = sorted(set(payload) - {"image", "model", "patch", "stride", "mode", "ssim", "region"})
+        if unknown:
+            raise WebError(f"unknown field '{unknown[0]}'")
+        image = payload.get("image")
+        self.pixels(image)  # exists?
+        model = self._model(payload.get("model"))
+        patch = _choice("patch", payload.get("patch"), PATCHES)
+        stride = _choice("stride", payload.get("stride"), STRIDES)
+        mode = payload.get("mode", "exact")
+        if mode not in MODES:
+            raise WebError(f"mode must be one of {', '.join(MODES)}, got {_shown(mode)}")
+        ssim = None
+        if mode == "approximate":
+            support = approximate_support(self.con, model, patch)
+            if not support["available"]:
+                raise WebError(f"approximate mode: {support['reason']}")
+            ssim = payload.get("ssim")
+            if isinstance(ssim, bool) or not isinstance(ssim, (int, float)) or float(ssim) not in support["ssim"]:
+                targets = ", ".join(f"{t:g}" for t in support["ssim"])
+                raise WebError(f"ssim must be one of the calibrated targets {targets}, got {_shown(ssim)}")
+            ssim = float(ssim)
+        region = self._region(payload.get("region"), model)
+        return RunRequest(image, model, patch, stride, mode, ssim, region)
+
+    def _model(self, name: Any) -> str:
+        if not isinstance(name, str) or name not in self._models:
+            raise WebError(f"model must be one of {', '.join(self._models)}, got {_shown(name)}")
+        return name
+
+    def _region(self, region: Any, model: str) -> Optional[tuple[int, int, int, int]]:
+        if region is None:
+            return None
+        h, w = self._models[model]["input"]
+        if (not isinstance(region, list) or len(region) != 4
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in region)):
+            raise WebError("region must be [x0, y0, x1, y1], four whole numbers of pixels")
+        x0, y0, x1, y1 = region
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise WebError(f"region [{x0}, {y0}, {x1}, {y1}] must lie inside the {w}x{h} model input "
+                           f"with x0 < x1 and y0 < y1")
+        return x0, y0, x1, y1
+
+    # -- images ------------------------------------------------------------------
+    def pixels(self, image_id: Any) -> np.ndarray:
+        """uint8 HxWx3 pixels of a sample (``sample-<name>``) or an upload id."""
+        if not isinstance(image_id, str) or not image_id:
+            raise WebError("choose an image: a sample or an upload")
+        if image_id.startswith(SAMPLE_PREFIX):
+            from kql import sources
+            name = image_id[len(SAMPLE_PREFIX):]
+            if name not in sources.SAMPLE_IMAGES:
+                raise WebError(f"unknown sample image {_shown(name)}", 404)
+            if name not in self._samples:
+                self._samples[name] = np.round(sources.load_sample(name) * 255).astype(np.uint8)
+            return self._samples[name]
+        return self.uploads.get(image_id).pixels
+
+    def image_png(self, image_id: Any, max_side: int = 1024) -> bytes:
+        """The image as PNG for the page, no larger than ``max_side``."""
+        pixels = self.pixels(image_id)
+        h, w = pixels.shape[:2]
+        if max(h, w) > max_side:
+            from skimage.transform import resize
+            scale = max_side / max(h, w)
+            pixels = resize(pixels, (max(1, round(h * scale)), max(1, round(w * scale))),
+                            anti_aliasing=True, preserve_range=True).round().astype(np.uint8)
+        return _png(pixels)
+
+    # -- EXPLAIN and estimates -------------------------------------------------------
+    def explain(self, request: RunRequest) -> dict:
+        """The plan of a request, before it runs: EXPLAIN text, theoretical
+        speedup, positions and an estimated run time."""
+        pixels = self.pixels(request.image)
+        if request.model in self._traced:
+            e = self.con.explain(request.query, img=pixels)
+        else:
+            # Another estimate holding the lock is tracing: seconds, wait for it.
+            # A job holding it may take minutes: answer now, the page retries.
+            if not self.lock.acquire(timeout=2.0 if self.busy else -1):
+                raise WebError(f"the estimate needs {request.model} loaded, which waits for the running "
+                               f"job; it is shown again when that job ends", 503)
+            try:
+                e = self.con.explain(request.query, img=pixels)
+                self._traced.add(request.model)
+            finally:
+                self.lock.release()
+        seconds, basis = self._estimate(e.plan, request)
+        return {"query": request.query, "explain": e.text, "mode": e.plan.mode,
+                "speedup": round(float(e.speedup), 3), "positions": int(e.plan.n_positions),
+                "estimated_seconds": seconds, "estimate_basis": basis,
+                "warnings": list(e.plan.warnings)}
+
+    def _estimate(self, plan, request: RunRequest) -> tuple[Optional[float], str]:
+        """Seconds the query should take: its estimated FLOPs times a measured
+        rate, from the last run of this model and mode, else from timing one
+        forward pass of the model. The timing runs the model, so it waits for
+        no one: while a job holds the lock (it may be tracing, which must not
+        overlap any forward pass) another measured rate of the model is used,
+        or there is no estimate yet (None)."""
+        flops = float(plan.root.find("Infer").flops or 0.0) + float(plan.cost.full_flops)
+        rate = self._rates.get((request.model, plan.mode)) or self._rates.get((request.model, "forward"))
+        if rate is None and self.lock.acquire(blocking=False):
+            try:
+                import torch
+                x = plan.input[None]
+                module = plan.spec.module.eval()
+                with torch.inference_mode():
+                    module(x)  # warm-up
+                    t0 = time.perf_counter()
+                    module(x)
+                    seconds = time.perf_counter() - t0
+                rate = (seconds / max(float(plan.cost.full_flops), 1.0), "a timed forward pass")
+                self._rates[(request.model, "forward")] = rate
+            finally:
+                self.lock.release()
+        if rate is None:
+            rate = next((r for (m, _), r in list(self._rates.items()) if m == request.model), None)
+        if rate is None:
+            return None, "nothing yet: a job is running"
+        return round(flops * rate[0], 3), rate[1]
+
+    # -- running (in the job worker) -----------------------------------------------
+    def run(self, job) -> None:
+        """Run ``job.work`` (a RunRequest) with progress and cancellation; fill
+        ``job.result`` and ``job.files``. Runs in the worker thread."""
+        from kql.executor.common import batch_hook
+        request: RunRequest = job.work
+        pixels = self.pixels(request.image)
+        t0 = time.perf_counter()
+        with self.lock, batch_hook(job.progress):
+            self.busy = True
+            try:
+                e = self.con.explain(request.query, analyze=True, img=pixels)
+                self._traced.add(request.model)
+            finally:
+                self.busy = False
+        seconds = time.perf_counter() - t0
+        r = e.result
+        job.phase = "rendering"
+        flops = float(e.plan.root.find("Infer").flops or 0.0) + float(e.plan.cost.full_flops)
+        if flops > 0:
+            self._rates[(request.model, r.mode)] = (seconds / flops, "the last run")
+        lo, hi = float(np.min(r.heatmap)), float(np.max(r.heatmap))
+        job.files = {"overlay.png": _overlay_png(r, lo, hi), "figure.png": _figure_png(r)}
+        job.result = {
+            "query": request.query, "model": r.model, "mode": r.mode,
+            "label": r.label_text, "label_index": r.label, "probability": r.p_original,
+            "seconds": seconds, "timings": {k: round(v, 4) for k, v in r.timings.items()},
+            "grid": list(r.heatmap.shape), "positions": int(r.heatmap.size),
+            "patch": list(r.patch), "stride": list(r.stride),
+            "region": None if r.region is None else [r.region.x0, r.region.y0, r.region.x1, r.region.y1],
+            "input": list(r.image.shape[:2]), "range": [lo, hi], "colormap": COLORMAP,
+            "speedup": round(float(e.speedup), 3), "explain": e.text, "warnings": list(r.warnings),
+        }
+
+
+def _overlay_png(result, lo: float, hi: float) -> bytes:
+    """The pixel map as an RGBA PNG of the model input's size: inferno
+    colours, transparent where no patch reached (outside the crop)."""
+    from matplotlib import colormaps
+    values = result.pixel_map()
+    span = hi - lo if hi - lo > 1e-6 else 1.0
+    rgba = colormaps["inferno"](np.clip((np.nan_to_num(values, nan=lo) - lo) / span, 0, 1))
+    rgba[..., 3] = np.where(np.isnan(values), 0.0, 1.0)
+    return _png((rgba * 255).round().astype(np.uint8))
+
+
+def _figure_png(result) -> bytes:
+    """The same figure ``INTO '<file>.png'`` writes (image, overlay, colorbar, title)."""
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="kql-web-") as d:
+        path = result.save(os.path.join(d, "figure.png"))
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _colormap(n: int = 11) -> list[str]:
+    """``n`` evenly spaced stops of inferno as CSS colours, for the colorbar."""
+    from matplotlib import colormaps
+    cmap = colormaps["inferno"]
+    return ["#%02x%02x%02x" % tuple(round(c * 255) for c in cmap(i / (n - 1))[:3]) for i in range(n)]
+
+
+COLORMAP = _colormap()
+
+
+def _choice(what: str, value: Any, allowed: tuple) -> int:
+    # ints only: 16.0 == 16 would otherwise put "PATCH 16.0" in the query
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise WebError(f"{what} must be one of {', '.join(map(str, allowed))}, got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _as_int(value: Any) -> Optional[int]:
+    try:
+        return int(str(value).split("x")[0])
+    except ValueError:
+        return None
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    return [float(v) for v in re.findall(r"\d*\.\d+|\d+", str(value))]

@@ -1,0 +1,69 @@
+"""executor.common.batch_hook: progress reports and cooperative cancellation
+reach every executor's batch loop without any argument passed along."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kql
+from kql.executor.common import batch_hook, run_batches
+
+PIXELS = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+QUERY = "SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 4 LABEL 1 BATCH 8 {mode}"
+
+
+def test_run_batches_reports_every_batch():
+    seen = []
+    with batch_hook(lambda done, total: seen.append((done, total))):
+        run_batches(10, 4, lambda sl: None, progress="off")
+    assert seen == [(0, 10), (4, 10), (8, 10), (10, 10)]
+    # outside the block nothing is reported
+    run_batches(10, 4, lambda sl: None, progress="off")
+    assert len(seen) == 4
+
+
+def test_hook_of_array_bounds_counts_positions():
+    seen = []
+    with batch_hook(lambda done, total: seen.append(done)):
+        run_batches(7, np.array([0, 3, 7]), lambda sl: None, progress="off")
+    assert seen == [0, 3, 7]
+
+
+@pytest.mark.parametrize("mode", ["NAIVE", "EXACT"])
+def test_hook_sees_both_executors(mode):
+    con = kql.connect(progress="off")
+    seen = []
+    with batch_hook(lambda done, total: seen.append((done, total))):
+        r = con.execute(QUERY.format(mode=mode), img=PIXELS, net=tiny_net())
+    assert r.mode == mode.lower()
+    assert seen[0] == (0, 64) and seen[-1] == (64, 64)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) >= 3
+
+
+@pytest.mark.parametrize("mode", ["NAIVE", "EXACT"])
+def test_hook_cancels_between_batches(mode):
+    con = kql.connect(progress="off")
+    calls = []
+
+    def cancel_after_first_batch(done, total):
+        calls.append(done)
+        if done > 0:
+            raise kql.QueryInterrupted("cancelled")
+
+    with batch_hook(cancel_after_first_batch), pytest.raises(kql.QueryInterrupted) as info:
+        con.execute(QUERY.format(mode=mode), img=PIXELS, net=tiny_net())
+    assert len(calls) == 2 and calls[0] == 0
+    assert str(info.value) == f"interrupted after {calls[1]} of 64 positions; nothing was written"
+    # the session still works afterwards
+    assert con.execute(QUERY.format(mode=mode), img=PIXELS, net=tiny_net()).heatmap.shape == (8, 8)
