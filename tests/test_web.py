@@ -122,11 +122,24 @@ def test_unknown_routes_and_methods_answer_json(client):
 
 # ---------------------------------------------------------------- approximate mode
 
-def test_approximate_is_not_available_in_this_build(client):
-    r = client.get("/api/approximate", params={"model": LITE, "patch": 16})
-    assert r.json() == {"available": False, "ssim": [], "reason": "not available in this build"}
+def test_approximate_needs_a_calibration(client):
+    r = client.get("/api/approximate", params={"model": LITE, "patch": 32})
+    assert r.json() == {"available": False, "ssim": [], "tau": {},
+                        "reason": f"{LITE} is not calibrated for patch 32 (TUNE {LITE} ON ... PATCH 32)"}
     bad = client.post("/api/explain", json={**SMALL, "mode": "approximate", "ssim": 0.9})
-    assert bad.status_code == 400 and error(bad) == "approximate mode: not available in this build"
+    assert bad.status_code == 400
+    assert error(bad) == f"approximate mode: {LITE} is not calibrated for patch 32 (TUNE {LITE} ON ... PATCH 32)"
+
+
+def test_approximate_with_the_shipped_calibration(client):
+    r = client.get("/api/approximate", params={"model": LITE, "patch": 16}).json()
+    assert r["available"] and r["ssim"] == [0.8, 0.9, 0.95] and r["reason"] == ""
+    assert 0 < r["tau"]["0.8"] <= r["tau"]["0.9"] <= r["tau"]["0.95"] <= 1
+    ok = client.post("/api/explain", json={**SMALL, "patch": 16, "stride": 16, "mode": "approximate", "ssim": 0.9})
+    assert ok.status_code == 200, ok.text
+    assert f"τ = {r['tau']['0.9']:g} from APPROX SSIM 0.9 via built-in calibration" in ok.json()["explain"]
+    req = RunRequest("sample-coffee", LITE, 16, 8, "approximate", 0.9, None)
+    assert req.query == f"SELECT HEATMAP FROM img USING {LITE} PATCH 16 STRIDE 8 APPROX SSIM 0.9"
 
 
 @pytest.mark.parametrize("params, message", [
@@ -137,24 +150,6 @@ def test_approximate_is_not_available_in_this_build(client):
 def test_approximate_checks_its_arguments(client, params, message):
     r = client.get("/api/approximate", params=params)
     assert r.status_code == 400 and message in error(r)
-
-
-def test_approximate_support_reads_calibrations_once_the_parser_takes_approx(monkeypatch):
-    """What the lead's APPROX grammar and SHOW CALIBRATIONS will make of it."""
-    import kql.parser
-    from kql.table import Table
-    monkeypatch.setattr(kql.parser, "parse", lambda text: None)
-
-    class Calibrated:
-        def execute(self, text):
-            assert text == "SHOW CALIBRATIONS"
-            return Table(["model", "patch", "ssim"], [[LITE, "16", "0.9"], [LITE, "16", "0.95"],
-                                                      [LITE, "8", "0.8"], ["vgg16", "16", "0.7"]])
-
-    assert approximate_support(Calibrated(), LITE, 16) == {"available": True, "ssim": [0.9, 0.95], "reason": ""}
-    assert approximate_support(Calibrated(), LITE, 32)["reason"] == f"{LITE} is not calibrated for patch 32"
-    req = RunRequest("sample-coffee", LITE, 16, 8, "approximate", 0.9, None)
-    assert req.query == f"SELECT HEATMAP FROM img USING {LITE} PATCH 16 STRIDE 8 APPROX SSIM 0.9"
 
 
 # ---------------------------------------------------------------- images

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from kql.errors import KqlError, ParseError
+from kql.errors import KqlError
 from kql.web.errors import WebError
 from kql.web.uploads import ImageStore
 
@@ -62,40 +62,36 @@ class RunRequest:
         return QUERY.format(model=self.model, patch=self.patch, stride=self.stride, mode=mode, region=region)
 
 
+#: SSIM targets the page offers when a calibration exists (the issue's and Krypton's).
+SSIM_TARGETS = (0.8, 0.9, 0.95)
+
+
 def approximate_support(con, model: str, patch: int) -> dict:
     """Whether the page may offer approximate mode for ``model`` at ``patch``,
     and with which SSIM targets.
 
-    The one place that decides it. It asks the engine rather than assuming:
-    if the parser rejects ``APPROX SSIM`` this build has no approximate mode;
-    otherwise the targets are the ones ``SHOW CALIBRATIONS`` lists for the
-    model and patch size.
+    The one place that decides it: approximate mode needs a ``TUNE``
+    calibration of the model at this patch size (``kql.calibration``, what
+    ``SHOW CALIBRATIONS`` lists); without one ``APPROX SSIM`` would run exact.
+    Each target comes with the τ the calibration picks for it.
 
     Returns:
-        ``{"available": bool, "ssim": [targets, ascending], "reason": str}``
-        (``reason`` says why not, for the page to show; "" when available).
+        ``{"available": bool, "ssim": [targets, ascending], "tau": {target: τ},
+        "reason": str}`` (``reason`` says why not, for the page to show; ""
+        when available).
     """
-    from kql.parser import parse
+    from kql import calibration
     try:
-        parse(f"SELECT HEATMAP FROM img USING {model} PATCH {patch} STRIDE {patch} APPROX SSIM 0.9")
-    except ParseError:
-        return {"available": False, "ssim": [], "reason": "not available in this build"}
-    try:
-        rows = con.execute("SHOW CALIBRATIONS").as_dicts()
+        found = [c for c in calibration.load_all()
+                 if c.model == model and tuple(c.patch) == (patch, patch)]
     except KqlError as e:
-        return {"available": False, "ssim": [], "reason": f"no calibrations: {_first_line(e)}"}
-    targets = set()
-    for row in rows:
-        row = {str(k).lower(): v for k, v in row.items()}
-        if str(row.get("model")) != model or _as_int(row.get("patch")) != patch:
-            continue
-        for key, value in row.items():
-            if "ssim" in key:
-                targets.update(_numbers(value))
-    if not targets:
-        return {"available": False, "ssim": [],
-                "reason": f"{model} is not calibrated for patch {patch}"}
-    return {"available": True, "ssim": sorted(targets), "reason": ""}
+        return {"available": False, "ssim": [], "tau": {}, "reason": f"no calibrations: {_first_line(e)}"}
+    if not found:
+        return {"available": False, "ssim": [], "tau": {},
+                "reason": f"{model} is not calibrated for patch {patch} (TUNE {model} ON ... PATCH {patch})"}
+    cal = found[0]
+    return {"available": True, "ssim": list(SSIM_TARGETS),
+            "tau": {str(t): cal.tau_for(t) for t in SSIM_TARGETS}, "reason": ""}
 
 
 class Engine:
@@ -362,16 +358,3 @@ def _shown(value: Any) -> str:
 def _first_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
-
-
-def _as_int(value: Any) -> Optional[int]:
-    try:
-        return int(str(value).split("x")[0])
-    except ValueError:
-        return None
-
-
-def _numbers(value: Any) -> list[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)]
-    return [float(v) for v in re.findall(r"\d*\.\d+|\d+", str(value))]

@@ -164,7 +164,8 @@ async function refreshApproximate() {
     const a = await api(`/api/approximate?model=${encodeURIComponent($("model").value)}&patch=${$("patch").value}`);
     radio.disabled = !a.available;
     $("ssim").disabled = !a.available;
-    fill($("ssim"), a.ssim, (t) => `${t}`, (t) => `${t}`);
+    fill($("ssim"), a.ssim, (t) => (a.tau && a.tau[String(t)] !== undefined ? `${t} (τ ${a.tau[String(t)]})` : `${t}`),
+         (t) => `${t}`);
     $("approx-note").textContent = a.available ? "" : `Approximate: ${a.reason}`;
   } catch (e) {
     radio.disabled = true;
