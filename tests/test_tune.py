@@ -61,6 +61,10 @@ def tuned_store(tuned, monkeypatch):
     return tuned[1] / "calibrations.json"
 
 
+def user_calibrations():
+    return [c for c in calibration.load_all() if c.source == "user"]
+
+
 def select(approx: str = "APPROX SSIM 0.9") -> str:
     return f"SELECT HEATMAP FROM img USING fmnist PATCH 4 STRIDE 2 {approx}"
 
@@ -73,7 +77,7 @@ def test_tune_stores_a_calibration(tuned, tuned_store, fmnist_net):
     assert [r[0] for r in table.rows] == ["0.7", "0.5", "0.4"]
     assert table.columns == ["τ", "mean SSIM", "min SSIM", "fitted", "≥ 0.9"]
     assert table.footer[-1] == f"saved to {tuned_store}"
-    (cal,) = calibration.load_all()
+    (cal,) = user_calibrations()
     assert (cal.model, cal.input_hw, cal.patch, cal.stride, cal.source) == ("fmnist", (28, 28), (4, 4),
                                                                             (2, 2), "user")
     assert cal.fingerprint == calibration.weights_fingerprint(fmnist_net)
@@ -92,11 +96,12 @@ def test_tune_stores_a_calibration(tuned, tuned_store, fmnist_net):
 
 def test_show_calibrations_lists_it(con, tuned_store):
     table = con.execute("SHOW CALIBRATIONS")
-    (row,) = table.as_dicts()
+    row, builtin = table.as_dicts()                     # the user's first, then the built-in ones
     assert row["model"] == "fmnist" and row["source"] == "user"
+    assert (builtin["model"], builtin["source"]) == ("efficientnet_lite0", "built-in")
     assert (row["input"], row["patch"], row["stride"], row["images"]) == ("28x28", "4x4", "2x2", "3")
     assert row["τ range"] == "0.4-0.7 (3)"
-    (cal,) = calibration.load_all()
+    (cal,) = user_calibrations()
     assert row["τ for SSIM 0.8/0.9/0.95"] == " / ".join(f"{cal.tau_for(s):.2f}" for s in (0.8, 0.9, 0.95))
 
 
@@ -111,7 +116,7 @@ def test_show_calibrations_empty_says_how_to_make_one(con, monkeypatch, tmp_path
 
 
 def test_approx_ssim_takes_tau_from_the_calibration(con, tuned_store, test_images):
-    (cal,) = calibration.load_all()
+    (cal,) = user_calibrations()
     tau = cal.tau_for(0.9)
     assert 0.4 <= tau < 1
     plan = con.plan(select(), {"img": test_images[50]})
