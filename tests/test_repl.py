@@ -94,7 +94,7 @@ def test_interactive_keeps_going_after_errors():
                    + "kql>   -> help on PATCH\n"
                    + "kql> ")
     assert err == textwrap.dedent("""\
-        error: line 1, column 6: unexpected 'TABLES'; expected one of IMAGES, MODELS or SETTINGS
+        error: line 1, column 6: unexpected 'TABLES'; expected one of CALIBRATIONS, IMAGES, MODELS or SETTINGS
         SHOW TABLES;
              ^
         error: image file 'missing.png' does not exist
@@ -160,7 +160,7 @@ def test_interactive_debug_prints_the_traceback():
     (select("slow") + "; HELP", 130, "", "interrupted\n", 1),
     # A syntax error anywhere stops the script before it starts.
     ("HELP;\nSHOW MODELS;\nSHOW TABLES;", 1, "",
-     "error: line 3, column 6: unexpected 'TABLES'; expected one of IMAGES, MODELS or SETTINGS\n"
+     "error: line 3, column 6: unexpected 'TABLES'; expected one of CALIBRATIONS, IMAGES, MODELS or SETTINGS\n"
      "SHOW TABLES;\n     ^\n", 0),
 ])
 def test_command(statements, status, out, err, executed):

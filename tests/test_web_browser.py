@@ -101,10 +101,16 @@ def test_explain_a_prediction_in_the_browser(server, browser_page):
     # choices: a sample, the model with real weights, a coarse grid so it runs in seconds
     page.select_option("#image-select", "sample-coffee")
     page.select_option("#model", "efficientnet_lite0")
+    # approximate mode follows the calibrations: shipped for patch 16, none for 32
+    page.select_option("#patch", "16")
+    expect(page.locator("#mode-approximate")).to_be_enabled()
+    expect(page.locator("#ssim option")).to_have_count(3)
+    expect(page.locator("#ssim")).to_contain_text(re.compile(r"0\.9 \(τ [\d.]+\)"))
     page.select_option("#patch", "32")
     page.select_option("#stride", "16")
     page.check("input[name=mode][value=exact]")
-    expect(page.locator("#approx-note")).to_have_text("Approximate: not available in this build")
+    expect(page.locator("#approx-note")).to_have_text(re.compile(r"Approximate: efficientnet_lite0 is not "
+                                                                 r"calibrated for patch 32"))
     expect(page.locator("#mode-approximate")).to_be_disabled()
 
     # crop: the stage shows the 224x224 model input at 448 CSS pixels, so 2 px per pixel
