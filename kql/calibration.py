@@ -40,13 +40,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from kql import files
 from kql.errors import KqlError
 
 #: Format version of the JSON files; bumped when a field changes meaning.
@@ -204,16 +204,7 @@ def write(path: Path, calibrations: list[Calibration]) -> None:
     """Write a store atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"format": FORMAT, "calibrations": [c.to_json() for c in calibrations]}, indent=1)
-    fd, tmp = tempfile.mkstemp(prefix=".calibrations-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, text.encode("utf-8"))
 
 
 def save(calibration: Calibration, path: Optional[Path] = None) -> Path:

@@ -7,12 +7,12 @@ model-input image. :meth:`HeatmapResult.pixel_map` spreads it back onto pixels.
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
+from kql import files
 from kql.ast import Region
 from kql.errors import ExecutionError, PlanError
 
@@ -50,33 +50,15 @@ def check_output_path(path: str | os.PathLike) -> str:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the file appears whole or not at all.
-
-    The bytes go to a temporary file in the same directory (``.<name>.<random>.tmp``),
-    are flushed to disk, and the file is renamed over ``path``: a reader, or a
-    rerun after a crash (even SIGKILL or a power cut), sees the old file or the
-    new one, never a partial one. A failure removes the temporary file.
+    """:func:`kql.files.write_atomic`, with a failure as a one-line error.
 
     Raises:
         ExecutionError: writing failed (disk full, permissions...).
     """
-    directory, base = os.path.split(path)
-    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            reason = e.strerror or str(e)
-            raise ExecutionError(f"cannot write '{path}': {reason}") from e
-        raise
+        files.write_atomic(path, data)
+    except OSError as e:
+        raise ExecutionError(f"cannot write '{path}': {e.strerror or e}") from e
 
 
 @dataclass(repr=False)

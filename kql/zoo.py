@@ -21,8 +21,8 @@ Training takes seconds, so the example is skipped in doctests (tests/test_fmnist
 """
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kql import files
 from kql.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from kql.errors import PlanError
 
@@ -200,14 +201,9 @@ def trained_fmnist_net(cache_dir: Union[str, os.PathLike], *, threads: int = 1,
         net = _load_cached(path)
         if net is None:
             net = train_fmnist(threads=threads, root=root)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(net.state_dict(), f)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            buf = io.BytesIO()
+            torch.save(net.state_dict(), buf)
+            files.write_atomic(path, buf.getvalue())
     return net
 
 

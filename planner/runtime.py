@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Optional
 
 import numpy as np
 
+from kql import files
 from kql.planner.graph import Kind
 from kql.planner.plan import format_seconds
 
@@ -77,19 +77,9 @@ def _cache_path(key: dict) -> Path:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so a reader sees the old file or the new one,
-    never half of one: a temporary file in the same directory, then ``os.replace``."""
+    never half of one (:func:`kql.files.write_atomic`), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    files.write_atomic(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- calibration
