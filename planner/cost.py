@@ -177,7 +177,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
-                        tau: Optional[float] = None) -> SpeedupReport:
+                        tau: Optional[float] = None, regions: Optional[Mapping] = None) -> SpeedupReport:
     """Speedup of incremental inference for an occlusion sweep (Krypton Algorithm 1, eq. 20).
 
     Args:
@@ -188,6 +188,8 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
             Patches reaching past the image are clipped to it.
         tau: projective-field threshold (approximate inference), or None
             for exact regions (see :func:`kql.planner.geometry.threshold`).
+        regions: the regions :func:`kql.planner.geometry.propagate` gives for
+            these positions and ``tau``, when the caller has them already.
 
     Returns:
         a :class:`SpeedupReport`.
@@ -218,7 +220,8 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
         raise PlanError(f"patch {ph}x{pw} must be at least 1x1")
 
     layers = list(graph.layers())
-    regions = propagate(graph, Rects.from_patches(ys, xs, (ph, pw)), tau)
+    if regions is None:
+        regions = propagate(graph, Rects.from_patches(ys, xs, (ph, pw)), tau)
     inc = incremental_flops(graph, regions)
     n = len(ys)
 

@@ -10,7 +10,9 @@ def estimate_cost(plan):
     and for exact plans the speedup the chosen batching and cutoff can reach;
     put the estimate on the Infer step (changes the plan in place)."""
     ys, xs = plan.positions()
-    plan.cost = theoretical_speedup(plan.graph, ys, xs, plan.patch, plan.tau)
+    # incremental plans have the regions already (rules/incremental.py)
+    plan.cost = theoretical_speedup(plan.graph, ys, xs, plan.patch, plan.tau,
+                                    plan.regions if plan.incremental else None)
     if plan.tau is not None:  # what thresholding adds over exact
         plan.cost_exact = theoretical_speedup(plan.graph, ys, xs, plan.patch)
     n = plan.n_positions
