@@ -37,6 +37,7 @@ import numpy as np
 from kql import ast, sources
 from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
 from kql.executor.manifest import MANIFEST, OutputFolder, read_records, sha256_bytes, valid
+from kql.result import _seconds
 
 __all__ = ["BatchJob", "ImageResult", "ImageExplainer", "Work", "Outcome", "query_key",
            "model_fingerprint", "output_name"]
@@ -62,8 +63,7 @@ class Outcome:
     status: str                     # "ok" | "failed"
     error: Optional[str] = None
     result: Any = None              # HeatmapResult (its plan dropped) when ok
-    npy: Optional[bytes] = None
-    png: Optional[bytes] = None
+    png: Optional[bytes] = None     # the overlay (the .npy is the result's heatmap)
     mode: Optional[str] = None
     tau: Optional[float] = None
     timings: dict = field(default_factory=dict)
@@ -229,7 +229,6 @@ class ImageExplainer:
             plan = self.plan(work.path, image)
             result = execute(plan, progress="off")
             t0 = time.perf_counter()
-            out.npy = result.to_bytes(".npy")
             out.png = result.to_bytes(".png") if self.render else None
             t_render = time.perf_counter() - t0
         except (KeyboardInterrupt, SystemExit):
@@ -464,9 +463,10 @@ class BatchJob:
             })
             if folder is not None:
                 npy, png = out.name + ".npy", out.name + ".png"
-                write_atomic(folder.path(npy), out.npy)
+                npy_bytes = result.to_bytes(".npy")
+                write_atomic(folder.path(npy), npy_bytes)
                 write_atomic(folder.path(png), out.png)
-                record.update({"heatmap": npy, "heatmap_sha256": sha256_bytes(out.npy),
+                record.update({"heatmap": npy, "heatmap_sha256": sha256_bytes(npy_bytes),
                                "overlay": png, "overlay_sha256": sha256_bytes(out.png)})
                 result.output_path = folder.path(png)
         record.update({
@@ -502,6 +502,3 @@ class BatchJob:
     def __repr__(self) -> str:
         return f"<BatchJob {self}>"
 
-
-def _seconds(s: float) -> str:
-    return f"{s:.1f} s" if s >= 1 else f"{s * 1000:.0f} ms"

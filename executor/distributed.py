@@ -165,8 +165,7 @@ def run_ray(job, explainer_args: tuple, items: Iterable[Union[Work, ImageResult,
                 yield from collect(None)
             actor = free.pop(0)
             pending[actor.explain.remote(item)] = (actor, item)
-            if pending:
-                yield from collect(0)
+            yield from collect(0)
         while pending:
             yield from collect(None)
     finally:
