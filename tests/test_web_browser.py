@@ -59,28 +59,43 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def browser_page(server):
+def browser(server):
     assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)"
     with tempfile.TemporaryDirectory(prefix="kql-chromium-") as profile, sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 980})
-        page = context.new_page()
-        problems: list[str] = []
-        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-        page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-                if msg.type == "error" else None)
-
-        def only_our_server(route):
-            if route.request.url.startswith(server):
-                route.continue_()
-            else:
-                problems.append(f"request outside the server: {route.request.url}")
-                route.abort()
-        page.route("**/*", only_our_server)
-        page.set_default_timeout(TIMEOUT_MS)
-        yield page, problems
+        yield context
         context.close()
+
+
+@pytest.fixture
+def browser_page(server, browser):
+    """A fresh page per test, with the problems it ran into: script errors,
+    console errors, answers of 400 and above (with the request), and requests
+    that tried to leave the server."""
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" else None)
+    def bad_answer(response):
+        if response.status >= 400:
+            sent = response.request
+            body = sent.post_data if "json" in (sent.headers.get("content-type") or "") else ""
+            problems.append(f"answer {response.status}: {sent.method} {sent.url} {body or ''}".rstrip())
+    page.on("response", bad_answer)
+
+    def only_our_server(route):
+        if route.request.url.startswith(server):
+            route.continue_()
+        else:
+            problems.append(f"request outside the server: {route.request.url}")
+            route.abort()
+    page.route("**/*", only_our_server)
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page, problems
+    page.close()
 
 
 def drag(page, start: tuple[int, int], end: tuple[int, int]) -> None:
@@ -186,3 +201,26 @@ def test_upload_refusal_is_shown_on_the_page(server, browser_page, tmp_path):
     expect(page.locator("#est-positions")).to_have_text(str(len(grid_positions(0, 224, 16, 8)) ** 2))
     # a 4xx answer is reported by the page itself, not logged as a script error
     assert [p for p in problems if "page error" in p] == []
+
+
+def test_estimate_during_a_drag_uses_the_crop_already_made(server, browser_page):
+    """A pending estimate that fires while the mouse is still down must not send
+    the half-drawn rectangle (smaller than the patch: the server refuses it)."""
+    page, problems = browser_page
+    page.goto(server + "/")
+    expect(page.locator("#run")).to_be_enabled()
+    page.select_option("#patch", "32")
+    page.select_option("#stride", "16")          # schedules an estimate 250 ms from now
+    box = page.locator("#stage").bounding_box()
+    page.mouse.move(box["x"] + 100, box["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 120, box["y"] + 120, steps=2)   # 10x10 model pixels so far
+    expect(page.locator("#selection")).to_be_visible()
+    page.wait_for_timeout(800)                   # the estimate fires mid-drag
+    expect(page.locator("#est-positions")).to_have_text(str(len(grid_positions(0, 224, 32, 16)) ** 2))
+    page.mouse.move(box["x"] + 340, box["y"] + 340, steps=4)
+    page.mouse.up()
+    expect(page.locator("#region-text")).to_have_text(re.compile(r"crop x 50–170, y 50–170"))
+    expect(page.locator("#est-positions")).to_have_text(str(len(grid_positions(50, 170, 32, 16)) ** 2))
+    expect(page.locator("#est-note")).not_to_contain_text("must")
+    assert problems == []

@@ -8,6 +8,7 @@ const state = {
   options: null,
   image: null,          // id of the chosen sample or upload
   region: null,         // [x0, y0, x1, y1] in model-input pixels, or null
+  drag: null,           // the rectangle being dragged; it becomes the region on release
   job: null,            // id of the job being watched
   estimateTimer: null,
   estimateSeq: 0,
@@ -71,9 +72,10 @@ function scale() { return $("stage").getBoundingClientRect().width / model().inp
 
 function drawSelection() {
   const sel = $("selection");
-  if (!state.region) { sel.hidden = true; return; }
+  const shown = state.drag || state.region;
+  if (!shown) { sel.hidden = true; return; }
   const s = scale();
-  const [x0, y0, x1, y1] = state.region;
+  const [x0, y0, x1, y1] = shown;
   Object.assign(sel.style, { left: `${x0 * s}px`, top: `${y0 * s}px`,
                              width: `${(x1 - x0) * s}px`, height: `${(y1 - y0) * s}px` });
   sel.hidden = false;
@@ -109,19 +111,21 @@ function installCropping() {
   });
   stage.addEventListener("pointermove", (event) => {
     if (!start) return;
-    const r = rect(start, point(event));
-    state.region = r;
+    // only drawn: estimates and runs read state.region, which a drag changes on release
+    state.drag = rect(start, point(event));
     drawSelection();
   });
   stage.addEventListener("pointerup", (event) => {
     if (!start) return;
     const r = rect(start, point(event));
     start = null;
+    state.drag = null;
     // a click (or a sliver) is not a crop: keep what was there
     if (r[2] - r[0] < 4 || r[3] - r[1] < 4) { setRegion(state.lastRegion || null); return; }
     state.lastRegion = r;
     setRegion(r);
   });
+  stage.addEventListener("pointercancel", () => { start = null; state.drag = null; drawSelection(); });
 }
 
 // ---------------------------------------------------------------- choices
