@@ -21,13 +21,19 @@ def _executor(mode: str):
 
 def execute(plan, progress: str = "auto"):
     """Run ``plan`` and return a ``HeatmapResult`` (saved when the query says INTO)."""
+    from kql.executor.allocator import enabled_for, reuse_freed_memory
+    with reuse_freed_memory(enabled_for(plan)):
+        return _run(plan, progress)
+
+
+def _run(plan, progress):
+    from kql.executor.memory import PeakMemory
     from kql.result import HeatmapResult
 
     start = time.perf_counter()
     model = plan.spec.module.to(plan.device).eval()
     label, p_original, _ = reference(plan, model)
     t_ref = time.perf_counter() - start
-    from kql.executor.memory import PeakMemory
     stages = None
     with PeakMemory(plan.device) as mem:
         if plan.drilldown is not None:

@@ -85,6 +85,13 @@ def _count(option: str, zero: str) -> Callable[[Any], int]:
     return parse
 
 
+def _allocator(value: Any) -> str:
+    v = str(value).lower()
+    if v not in ("reuse", "system"):
+        raise PlanError(f"allocator takes reuse or system, got {value!r}")
+    return v
+
+
 def _gather_backend(value: Any) -> str:
     v = str(value).lower()
     if v not in ("auto", "torch", "numba", "cuda"):
@@ -115,6 +122,9 @@ class Settings:
             0 = this process's torch default. Fixed per job so that every
             executor computes the same floats (the thread count changes how
             a convolution's sums are split, and so their last bits).
+        allocator: 'reuse' keeps memory freed during a query for the next
+            batch instead of returning it to the kernel (glibc; see
+            ``kql.executor.allocator``); 'system' leaves malloc alone.
     """
     device: str = "cpu"
     batch_size: int = 0
@@ -126,6 +136,7 @@ class Settings:
     ray_address: str = ""
     workers: int = 0
     threads: int = 0
+    allocator: str = "reuse"
 
     def with_option(self, option: str, value: Any) -> "Settings":
         """A copy with one option changed; unknown options and bad values raise PlanError."""
@@ -170,4 +181,5 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "ray_address": _ray_address,
     "workers": _count("workers", "one per CPU of the cluster"),
     "threads": _count("threads", "torch's default"),
+    "allocator": _allocator,
 }

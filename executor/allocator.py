@@ -1,0 +1,95 @@
+"""Keep freed memory for reuse while a query runs (glibc's malloc only).
+
+Every batch allocates the same tensors again: the occluded inputs, each
+layer's output, the gathered windows. glibc serves a block above its mmap
+threshold (128 KiB at first, raised as such blocks are freed, at most
+32 MiB) with fresh pages from the kernel, and hands the top of its heap back
+once more than the trim threshold is free. A fresh page costs a page fault
+and zeroing when first touched, so on a model with many mid-sized tensors a
+large share of the time went to the kernel instead of to convolutions:
+efficientnet_lite0 (patch 16, stride 8) ran 1.4-1.5x faster in exact and
+naive mode with the thresholds below (``docs/performance.md``); VGG16 and
+ResNet18, whose time is in large convolutions, did not change.
+
+:func:`reuse_freed_memory` therefore fixes the mmap threshold at glibc's
+largest (32 MiB) and stops trimming while a query runs, so freed blocks are
+served again from the heap. When the last query running in the process ends,
+the trim threshold becomes what glibc's own adjustment would have reached
+(twice the mmap threshold) and ``malloc_trim(0)`` gives the freed memory back
+to the kernel: a session does not keep a query's peak after it ends.
+
+``SET allocator = 'system'`` leaves malloc alone. Other C libraries (musl,
+macOS): nothing is changed.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+# mallopt parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 2**20          # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+NO_TRIM = 2**31 - 1                  # mallopt takes an int
+TRIM_AFTER = 2 * MMAP_THRESHOLD      # what glibc's dynamic threshold would have set
+
+_lock = threading.Lock()
+_running = 0
+_libc: Optional[ctypes.CDLL] = None
+_checked = False
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    """glibc, or None when this process's C library is another one."""
+    global _libc, _checked
+    if not _checked:
+        _checked = True
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.gnu_get_libc_version.restype = ctypes.c_char_p
+            libc.gnu_get_libc_version()  # only glibc has it
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _libc = libc
+        except (OSError, AttributeError):
+            _libc = None
+    return _libc
+
+
+def available() -> bool:
+    """Whether the thresholds can be set here (glibc)."""
+    return _glibc() is not None
+
+
+@contextmanager
+def reuse_freed_memory(enabled: bool = True) -> Iterator[None]:
+    """Within the block, freed memory is reused instead of returned to the
+    kernel (see the module docstring). Nests, and is safe across threads:
+    only the last block to end gives the memory back."""
+    global _running
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield
+        return
+    with _lock:
+        _running += 1
+        if _running == 1:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM)
+    try:
+        yield
+    finally:
+        with _lock:
+            _running -= 1
+            if _running == 0:
+                libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER)
+                libc.malloc_trim(0)
+
+
+def enabled_for(plan) -> bool:
+    """The plan's setting (``SET allocator``): 'reuse' unless set to 'system'."""
+    settings = getattr(plan, "settings", None)
+    return getattr(settings, "allocator", "reuse") != "system"

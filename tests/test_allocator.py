@@ -1,0 +1,140 @@
+"""``SET allocator`` and kql.executor.allocator: freed memory is kept for the
+next batch while a query runs and given back when it ends; results do not
+depend on it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kql
+from kql.errors import PlanError
+from kql.executor import allocator
+
+needs_glibc = pytest.mark.skipif(not allocator.available(), reason="the thresholds exist only in glibc's malloc")
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+@pytest.mark.parametrize("mode", ["NAIVE", "EXACT", "APPROX TAU 0.5"])
+def test_results_do_not_depend_on_the_allocator(mode):
+    con = kql.connect(progress="off")
+    con.register_model("small", small_net(), input_size=(32, 32))
+    img = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32)
+    q = f"SELECT HEATMAP FROM img USING small PATCH 6 STRIDE 3 {mode}"
+    reuse = con.execute(q, img=img).heatmap
+    con.execute("SET allocator = system")
+    system = con.execute(q, img=img).heatmap
+    assert np.array_equal(reuse, system)
+
+
+def test_the_setting_is_validated_and_shown():
+    con = kql.connect(progress="off")
+    assert dict(con.settings.rows())["allocator"] == "reuse"
+    con.execute("SET allocator = 'SYSTEM'")
+    assert con.settings.allocator == "system"
+    with pytest.raises(PlanError, match="allocator takes reuse or system, got 'tcmalloc'"):
+        con.execute("SET allocator = tcmalloc")
+    assert con.settings.allocator == "system"
+
+
+def test_the_plan_follows_the_setting():
+    con = kql.connect(progress="off")
+    con.register_model("small", small_net(), input_size=(32, 32))
+    img = np.zeros((32, 32, 3), np.float32)
+    plan = con.plan("SELECT HEATMAP FROM img USING small PATCH 6 STRIDE 3", {"img": img})
+    assert allocator.enabled_for(plan)
+    con.execute("SET allocator = system")
+    plan = con.plan("SELECT HEATMAP FROM img USING small PATCH 6 STRIDE 3", {"img": img})
+    assert not allocator.enabled_for(plan)
+
+
+@needs_glibc
+def test_freed_memory_is_kept_during_a_query_and_given_back_after():
+    """In a fresh process (the heap's state is its own): 24 MiB blocks freed
+    inside the block stay resident and are used again (torch's 64-byte
+    alignment keeps glibc from reusing a block of exactly the freed size, so
+    a few blocks accumulate, then none: 40 rounds hold what 10 did), and are
+    returned when the block ends."""
+    code = textwrap.dedent("""
+        import torch
+        from kql.executor.allocator import reuse_freed_memory
+        from kql.executor.memory import rss_bytes
+        MiB = 2**20
+        base = rss_bytes()
+        with reuse_freed_memory():
+            t = torch.ones(24 * MiB // 4)      # below the 32 MiB threshold: from the heap
+            del t
+            kept = rss_bytes() - base
+            for _ in range(10):
+                t = torch.ones(24 * MiB // 4)
+                del t
+            ten = rss_bytes() - base
+            for _ in range(30):
+                t = torch.ones(24 * MiB // 4)
+                del t
+            again = rss_bytes() - base
+        after = rss_bytes() - base
+        print(kept // MiB, ten // MiB, again // MiB, after // MiB)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kept, ten, again, after = figures = [int(v) for v in out.stdout.split()]
+    assert kept >= 20, figures
+    assert again <= ten + 2 and again <= 8 * 24, figures
+    assert after < 8, figures
+
+
+@needs_glibc
+def test_nested_and_concurrent_blocks_give_memory_back_once(monkeypatch):
+    calls = []
+    libc = allocator._glibc()
+
+    class Recorder:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return libc.mallopt(param, value)
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return libc.malloc_trim(pad)
+
+    monkeypatch.setattr(allocator, "_libc", Recorder())
+    started, release = threading.Barrier(3), threading.Event()
+
+    def query():
+        with allocator.reuse_freed_memory():
+            started.wait()
+            release.wait(10)
+
+    threads = [threading.Thread(target=query) for _ in range(2)]
+    for t in threads:
+        t.start()
+    started.wait()
+    with allocator.reuse_freed_memory():
+        pass
+    assert calls == [("mallopt", allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD),
+                     ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.NO_TRIM)]
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert calls[2:] == [("mallopt", allocator.M_TRIM_THRESHOLD, allocator.TRIM_AFTER), ("trim", 0)]
+    assert allocator._running == 0
+
+
+def test_disabled_changes_nothing(monkeypatch):
+    monkeypatch.setattr(allocator, "_glibc", lambda: pytest.fail("malloc must not be touched"))
+    with allocator.reuse_freed_memory(enabled=False):
+        pass
+    assert allocator._running == 0
