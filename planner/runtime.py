@@ -177,12 +177,7 @@ def calibration_for(plan) -> Calibration:
     extended by calibrating on this plan's batches."""
     key = calibration_key(plan)
     path = _cache_path(key)
-    cal = _MEMO.get(str(path))
-    if cal is None:
-        try:
-            cal = Calibration.from_json(path.read_text(encoding="utf-8"), key)
-        except (OSError, UnicodeDecodeError):
-            cal = None
+    cal = _load(path, key)
     changed = cal is None
     if cal is None:
         cal = calibrate(plan)
@@ -199,6 +194,30 @@ def calibration_for(plan) -> Calibration:
         _store(path, cal)
     _MEMO[str(path)] = replace(cal, source="cache")  # later EXPLAINs: no measuring
     return cal
+
+
+def _load(path: Path, key: dict) -> Optional[Calibration]:
+    cal = _MEMO.get(str(path))
+    if cal is None:
+        try:
+            cal = Calibration.from_json(path.read_text(encoding="utf-8"), key)
+        except (OSError, UnicodeDecodeError):
+            cal = None
+    return cal
+
+
+def is_calibrated(plan) -> bool:
+    """Whether the plan's estimate can be made without running the model:
+    its calibration (and for DRILLDOWN its stage one's) is in memory or in
+    the cache with every (layer, state) the plan needs. The web UI asks
+    before an EXPLAIN that may not run a model while a job holds the engine."""
+    plans = [plan] + ([plan.drilldown.stage_one] if getattr(plan, "drilldown", None) is not None else [])
+    for p in plans:
+        key = calibration_key(p)
+        cal = _load(_cache_path(key), key)
+        if cal is None or (p.mode != "naive" and _missing(p, cal)):
+            return False
+    return True
 
 
 def _store(path: Path, cal: Calibration) -> None:

@@ -36,6 +36,7 @@ def _fixed_runtime_calibration(request, monkeypatch):
         return
     from kql.planner import runtime
     monkeypatch.setattr(runtime, "calibration_for", lambda plan: runtime.Calibration.fixed(plan))
+    monkeypatch.setattr(runtime, "is_calibrated", lambda plan: True)  # the fixed one measures nothing
 
 
 # -- A CNN really trained on Fashion-MNIST (kql.zoo), for tests of heatmap quality ----------

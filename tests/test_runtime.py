@@ -259,6 +259,32 @@ def test_missing_states_are_calibrated_and_added(con, counted, cache):
     assert "full" in json.loads(path.read_text())["layers"][dropped]
 
 
+def test_is_calibrated_says_whether_an_estimate_would_measure(con, counted, cache, monkeypatch):
+    plan = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 3 EXACT BATCH 4")
+    assert not runtime.is_calibrated(plan)
+    runtime.calibration_for(plan)
+    assert runtime.is_calibrated(plan)
+    runtime._MEMO.clear()
+    assert runtime.is_calibrated(plan)            # from the file
+    assert len(counted) == 1                      # asking measures nothing
+    # a cached file that lacks a state this plan needs would be extended: not calibrated
+    path = runtime._cache_path(runtime.calibration_key(plan))
+    d = json.loads(path.read_text())
+    dropped = next(n for batch in runtime._predict(plan, plan.order, plan.bounds) for n, s, _ in batch if s == "full")
+    del d["layers"][dropped]["full"]
+    path.write_text(json.dumps(d))
+    runtime._MEMO.clear()
+    assert not runtime.is_calibrated(plan)
+    # DRILLDOWN: stage one is a plan of its own, with its own batches; both are asked for
+    dd = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 3 EXACT BATCH 4 DRILLDOWN")
+    runtime.estimate(dd, runtime.calibration_for(dd))
+    asked = []
+    key = runtime.calibration_key
+    monkeypatch.setattr(runtime, "calibration_key", lambda p: asked.append(p) or key(p))
+    assert runtime.is_calibrated(dd)
+    assert asked == [dd, dd.drilldown.stage_one]
+
+
 def test_real_calibration_of_a_tiny_model(con):
     """Measures for real (no assertion on the figures, only on the shape of
     the result and the cache it leaves)."""

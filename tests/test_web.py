@@ -307,8 +307,6 @@ def test_job_runs_and_returns_the_heatmap(client):
     assert alpha[0, 0] == 0 and alpha[100, 100] == 255      # transparent outside the crop
     figure = client.get(status["files"]["figure.png"])
     assert figure.headers["content-type"] == "image/png" and len(figure.content) > 10_000
-    # the next estimate uses the measured rate
-    assert client.post("/api/explain", json=SMALL).json()["estimate_basis"] == "the last run"
 
 
 def test_queue_positions_cancel_and_memory(client):
@@ -402,8 +400,8 @@ def test_the_queue_has_a_limit():
         # a model not traced yet waits for the running job: the estimate says so at once
         busy = c.post("/api/explain", json={**SMALL, "model": "resnet18"})
         assert busy.status_code == 503 and error(busy) == (
-            "the estimate needs resnet18 loaded, which waits for the running job; it is shown again "
-            "when that job ends")
+            "the estimate needs resnet18 loaded and timed on this machine, which waits for the running "
+            "job; it is shown when that job ends")
         for job in (second.json(), first):
             c.post(f"/api/jobs/{job['id']}/cancel")
         assert wait(c, first["id"])["state"] == "cancelled"
@@ -459,18 +457,53 @@ def test_upload_applies_the_exif_orientation_like_pillow(orientation):
     assert np.array_equal(decode(buf.getvalue()), expected)
 
 
-def test_estimate_never_runs_a_model_while_a_job_holds_the_engine():
-    """Timing a forward pass while the worker may be tracing would be unsafe:
-    with the engine busy, a model without a measured rate has no estimate."""
+def test_estimate_never_runs_a_model_while_a_job_holds_the_engine(monkeypatch):
+    """Calibrating the runtime estimate runs the model, which must not overlap
+    a job (it may be tracing: torch.fx patches nn.Module.__call__ for the whole
+    process). While a job holds the engine, a plan whose calibration is cached
+    is explained; one that would calibrate is answered 503 without running."""
+    from kql.planner import runtime
     with TestClient(create_app()) as c:
         engine = c.app.state.engine
-        assert c.post("/api/explain", json=SMALL).json()["estimate_basis"] == "a timed forward pass"
-        engine._rates.clear()
+        first = c.post("/api/explain", json=SMALL).json()   # traces the model
+        assert first["estimated_seconds"] > 0
+        assert first["estimate_basis"] == "per-layer timings of this model on this machine"
+        measured = []
+        monkeypatch.setattr(runtime, "calibration_for",
+                            lambda plan: measured.append(plan) or runtime.Calibration.fixed(plan))
+        engine.busy = True
         with engine.lock:  # what a running job holds; the request thread cannot take it
             import threading
-            answer = {}
-            t = threading.Thread(target=lambda: answer.update(c.post("/api/explain", json=SMALL).json()))
+
+            def ask(answers):
+                r = c.post("/api/explain", json=SMALL)
+                answers.update(r.json(), status=r.status_code)
+            monkeypatch.setattr(runtime, "is_calibrated", lambda plan: False)
+            uncached = {}
+            t = threading.Thread(target=ask, args=(uncached,))
             t.start()
             t.join(120)
-        assert answer["estimated_seconds"] is None and answer["estimate_basis"] == "nothing yet: a job is running"
-        assert answer["positions"] == 25
+            monkeypatch.setattr(runtime, "is_calibrated", lambda plan: True)
+            cached = {}
+            t = threading.Thread(target=ask, args=(cached,))
+            t.start()
+            t.join(120)
+        engine.busy = False
+        assert uncached["status"] == 503 and "waits for the running job" in uncached["error"]
+        assert cached["status"] == 200 and cached["positions"] == 25
+        assert cached["estimated_seconds"] == first["estimated_seconds"]
+        assert len(measured) == 1  # only the cached plan's estimate was computed
+
+
+def test_an_estimate_that_cannot_be_calibrated_says_why(client, monkeypatch):
+    from kql.planner import runtime
+
+    def broken(plan):
+        raise RuntimeError("the model failed on a batch of 8\nmore detail")
+    monkeypatch.setattr(runtime, "calibration_for", broken)
+    e = client.post("/api/explain", json=SMALL).json()
+    assert e["estimated_seconds"] is None
+    assert e["estimate_basis"] == "no estimate: calibrating failed (the model failed on a batch of 8)"
+    assert e["positions"] == 25
+
+

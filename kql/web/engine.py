@@ -100,8 +100,10 @@ class Engine:
     One :class:`kql.Connection` serves every request. ``lock`` is held while
     a job runs and while a model is planned for the first time: tracing a
     model (torch.fx patches ``nn.Module.__call__`` for the whole process)
-    must never overlap a running query. Plans of models already traced are
-    made without it, so the page can show an estimate while a job runs.
+    must never overlap a running query, and neither may calibrating a runtime
+    estimate, which runs the model. Plans of models already traced whose
+    estimate is calibrated are explained without it, so the page can show an
+    estimate while a job runs.
     """
 
     def __init__(self, connection=None, *, uploads: Optional[ImageStore] = None) -> None:
@@ -111,7 +113,6 @@ class Engine:
         self.lock = threading.RLock()
         self._traced: set[str] = set()
         self.busy = False  # a job is running
-        self._rates: dict[tuple[str, str], tuple[float, str]] = {}
         self._samples: dict[str, np.ndarray] = {}
         self._models = self._catalog_models()
 
@@ -220,55 +221,32 @@ class Engine:
     # -- EXPLAIN and estimates -------------------------------------------------------
     def explain(self, request: RunRequest) -> dict:
         """The plan of a request, before it runs: EXPLAIN text, theoretical
-        speedup, positions and an estimated run time."""
+        speedup, positions and an estimated run time.
+
+        EXPLAIN runs the model when it traces it (first plan of a model) and
+        when it calibrates the runtime estimate (first plan of a model, mode
+        family and batch size): both wait for the lock. A plan that needs
+        neither is explained while a job runs."""
+        from kql.planner import runtime
         pixels = self.pixels(request.image)
-        if request.model in self._traced:
+        if request.model in self._traced and runtime.is_calibrated(self.con.plan(request.query, {"img": pixels})):
             e = self.con.explain(request.query, img=pixels)
         else:
-            # Another estimate holding the lock is tracing: seconds, wait for it.
+            # Another estimate holding the lock takes seconds: wait for it.
             # A job holding it may take minutes: answer now, the page retries.
             if not self.lock.acquire(timeout=2.0 if self.busy else -1):
-                raise WebError(f"the estimate needs {request.model} loaded, which waits for the running "
-                               f"job; it is shown again when that job ends", 503)
+                raise WebError(f"the estimate needs {request.model} loaded and timed on this machine, which "
+                               f"waits for the running job; it is shown when that job ends", 503)
             try:
                 e = self.con.explain(request.query, img=pixels)
                 self._traced.add(request.model)
             finally:
                 self.lock.release()
-        seconds, basis = self._estimate(e.plan, request)
+        seconds, basis = _estimate(e.plan)
         return {"query": request.query, "explain": e.text, "mode": e.plan.mode,
                 "speedup": round(float(e.speedup), 3), "positions": int(e.plan.n_positions),
                 "estimated_seconds": seconds, "estimate_basis": basis,
                 "warnings": list(e.plan.warnings)}
-
-    def _estimate(self, plan, request: RunRequest) -> tuple[Optional[float], str]:
-        """Seconds the query should take: its estimated FLOPs times a measured
-        rate, from the last run of this model and mode, else from timing one
-        forward pass of the model. The timing runs the model, so it waits for
-        no one: while a job holds the lock (it may be tracing, which must not
-        overlap any forward pass) another measured rate of the model is used,
-        or there is no estimate yet (None)."""
-        flops = float(plan.root.find("Infer").flops or 0.0) + float(plan.cost.full_flops)
-        rate = self._rates.get((request.model, plan.mode)) or self._rates.get((request.model, "forward"))
-        if rate is None and self.lock.acquire(blocking=False):
-            try:
-                import torch
-                x = plan.input[None]
-                module = plan.spec.module.eval()
-                with torch.inference_mode():
-                    module(x)  # warm-up
-                    t0 = time.perf_counter()
-                    module(x)
-                    seconds = time.perf_counter() - t0
-                rate = (seconds / max(float(plan.cost.full_flops), 1.0), "a timed forward pass")
-                self._rates[(request.model, "forward")] = rate
-            finally:
-                self.lock.release()
-        if rate is None:
-            rate = next((r for (m, _), r in list(self._rates.items()) if m == request.model), None)
-        if rate is None:
-            return None, "nothing yet: a job is running"
-        return round(flops * rate[0], 3), rate[1]
 
     # -- running (in the job worker) -----------------------------------------------
     def run(self, job) -> None:
@@ -288,9 +266,6 @@ class Engine:
         seconds = time.perf_counter() - t0
         r = e.result
         job.phase = "rendering"
-        flops = float(e.plan.root.find("Infer").flops or 0.0) + float(e.plan.cost.full_flops)
-        if flops > 0:
-            self._rates[(request.model, r.mode)] = (seconds / flops, "the last run")
         lo, hi = float(np.min(r.heatmap)), float(np.max(r.heatmap))
         job.files = {"overlay.png": _overlay_png(r, lo, hi), "figure.png": _figure_png(r)}
         job.result = {
@@ -324,6 +299,17 @@ def _figure_png(result) -> bytes:
         path = result.save(os.path.join(d, "figure.png"))
         with open(path, "rb") as f:
             return f.read()
+
+
+def _estimate(plan) -> tuple[Optional[float], str]:
+    """Seconds EXPLAIN estimates for the plan (``planner.runtime``: per-layer
+    timings of this model on this machine) and where they come from."""
+    try:
+        est = plan.runtime.get()
+    except Exception as e:  # a model that cannot run a calibration batch: the run will say why
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return None, f"no estimate: calibrating failed ({first})"
+    return round(float(est.seconds), 3), "per-layer timings of this model on this machine"
 
 
 def _png(pixels: np.ndarray) -> bytes:

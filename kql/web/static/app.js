@@ -196,7 +196,8 @@ async function estimate() {
     $("est-positions").textContent = `${e.positions}`;
     $("est-time").textContent = e.estimated_seconds == null ? "–" : `≈ ${seconds(e.estimated_seconds)}`;
     $("est-speedup").textContent = `${e.speedup.toFixed(2)}× (incremental vs naive FLOPs)`;
-    $("est-note").textContent = `${e.mode} plan; time estimated from ${e.estimate_basis}`;
+    $("est-note").textContent = e.estimated_seconds == null ? `${e.mode} plan; ${e.estimate_basis}`
+                                                            : `${e.mode} plan; time estimated from ${e.estimate_basis}`;
     if (!state.job) {
       $("explain").textContent = e.explain;
       $("explain-what").textContent = "(plan of the query, not run yet)";
