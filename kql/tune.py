@@ -35,7 +35,6 @@ import datetime
 import glob
 import os
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -44,7 +43,7 @@ from kql import ast, calibration
 from kql.errors import KqlError, PlanError, QueryInterrupted
 from kql.table import Table
 
-__all__ = ["DEFAULT_TAUS", "FLAT", "IMAGE_SUFFIXES", "default_stride", "heatmap_ssim",
+__all__ = ["DEFAULT_TAUS", "FLAT", "default_stride", "heatmap_ssim",
            "sample_images", "tune", "show_calibrations"]
 
 #: The thresholds TUNE measures when the statement gives no TAUS (Krypton's
@@ -55,7 +54,6 @@ DEFAULT_TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 FLAT = 1e-4
 
 #: File types a folder or glob of sample images is filtered on.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 #: The SSIM targets SHOW CALIBRATIONS and TUNE report a τ for.
 TARGETS = (0.8, 0.9, 0.95)
@@ -116,7 +114,7 @@ def sample_images(con, images, bindings: dict) -> list[tuple[str, np.ndarray]]:
     """The sample images of a TUNE statement: ``[(name, HxWx3 array)]``.
 
     ``images`` is an ``ast.Source`` of kind ``"path"`` (a folder: its image
-    files, sorted, not recursive; or a glob pattern) or a tuple of names
+    files, sorted, not recursive; a glob pattern; or one file) or a tuple of names
     (resolved as ``FROM <name>`` resolves them: bound, LOAD IMAGE, sample).
 
     Raises:
@@ -138,20 +136,15 @@ def sample_images(con, images, bindings: dict) -> list[tuple[str, np.ndarray]]:
 
 
 def _image_files(pattern: str) -> list[str]:
+    """The files ``TUNE ... ON '<folder, glob or file>'`` names: a folder or a
+    glob as a multi-image SELECT reads them (:func:`kql.sources.list_images`),
+    or one file."""
+    from kql import sources
     shown = os.fspath(pattern)
-    path = Path(os.path.expanduser(shown))
-    if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise PlanError(f"no image files in folder '{shown}' (looked for "
-                            f"{', '.join(IMAGE_SUFFIXES)})")
-        return files
-    if glob.has_magic(shown):
-        files = sorted(f for f in glob.glob(os.path.expanduser(shown)) if os.path.isfile(f))
-        if not files:
-            raise PlanError(f"no files match '{shown}'")
-        return files
-    if path.is_file():
+    path = os.path.expanduser(shown)
+    if os.path.isdir(path) or glob.has_magic(shown):
+        return sources.list_images(path)[1]
+    if os.path.isfile(path):
         return [shown]
     raise PlanError(f"TUNE ... ON '{shown}': no such folder or file (give a folder, a glob such as "
                     f"'photos/*.png', or image names)")
