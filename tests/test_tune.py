@@ -194,6 +194,10 @@ def test_corrupt_store_is_a_clear_error(con, empty_store, test_images):
         with pytest.raises(KqlError, match=r"^cannot read the calibration store .*calibrations\.json: "
                                            r".*; move it away and run TUNE again$"):
             run()
+    # APPROX TAU needs the store only for the SSIM it predicts: it runs, and says so
+    plan = con.plan(select("APPROX TAU 0.5"), {"img": test_images[0]})
+    assert plan.tau == 0.5 and plan.predicted_ssim is None
+    assert any(w.startswith("no SSIM prediction: cannot read the calibration store") for w in plan.warnings)
 
 
 # -- TUNE's inputs ------------------------------------------------------------------------

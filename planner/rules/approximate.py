@@ -9,7 +9,7 @@ silently.
 """
 from __future__ import annotations
 
-from kql.errors import PlanError
+from kql.errors import KqlError, PlanError
 
 
 def approximate(plan):
@@ -21,10 +21,14 @@ def approximate(plan):
     keyword = f"APPROX {approx.kind.upper()}"
     if not 0 < approx.value <= 1:
         raise PlanError(f"{keyword} must be in (0, 1], got {approx.value:g}")
-    calibration = _calibration(plan)
     if approx.kind == "tau":
         plan.tau, plan.tau_source = approx.value, keyword
-    elif calibration is None:
+        try:  # only for the SSIM it predicts: an unreadable store does not stop the query
+            calibration = _calibration(plan)
+        except KqlError as e:
+            calibration = None
+            plan.warnings.append(f"no SSIM prediction: {str(e).splitlines()[0]}")
+    elif (calibration := _calibration(plan)) is None:
         ph, pw = plan.patch
         plan.mode = "exact"
         plan.warnings.append(
