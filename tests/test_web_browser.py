@@ -224,3 +224,34 @@ def test_estimate_during_a_drag_uses_the_crop_already_made(server, browser_page)
     expect(page.locator("#est-positions")).to_have_text(str(len(grid_positions(50, 170, 32, 16)) ** 2))
     expect(page.locator("#est-note")).not_to_contain_text("must")
     assert problems == []
+
+
+def test_a_late_answer_about_an_earlier_patch_size_is_ignored(server, browser_page):
+    """Patch 16 then 32, the answer about 16 arriving last: the page keeps what
+    it was told about 32 (approximate unavailable), and the estimate sent after
+    the change asks for a mode that 32 allows."""
+    page, problems = browser_page
+    page.goto(server + "/")
+    expect(page.locator("#run")).to_be_enabled()
+    page.select_option("#patch", "16")
+    expect(page.locator("#mode-approximate")).to_be_enabled()
+    page.check("input[name=mode][value=approximate]")
+    held = []
+
+    def about_16(url: str) -> bool:
+        return "/api/approximate" in url and url.endswith("patch=16")
+    page.route(about_16, lambda route: held.append(route))
+    page.select_option("#patch", "8")
+    page.select_option("#patch", "16")           # this answer is held back
+    page.select_option("#patch", "32")
+    expect(page.locator("#approx-note")).to_have_text(re.compile(r"not calibrated for patch 32"))
+    expect(page.locator("#mode-approximate")).to_be_disabled()
+    assert page.is_checked("input[name=mode][value=exact]")
+    assert len(held) == 1
+    held[0].continue_()                          # the stale answer: approximate available
+    page.unroute(about_16)
+    page.wait_for_timeout(500)
+    expect(page.locator("#mode-approximate")).to_be_disabled()
+    expect(page.locator("#approx-note")).to_have_text(re.compile(r"not calibrated for patch 32"))
+    expect(page.locator("#est-positions")).to_have_text(str(len(grid_positions(0, 224, 32, 8)) ** 2))
+    assert problems == []

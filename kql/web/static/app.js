@@ -12,6 +12,8 @@ const state = {
   job: null,            // id of the job being watched
   estimateTimer: null,
   estimateSeq: 0,
+  approximateSeq: 0,
+  approximateReady: Promise.resolve(),
 };
 const STAGE = 448;      // CSS pixels of the longer side of the stage
 
@@ -162,16 +164,26 @@ async function upload(file) {
   }
 }
 
-async function refreshApproximate() {
+// Estimates and runs wait for the latest check, so they never send a mode it is about to rule out.
+function refreshApproximate() {
+  state.approximateReady = updateApproximate();
+  return state.approximateReady;
+}
+
+async function updateApproximate() {
   const radio = $("mode-approximate");
+  // answers can arrive out of order: only the latest request's may change the page
+  const seq = ++state.approximateSeq;
   try {
     const a = await api(`/api/approximate?model=${encodeURIComponent($("model").value)}&patch=${$("patch").value}`);
+    if (seq !== state.approximateSeq) return;
     radio.disabled = !a.available;
     $("ssim").disabled = !a.available;
     fill($("ssim"), a.ssim, (t) => (a.tau && a.tau[String(t)] !== undefined ? `${t} (τ ${a.tau[String(t)]})` : `${t}`),
          (t) => `${t}`);
     $("approx-note").textContent = a.available ? "" : `Approximate: ${a.reason}`;
   } catch (e) {
+    if (seq !== state.approximateSeq) return;
     radio.disabled = true;
     $("approx-note").textContent = `Approximate: ${e.message}`;
   }
@@ -189,6 +201,7 @@ async function estimate() {
   if (!state.image) return;
   const seq = ++state.estimateSeq;
   $("est-note").textContent = "estimating…";
+  await state.approximateReady;
   try {
     const e = await api("/api/explain", { method: "POST", headers: { "Content-Type": "application/json" },
                                            body: JSON.stringify(request()) });
@@ -215,6 +228,7 @@ async function estimate() {
 async function run() {
   showError("");
   $("run").disabled = true;
+  await state.approximateReady;
   try {
     const job = await api("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
                                          body: JSON.stringify(request()) });
