@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import re
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -228,9 +227,12 @@ class Engine:
         family and batch size): both wait for the lock. A plan that needs
         neither is explained while a job runs."""
         from kql.planner import runtime
+        from kql.planner.explain import explain_text
         pixels = self.pixels(request.image)
-        if request.model in self._traced and runtime.is_calibrated(self.con.plan(request.query, {"img": pixels})):
-            e = self.con.explain(request.query, img=pixels)
+        # planning a traced model runs nothing; the estimate in the text may calibrate
+        plan = self.con.plan(request.query, {"img": pixels}) if request.model in self._traced else None
+        if plan is not None and runtime.is_calibrated(plan):
+            text = explain_text(plan)
         else:
             # Another estimate holding the lock takes seconds: wait for it.
             # A job holding it may take minutes: answer now, the page retries.
@@ -238,15 +240,17 @@ class Engine:
                 raise WebError(f"the estimate needs {request.model} loaded and timed on this machine, which "
                                f"waits for the running job; it is shown when that job ends", 503)
             try:
-                e = self.con.explain(request.query, img=pixels)
-                self._traced.add(request.model)
+                if plan is None:
+                    plan = self.con.plan(request.query, {"img": pixels})
+                    self._traced.add(request.model)
+                text = explain_text(plan)
             finally:
                 self.lock.release()
-        seconds, basis = _estimate(e.plan)
-        return {"query": request.query, "explain": e.text, "mode": e.plan.mode,
-                "speedup": round(float(e.speedup), 3), "positions": int(e.plan.n_positions),
+        seconds, basis = _estimate(plan)
+        return {"query": request.query, "explain": text, "mode": plan.mode,
+                "speedup": round(float(plan.cost.r_grid), 3), "positions": int(plan.n_positions),
                 "estimated_seconds": seconds, "estimate_basis": basis,
-                "warnings": list(e.plan.warnings)}
+                "warnings": list(plan.warnings)}
 
     # -- running (in the job worker) -----------------------------------------------
     def run(self, job) -> None:
@@ -255,7 +259,6 @@ class Engine:
         from kql.executor.common import batch_hook
         request: RunRequest = job.work
         pixels = self.pixels(request.image)
-        t0 = time.perf_counter()
         with self.lock, batch_hook(job.progress):
             self.busy = True
             try:
@@ -263,7 +266,6 @@ class Engine:
                 self._traced.add(request.model)
             finally:
                 self.busy = False
-        seconds = time.perf_counter() - t0
         r = e.result
         job.phase = "rendering"
         lo, hi = float(np.min(r.heatmap)), float(np.max(r.heatmap))
@@ -272,7 +274,7 @@ class Engine:
             "query": request.query, "model": r.model, "mode": r.mode,
             "label": r.label_text, "label_index": r.label, "probability": r.p_original,
             # the query's own time: EXPLAIN ANALYZE may also calibrate its estimate, once
-            "seconds": r.timings.get("total", seconds), "timings": {k: round(v, 4) for k, v in r.timings.items()},
+            "seconds": r.timings["total"], "timings": {k: round(v, 4) for k, v in r.timings.items()},
             "grid": list(r.heatmap.shape), "positions": int(r.heatmap.size),
             "patch": list(r.patch), "stride": list(r.stride),
             "region": None if r.region is None else [r.region.x0, r.region.y0, r.region.x1, r.region.y1],
