@@ -34,9 +34,12 @@ def _run(plan, progress):
     model = plan.spec.module.to(plan.device).eval()
     label, p_original, _ = reference(plan, model)
     t_ref = time.perf_counter() - start
-    stages = None
+    stages = refined = None
     with PeakMemory(plan.device) as mem:
-        if plan.drilldown is not None:
+        if getattr(plan, "refine", None) is not None:
+            from kql.executor import refine
+            values, t_occ, refined = refine.occlusion_probabilities(plan, model, label, progress)
+        elif plan.drilldown is not None:
             from kql.executor import drilldown
             values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, _executor, progress)
         else:
@@ -57,6 +60,10 @@ def _run(plan, progress):
         result.timings.update({"stage one": stages["stage one"], "stage two": stages["stage two"]})
         result.computed = stages["computed"]
         result.stage_positions = stages["positions"]
+    if refined is not None:
+        result.computed = refined["computed"]
+        result.estimated_ssim = refined["estimated_ssim"]
+        result.refine_stages = refined["stages"]
     if plan.query.into:
         t0 = time.perf_counter()
         result.save(plan.query.into)

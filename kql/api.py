@@ -230,7 +230,7 @@ class Connection:
             return Explanation(explain_text(plan), plan)
         result = execute(plan, progress=self.settings.progress)
         result.timings = {**plan.timings, **result.timings}
-        text = explain_text(plan, result.timings, result.peak_memory)
+        text = explain_text(plan, result.timings, result.peak_memory, result)
         result.plan_text = text
         return Explanation(text, plan, result)
 

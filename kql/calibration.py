@@ -85,6 +85,12 @@ class Calibration:
     coefficients: tuple[float, float, float]
     created: str = ""
     source: str = field(default="user", compare=False)  # "user" or "built-in"; not stored
+    # Adaptive refinement (planner.refine), measured by TUNE on the same images:
+    # {"step", "batch", "stride", "trajectories": {image: [[share, estimated SSIM, SSIM], ...]}}
+    refine: Optional[dict] = None
+    # The exact heatmaps of the tuning images (rounded), for replaying plans
+    # that compute exact values only (drill-down): {image: [[...], ...]}
+    exact_maps: Optional[dict] = None
 
     @property
     def key(self) -> tuple:
@@ -121,6 +127,45 @@ class Calibration:
             chosen = tau
         return float(min(chosen, 1.0))
 
+    def coverage_text(self) -> str:
+        """Which share of which images a prediction is over."""
+        return f"{100 * COVERAGE:.0f} % of the {self.n_images} tuning images"
+
+    def refine_margin(self, target: float, margins=None) -> Optional[tuple[float, float]]:
+        """``(margin, share)`` for adaptive refinement at SSIM ``target``: the
+        smallest margin at which refinement, stopping at estimated SSIM ≥
+        ``target + margin``, reached ``target`` on *every* tuning image, and
+        the median share of positions it computed then. None: not measured,
+        or no margin worked (then refinement runs every position).
+        """
+        if not self.refine or not self.refine.get("trajectories"):
+            return None
+        from kql.planner.refine import MARGINS, stop_point
+        for m in (MARGINS if margins is None else margins):
+            stops = [stop_point(t, target + m) for t in self.refine["trajectories"].values()]
+            if all(true >= target for _, true in stops):
+                return float(m), float(np.median([share for share, _ in stops]))
+        return None
+
+    def drilldown_ssim(self, fraction: float, stride_one, stride) -> Optional[float]:
+        """Predicted SSIM of Krypton's drill-down with ``fraction`` and stage-one
+        stride ``stride_one`` for a query at ``stride`` (the ratio is what
+        matters: it is replayed at the same ratio on the tuning grid): the
+        share :data:`COVERAGE` of the tuning images reached (None: no exact
+        heatmaps kept)."""
+        if not self.exact_maps:
+            return None
+        from kql.planner.drilldown import replay
+        from kql.tune import heatmap_ssim
+        ratio = (max(1, stride_one[0] // stride[0]), max(1, stride_one[1] // stride[1]))
+        out = []
+        for m in self.exact_maps.values():
+            exact = np.asarray(m, dtype=np.float64)
+            if min(exact.shape) < 3 or np.ptp(exact) <= 0:
+                continue
+            out.append(heatmap_ssim(exact, replay(exact, ratio, fraction)))
+        return float(np.quantile(out, 1 - COVERAGE)) if out else None
+
     def fit_text(self, short: bool = False) -> str:
         """The fitted curve as text: ``SSIM ≈ -0.8τ² +1.9τ -0.1``."""
         a, b, c = self.coefficients
@@ -144,7 +189,7 @@ class Calibration:
                    color=d["color"], taus=[float(t) for t in d["taus"]],
                    ssim={k: [float(v) for v in vs] for k, vs in d["ssim"].items()},
                    coefficients=tuple(float(c) for c in d["coefficients"]), created=d.get("created", ""),
-                   source=source)
+                   source=source, refine=d.get("refine"), exact_maps=d.get("exact_maps"))
 
 
 def fit(taus: Sequence[float], ssim: dict[str, Sequence[float]]) -> tuple[float, float, float]:

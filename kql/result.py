@@ -98,6 +98,11 @@ class HeatmapResult:
             interpolated estimate. ``None`` otherwise (everything computed).
         stage_positions: with DRILLDOWN, positions run by stage one and
             stage two.
+        estimated_ssim: with adaptive refinement (``APPROX SSIM``), the SSIM
+            against exact the run-time check estimated when it stopped
+            (``computed`` is then the mask of positions it computed exactly).
+        refine_stages: with adaptive refinement, per stage: ``{"stage",
+            "positions", "computed", "estimated_ssim"}``.
     """
     heatmap: np.ndarray
     label: int
@@ -120,6 +125,8 @@ class HeatmapResult:
     tau: Optional[float] = None
     computed: Optional[np.ndarray] = None
     stage_positions: Optional[tuple[int, int]] = None
+    estimated_ssim: Optional[float] = None
+    refine_stages: Optional[list] = None
 
     def __post_init__(self) -> None:
         self.heatmap = np.asarray(self.heatmap, dtype=np.float32)
@@ -287,6 +294,9 @@ class HeatmapResult:
         if self.stage_positions is not None:
             one, two = self.stage_positions
             text += f" (drill-down: {one} coarse + {two} fine computed)"
+        if self.estimated_ssim is not None:
+            text += (f" (refined: {int(self.computed.sum())} computed, estimated SSIM vs exact "
+                     f"{self.estimated_ssim:.3f})")
         seconds = self.timings.get("total")
         if seconds is None and self.timings:
             seconds = sum(self.timings.values())

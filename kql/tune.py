@@ -40,6 +40,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from kql import ast, calibration
+from kql.planner import refine
+from kql.planner.refine import FLAT, heatmap_ssim   # noqa: F401  (kql.tune.heatmap_ssim is public)
 from kql.errors import KqlError, PlanError, QueryInterrupted
 from kql.table import Table
 
@@ -49,9 +51,6 @@ __all__ = ["DEFAULT_TAUS", "FLAT", "default_stride", "heatmap_ssim",
 #: The thresholds TUNE measures when the statement gives no TAUS (Krypton's
 #: 0.9 ... 0.4, plus 1.0, which is exact and anchors the fit at SSIM 1).
 DEFAULT_TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
-
-#: An exact heatmap whose probability spans less than this is flat.
-FLAT = 1e-4
 
 #: File types a folder or glob of sample images is filtered on.
 
@@ -72,37 +71,6 @@ def default_stride(patch: tuple[int, int]) -> tuple[int, int]:
     ((8, 8), (1, 1))
     """
     return max(1, patch[0] // 2), max(1, patch[1] // 2)
-
-
-def heatmap_ssim(exact: np.ndarray, approx: np.ndarray) -> float:
-    """SSIM of an approximate heatmap against the exact one (see the module
-    docstring): ``data_range`` the exact heatmap's peak-to-peak, a uniform
-    window of 7, or the largest odd size that fits.
-
-    Raises:
-        PlanError: the heatmaps differ in shape, are smaller than 3x3, or the
-            exact one is flat (peak-to-peak below :data:`FLAT`).
-
-    >>> e = np.outer(np.arange(9.0), np.ones(9)) / 8
-    >>> heatmap_ssim(e, e), round(heatmap_ssim(e, e * 0.5 + 0.25), 3)
-    (1.0, 0.798)
-    """
-    from skimage.metrics import structural_similarity
-    exact = np.asarray(exact, dtype=np.float64)
-    approx = np.asarray(approx, dtype=np.float64)
-    if exact.shape != approx.shape:
-        raise PlanError(f"cannot compare heatmaps of shapes {exact.shape} and {approx.shape}")
-    rows, cols = exact.shape
-    if min(rows, cols) < 3:
-        raise PlanError(f"a {rows}x{cols} heatmap is too small for SSIM (at least 3x3 positions): "
-                        f"use a smaller STRIDE")
-    span = float(np.ptp(exact))
-    if span < FLAT:
-        raise PlanError(f"the exact heatmap is flat (its probability spans {span:.2g} < {FLAT:g}): "
-                        f"SSIM is undefined")
-    win = min(7, rows, cols)
-    win -= 1 - win % 2
-    return float(structural_similarity(exact, approx, data_range=span, win_size=win))
 
 
 # ---------------------------------------------------------------------------
@@ -200,6 +168,9 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
     notes: list[str] = []
     input_hw = None
     done = 0
+    policy = refine.RefinePolicy(1.0)
+    maps: dict[str, list] = {}
+    trajectories: dict[str, list] = {}
     bar = _bar(total, progress)
     try:
         for name, array in images:
@@ -223,6 +194,9 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
                 done += len(approx_taus)
                 bar.update(len(approx_taus))
                 continue
+            maps[name] = np.round(np.asarray(exact.heatmap, dtype=np.float64), 6).tolist()
+            if policy.too_small(exact.heatmap.shape) is None:   # replayed on the exact map: no inference
+                trajectories[name] = [list(t) for t in refine.trajectory(policy, exact.heatmap)]
             label = ast.Label("index", exact.label)
             row = []
             for tau in taus:
@@ -250,9 +224,21 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
         model=spec.name, weights=spec.weights, fingerprint=calibration.weights_fingerprint(spec.module),
         input_hw=input_hw, patch=tuple(patch), stride=tuple(stride), color=_color_text(stmt.color),
         taus=taus, ssim=ssim, coefficients=calibration.fit(taus, ssim),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        refine=refine_record(policy, stride, trajectories) if trajectories else None,
+        exact_maps={k: v for k, v in maps.items() if k in ssim})
+    if not trajectories:
+        notes.append(f"adaptive refinement not calibrated: {policy.too_small(np.shape(exact.heatmap))}")
     path = calibration.save(cal)
     return summary(cal, notes + [f"saved to {path}"])
+
+
+def refine_record(policy, stride, trajectories: dict) -> dict:
+    """What a calibration keeps of adaptive refinement: the policy's settings,
+    the grid stride and per image the trajectory (share computed, estimated
+    SSIM, SSIM against exact, per stage) of :func:`kql.planner.refine.trajectory`."""
+    return {"step": policy.step, "batch": policy.batch, "audit": policy.audit, "stride": list(stride),
+            "trajectories": {k: [[round(v, 6) for v in st] for st in t] for k, t in trajectories.items()}}
 
 
 def _heatmap(con, select: ast.Select, bindings: dict):
@@ -295,10 +281,22 @@ def summary(cal: calibration.Calibration, notes: Sequence[str] = ()) -> Table:
                      f"{int((col >= 0.9).sum())}/{len(col)}"])
     picks = ", ".join(f"{s:g} → τ {cal.tau_for(s):.2f}" for s in TARGETS)
     footer = [f"fit: {cal.fit_text()}",
-              f"APPROX SSIM {picks}"] + list(notes)
+              f"APPROX SSIM {picks}"]
+    if cal.refine:
+        footer.append(f"adaptive refinement (margin, median share of positions computed): {refine_text(cal)}")
+    footer += list(notes)
     title = (f"TUNE {cal.model} ({cal.weights}), input {_hw(cal.input_hw)}, patch {_hw(cal.patch)}, "
              f"stride {_hw(cal.stride)}, {cal.n_images} image{'s' if cal.n_images != 1 else ''}")
     return Table(["τ", "mean SSIM", "min SSIM", "fitted", "≥ 0.9"], rows, title=title, footer=footer)
+
+
+def refine_text(cal) -> str:
+    """``0.8: +0.000, 31 % · 0.9: ...`` (``-`` where no margin worked or not measured)."""
+    out = []
+    for s in TARGETS:
+        got = cal.refine_margin(s)
+        out.append(f"{s:g}: " + ("-" if got is None else f"+{got[0]:.3f}, {100 * got[1]:.0f} %"))
+    return " · ".join(out)
 
 
 def _hw(hw) -> str:
@@ -317,9 +315,11 @@ def show_calibrations() -> Table:
         taus = f"{min(c.taus):g}-{max(c.taus):g} ({len(c.taus)})"
         picks = " / ".join(f"{c.tau_for(s):.2f}" for s in TARGETS)
         rows.append([c.model, c.weights, _hw(c.input_hw), _hw(c.patch), _hw(c.stride), str(c.n_images),
-                     taus, c.fit_text(short=True), picks, c.source, c.created[:16].replace("T", " ")])
+                     taus, c.fit_text(short=True), picks, refine_text(c) if c.refine else "-", c.source,
+                     c.created[:16].replace("T", " ")])
     cols = ["model", "weights", "input", "patch", "stride", "images", "τ range", "fit",
-            "τ for SSIM " + "/".join(f"{s:g}" for s in TARGETS), "source", "created"]
+            "τ for SSIM " + "/".join(f"{s:g}" for s in TARGETS), "refinement (margin, share)", "source",
+            "created"]
     footer = [f"(user store: {calibration.user_store()}; TUNE adds to it)"]
     if not rows:
         footer.insert(0, "(no calibrations: make one with TUNE <model> ON <images> PATCH <n>)")

@@ -188,3 +188,25 @@ def select(estimate: np.ndarray, n_select: int) -> np.ndarray:
     """Flat indices of the ``n_select`` positions with the lowest estimated
     probability (the largest drop), ties in row-major order."""
     return np.argsort(estimate.ravel(), kind="stable")[:n_select]
+
+
+def replay(exact: np.ndarray, ratio: tuple[int, int], fraction: float) -> np.ndarray:
+    """The heatmap drill-down returns when every value it computes is the
+    exact one (``exact``, the full heatmap): stage one on every ``ratio``-th
+    row and column (the last ones included, as the grid aligns them), stage
+    two on the ``ceil(fraction * n)`` positions with the lowest estimate.
+    ``TUNE``'s calibration predicts drill-down's SSIM with it.
+
+    >>> e = np.arange(25.0).reshape(5, 5)
+    >>> bool(np.allclose(replay(e, (2, 2), 0.2), e))   # linear: interpolation is exact
+    True
+    """
+    rows, cols = exact.shape
+    ys = np.unique(np.append(np.arange(0, rows, ratio[0]), rows - 1))
+    xs = np.unique(np.append(np.arange(0, cols, ratio[1]), cols - 1))
+    out = interpolate(ys, xs, exact[np.ix_(ys, xs)], np.arange(rows), np.arange(cols))
+    out[np.ix_(ys, xs)] = exact[np.ix_(ys, xs)]
+    chosen = select(out, min(rows * cols, int(math.ceil(fraction * rows * cols))))
+    flat = out.reshape(-1)
+    flat[chosen] = exact.reshape(-1)[chosen]
+    return out

@@ -56,9 +56,11 @@ def tree_lines(step, prefix: str = "", last: bool = True, root: bool = True) -> 
     return lines
 
 
-def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Optional[int] = None) -> str:
+def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Optional[int] = None,
+                 result=None) -> str:
     """The full EXPLAIN text of an optimized plan; with ``timings`` (EXPLAIN
-    ANALYZE) the measured seconds and peak memory too."""
+    ANALYZE) the measured seconds and peak memory too, and with the
+    ``result`` what adaptive refinement did."""
     q = plan.query
     measured = measured_line(plan, timings, peak_memory) if timings else None
     lines = [f"Plan ({plan.mode}{', analyzed' if timings else ''})"]
@@ -86,6 +88,10 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
         lines += _approx_lines(plan)
     if plan.drilldown is not None:
         lines += _drilldown_lines(plan)
+    if getattr(plan, "candidates", None):
+        lines += _candidate_lines(plan)
+    if result is not None and getattr(result, "refine_stages", None):
+        lines += _refined_lines(result)
     if plan.incremental:
         lines += _exact_lines(plan)
     globals_ = [layer for layer in plan.graph.layers() if layer.reason]
@@ -115,6 +121,38 @@ def _approx_lines(plan: Plan) -> list[str]:
     ssim = ("no SSIM prediction (no TUNE calibration for this model, weights, input size and patch)"
             if plan.predicted_ssim is None else f"predicted SSIM vs exact {plan.predicted_ssim:.3f}")
     return [f"approximate: projective-field threshold τ = {plan.tau:g} from {plan.tau_source}; {ssim}{gain}"]
+
+
+def _candidate_lines(plan: Plan) -> list[str]:
+    """The plans APPROX SSIM considered, with predicted SSIM and time (the
+    runtime model's estimate of this plan, scaled by each one's share of the
+    exact plan's work), the chosen one marked →."""
+    from kql.planner.candidates import table_lines
+    chosen = next(c for c in plan.candidates if c.chosen)
+    exact_parts = None
+    runtime = getattr(plan, "runtime", None)
+    if runtime is not None:
+        try:
+            parts = dict(runtime.get().parts)
+        except Exception:   # the estimate line says why
+            parts = None
+        if parts is not None and chosen.cost > 0:
+            parts["batches"] = parts.get("batches", 0.0) / chosen.cost
+            exact_parts = parts
+    return table_lines(plan.candidates, plan.query.approx.value, exact_parts)
+
+
+def _refined_lines(result) -> list[str]:
+    """EXPLAIN ANALYZE of adaptive refinement: the stages run, the positions
+    computed and the estimated SSIM."""
+    n = result.computed.size
+    done = int(result.computed.sum())
+    lines = [f"refinement: computed {done} of {n} positions ({100 * done / n:.0f} %), estimated SSIM vs "
+             f"exact {result.estimated_ssim:.3f}; stages:"]
+    for i, st in enumerate(result.refine_stages):
+        est = "not yet estimated" if i == 0 else f"estimated SSIM {st['estimated_ssim']:.3f}"
+        lines.append(f"  {i + 1}. {st['stage']}: +{st['positions']} positions → {st['computed']} computed, {est}")
+    return lines
 
 
 def _drilldown_lines(plan: Plan) -> list[str]:

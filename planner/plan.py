@@ -130,6 +130,11 @@ class Plan:
     cost_exact: Any = None  # SpeedupReport without the threshold (rules/estimate_cost.py)
     # DRILLDOWN (rules/drilldown.py): a planner.drilldown.DrilldownPlan
     drilldown: Any = None
+    # APPROX SSIM (rules/approximate.py): the plans considered
+    # (planner.candidates.Candidate) and, when adaptive refinement runs, its
+    # planner.refine.RefinePolicy (the executor asks it what to compute)
+    candidates: Optional[list] = None
+    refine: Any = None
 
     @property
     def incremental(self) -> bool:

@@ -528,6 +528,12 @@ def estimate(plan, cal: Calibration) -> Estimate:
                  "batches": one.parts["batches"] + share * two.parts["batches"]}
         batches = one.batches + int(round(share * two.batches))
         return Estimate(sum(parts.values()), parts, batches, cal)
+    policy = getattr(plan, "refine", None)
+    if policy is not None and policy.expected_share is not None:
+        # adaptive refinement: the share of the grid it computed on the tuning images
+        grid = _estimate_grid(plan, cal)
+        parts = dict(grid.parts, batches=policy.expected_share * grid.parts["batches"])
+        return Estimate(sum(parts.values()), parts, int(round(policy.expected_share * grid.batches)), cal)
     return _estimate_grid(plan, cal)
 
 

@@ -1,13 +1,17 @@
-"""Rule: resolve the projective-field threshold τ of an approximate plan.
+"""Rule: choose the approximate plan.
 
-``APPROX TAU t`` gives τ itself. ``APPROX SSIM s`` gives a quality target:
-τ is the smallest threshold whose fitted SSIM reaches ``s`` in the
-calibration ``TUNE`` stored for this model, weights, input size and patch
-(``kql.calibration``; Krypton section 4.4). Without a calibration the query
-runs exact and says how to make one: a guessed τ could miss the target
-silently.
+``APPROX TAU t`` gives τ itself. ``APPROX SSIM s`` gives a quality target,
+a contract over the whole plan: the candidates of ``planner.candidates``
+(exact, τ from the calibration, the user's DRILLDOWN, adaptive refinement)
+are predicted from the calibration ``TUNE`` stored for this model, weights,
+input size and patch (``kql.calibration``), and the cheapest one predicted to
+meet ``s`` runs; none: exact, with a warning that says why. Without a
+calibration the query runs exact and says how to make one: a guessed plan
+could miss the target silently.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from kql.errors import KqlError, PlanError
 
@@ -39,8 +43,7 @@ def approximate(plan):
         plan.root.find("Infer").detail("mode", plan.mode)
         return plan
     else:
-        plan.tau = calibration.tau_for(approx.value)
-        plan.tau_source = f"{keyword} {approx.value:g} via {calibration.describe()}"
+        return _contract(plan, approx.value, calibration)
     if calibration is not None:
         plan.predicted_ssim = calibration.predict(plan.tau)
     if plan.tau >= 1:
@@ -58,3 +61,74 @@ def _calibration(plan):
     patch, or None."""
     from kql import calibration
     return calibration.lookup(plan.spec, plan.input_hw, plan.patch)
+
+
+def _contract(plan, target: float, calibration):
+    """``APPROX SSIM target`` with a calibration: list the candidates, run the
+    cheapest predicted to meet the target (``planner.candidates``)."""
+    import dataclasses
+
+    from kql.planner.candidates import enumerate_plans
+    from kql.planner.refine import RefinePolicy
+    keyword = f"APPROX SSIM {target:g}"
+    measured = calibration.refine_margin(target)
+    params = calibration.refine or {}
+    policy = RefinePolicy(target, step=int(params.get("step", 4)), batch=float(params.get("batch", 0.04)),
+                          audit=float(params.get("audit", 0.2)))
+    share = None
+    if measured is not None:
+        policy.margin, share = measured
+        policy.expected_share = share
+    cands = enumerate_plans(plan, target, calibration, policy, share, lambda tau: tau_cost(plan, tau),
+                            refine_measured=bool(calibration.refine))
+    plan.candidates = cands
+    chosen = next(c for c in cands if c.chosen)
+    dd = plan.query.drilldown
+    infer = plan.root.find("Infer")
+    if dd is not None and not chosen.name.startswith("drill-down"):
+        rejected = next(c for c in cands if c.name.startswith("drill-down"))
+        why = (f"is predicted to reach SSIM {rejected.predicted_ssim:.3f} < {target:g}"
+               if rejected.predicted_ssim is not None else "has no SSIM prediction")
+        plan.warnings.append(f"DRILLDOWN FRACTION {dd.fraction:g} SPEEDUP {dd.speedup:g} {why}: ran "
+                             f"{chosen.name} instead (DRILLDOWN permits skipping positions, it does not "
+                             f"lower the SSIM target)")
+        plan.query = dataclasses.replace(plan.query, drilldown=None)
+    if chosen.name == "exact":
+        plan.mode = "exact"
+        reasons = "; ".join(f"{c.name}: {c.note}" for c in cands if c is not chosen and not c.meets)
+        faster = [c for c in cands if c.meets and c is not chosen]
+        why = (f"no approximate plan is predicted to meet SSIM {target:g}"
+               if not faster else f"no approximate plan that meets SSIM {target:g} is predicted to be "
+                                  f"faster than exact")
+        plan.warnings.append(f"{keyword}: {why}: ran EXACT" + (f" ({reasons})" if reasons else ""))
+        plan.record("approximate", f"{keyword}: {why}; running exact")
+        infer.detail("mode", plan.mode)
+        return plan
+    plan.predicted_ssim = chosen.predicted_ssim
+    if chosen.tau is not None:
+        plan.tau = chosen.tau
+        plan.tau_source = f"{keyword} via {calibration.describe()}"
+        plan.record("approximate", f"τ = {plan.tau:.3g} from {plan.tau_source}, predicted SSIM "
+                                   f"{chosen.predicted_ssim:.3f} ({chosen.note}), "
+                                   f"{100 * chosen.cost:.0f} % of exact's work")
+    elif chosen.name == "refine":
+        plan.refine = policy
+        plan.record("approximate", f"{keyword}: adaptive refinement, {policy.describe()}; "
+                                   f"{chosen.note}")
+        infer.detail("refine", f"SSIM ≥ {target:g} checked at run time (stops at estimated "
+                               f"{policy.goal:.3f})")
+    else:   # the user's drill-down, predicted to meet the target
+        plan.record("approximate", f"{keyword}: {chosen.name}, predicted SSIM {chosen.predicted_ssim:.3f} "
+                                   f"({chosen.note})")
+    return plan
+
+
+def tau_cost(plan, tau: float) -> float:
+    """Incremental FLOPs of a τ plan as a share of the exact plan's, over
+    every third row and column of the grid (a sample is enough to compare)."""
+    from kql.planner.cost import theoretical_speedup
+    yy, xx = np.meshgrid(plan.ys[::3], plan.xs[::3], indexing="ij")
+    ys, xs = yy.ravel(), xx.ravel()
+    approx = theoretical_speedup(plan.graph, ys, xs, plan.patch, tau)
+    exact = theoretical_speedup(plan.graph, ys, xs, plan.patch)
+    return float(np.mean(approx.inc_flops) / np.mean(exact.inc_flops))

@@ -1,0 +1,103 @@
+"""Adaptive refinement execution: the anytime, coarse-to-fine executor of
+``APPROX SSIM s`` (``planner.refine``).
+
+The executor only runs positions: it materializes the views once
+(:class:`~kql.executor.incremental.IncrementalRunner`), runs what the plan's
+:class:`~kql.planner.refine.RefinePolicy` asks for, batch by batch (each
+batch one IVM call per layer, split by the policy's ``batches``: the plan's MQO
+partition restricted to the positions), and hands the computed values
+back to the policy, which decides what comes next and when to stop.
+
+Progress: one bar over the grid's positions whose description carries the
+current stage and estimated SSIM (it usually stops before the end: the
+positions refinement did not need). A :func:`~kql.executor.common.batch_hook`
+sees ``(done, grid size)`` after every batch and may cancel; Ctrl-C raises
+:class:`~kql.errors.QueryInterrupted` saying how far refinement got.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+
+from kql.errors import KqlError, QueryInterrupted
+from kql.executor.common import _BATCH_HOOK, model_failed
+
+
+def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
+    """Probabilities on the query's grid (flat, row-major), the seconds taken
+    and what refinement did: ``{"computed": mask, "estimated_ssim": float,
+    "stages": [...], "positions": int}``."""
+    from kql.executor.incremental import IncrementalRunner
+    from kql.planner.geometry import Rects, propagate
+    policy = plan.refine
+    start = time.perf_counter()
+    shape = (len(plan.ys), len(plan.xs))
+    n = shape[0] * shape[1]
+    regions = plan.regions
+    if regions is None:
+        ys, xs = plan.positions()
+        regions = propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch), None)
+    hook = _BATCH_HOOK.get()
+    bar = _bar(n, progress)
+    state = policy.start(shape)
+    done = 0
+    stage = "lattice"
+    try:
+        if hook is not None:
+            hook(0, n)
+        with torch.inference_mode():
+            runner = IncrementalRunner(plan, model, regions, frozenset(plan.full_layers or ()),
+                                       plan.gather_backend)
+            todo = policy.initial(shape)
+            while len(todo):
+                order, bounds = policy.batches(plan, todo)
+                values = np.full(n, np.nan)
+                for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                    idx = order[a:b]
+                    try:
+                        values[idx] = runner.run(idx, label)
+                    except (KqlError, KeyboardInterrupt):
+                        raise
+                    except Exception as e:
+                        raise model_failed(plan, e, len(idx)) from e
+                    done += len(idx)
+                    bar.update(len(idx))
+                    if hook is not None:
+                        hook(done, n)
+                policy.update(state, todo, values[todo], stage)
+                bar.set_description(f"refining (est. SSIM {state.estimated_ssim:.3f})")
+                stage = "refine"
+                todo = policy.next(state)
+    except KeyboardInterrupt:
+        raise QueryInterrupted(f"interrupted during refinement after {done} of {n} positions "
+                               f"(estimated SSIM {state.estimated_ssim:.3f}); nothing was written") from None
+    finally:
+        bar.close()
+    info = {"computed": state.computed.copy(), "estimated_ssim": state.estimated_ssim,
+            "stages": state.stages, "positions": int(state.computed.sum()), "error_scale": state.k}
+    return state.estimate.reshape(-1).astype(np.float32), time.perf_counter() - start, info
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_description(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, progress: str):
+    """A tqdm bar (the executors' rules: ``auto`` shows it on a terminal)."""
+    disable = {"on": False, "off": True}.get(progress, None)
+    if disable is None:
+        disable = not sys.stderr.isatty()
+    if disable:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc="refining", unit="pos", leave=False, file=sys.stderr, dynamic_ncols=True)

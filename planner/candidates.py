@@ -1,0 +1,138 @@
+"""The SSIM contract: which approximate plan ``APPROX SSIM s`` runs.
+
+``APPROX SSIM s`` promises a heatmap whose SSIM against the exact one is at
+least ``s``, as far as the engine can predict and check. The optimizer lists
+the strategies it knows, predicts each one's SSIM (from the ``TUNE``
+calibration) and its cost (FLOPs from the cost model, as a share of the exact
+plan's; EXPLAIN turns it into seconds with the runtime model), and runs the
+cheapest one that meets ``s``. None meets it, or none is cheaper than exact:
+the query runs exact and says why.
+
+The strategies:
+
+- **exact** (SSIM 1, the fallback);
+- **τ** -- projective-field thresholding at the τ the calibration picks for
+  ``s`` (:meth:`kql.calibration.Calibration.tau_for`); predicted SSIM: what
+  :data:`kql.calibration.COVERAGE` of the tuning images reached at that τ;
+- **drill-down** (Krypton 4.3, only when the query says ``DRILLDOWN``): the
+  fixed two-stage plan of its FRACTION and SPEEDUP; predicted SSIM: the same
+  share of the tuning images' drill-down SSIM, replayed on the exact heatmaps
+  the calibration keeps (stage one and two run exact values, so replaying on
+  an exact heatmap is what running it gives);
+- **refine** -- adaptive refinement (``planner.refine``), which checks its
+  estimate of the SSIM at run time and stops at ``s`` plus the calibrated
+  margin; predicted cost: the median share of positions it computed on the
+  tuning images. ``DRILLDOWN`` written with ``APPROX SSIM`` adds the
+  drill-down candidate: the user's permission to skip positions, never a
+  licence to miss ``s`` (rejected, the query says so and runs the plan
+  chosen instead).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+@dataclass
+class Candidate:
+    """One plan ``APPROX SSIM s`` considered.
+
+    Attributes:
+        name: ``exact``, ``τ 0.7``, ``drill-down S1 16x16 r 0.25``, ``refine``.
+        predicted_ssim: the SSIM predicted against exact (None: no prediction).
+        cost: FLOPs as a share of the exact plan's (1.0 for exact).
+        meets: whether it is predicted to meet the target.
+        note: why it was rejected, or how the prediction was made.
+        chosen: the one that runs.
+        tau: the threshold of a τ plan.
+    """
+    name: str
+    predicted_ssim: Optional[float]
+    cost: float
+    meets: bool
+    note: str = ""
+    chosen: bool = False
+    tau: Optional[float] = None
+
+    def predicted_seconds(self, exact_parts: dict) -> float:
+        """Seconds from the exact plan's runtime estimate (``Estimate.parts``):
+        reference and views once, the batches scaled by the cost share."""
+        fixed = exact_parts.get("reference", 0.0) + exact_parts.get("views", 0.0)
+        return fixed + self.cost * exact_parts.get("batches", 0.0)
+
+
+def enumerate_plans(plan, target: float, calibration, policy, refine_share: Optional[float],
+                    tau_cost, refine_measured: bool = True) -> list[Candidate]:
+    """The candidates for ``APPROX SSIM target`` (see the module docstring).
+
+    ``policy`` is the refinement policy the plan would run, ``refine_share``
+    the share of positions refinement computed on the tuning images (None:
+    not calibrated), ``tau_cost(tau)`` the cost share of a τ plan.
+    """
+    out = [Candidate("exact", 1.0, 1.0, True, "computes every position")]
+    if calibration is None:
+        out.append(Candidate("τ", None, float("nan"), False,
+                             "no TUNE calibration: its SSIM cannot be predicted"))
+    else:
+        tau = calibration.tau_for(target)
+        if tau >= 1:
+            out.append(Candidate("τ", None, 1.0, False,
+                                 f"no tuned τ < 1 kept SSIM ≥ {target:g} on {calibration.coverage_text()}"))
+        else:
+            reached = calibration.reached(tau)
+            out.append(Candidate(f"τ {tau:g}", reached, tau_cost(tau), reached >= target,
+                                 f"{calibration.coverage_text()} reached {reached:.3f}", tau=tau))
+    dd = plan.query.drilldown
+    if dd is not None:
+        from kql.planner.drilldown import expected_speedup, stage_one_stride
+        s1 = (stage_one_stride(plan.stride[0], dd.fraction, dd.speedup),
+              stage_one_stride(plan.stride[1], dd.fraction, dd.speedup))
+        name = f"drill-down S1 {s1[0]}x{s1[1]} r {dd.fraction:g}"
+        share = 1.0 / math.sqrt(expected_speedup(s1[0], plan.stride[0], dd.fraction)
+                                * expected_speedup(s1[1], plan.stride[1], dd.fraction))
+        predicted = None if calibration is None else calibration.drilldown_ssim(dd.fraction, s1, plan.stride)
+        if predicted is None:
+            out.append(Candidate(name, None, share, False, "its SSIM cannot be predicted (no calibration "
+                                                           "holding exact heatmaps)"))
+        else:
+            out.append(Candidate(name, predicted, share, predicted >= target,
+                                 f"replayed on {calibration.coverage_text()}"))
+    small = policy.too_small((len(plan.ys), len(plan.xs)))
+    if small:
+        out.append(Candidate("refine", None, 1.0, False, small))
+    elif not refine_measured:
+        out.append(Candidate("refine", None, float("nan"), False,
+                             "the calibration predates adaptive refinement: TUNE again to measure it"))
+    elif refine_share is None:
+        out.append(Candidate("refine", None, 1.0, False,
+                             f"on the tuning images no safety margin made its run-time check reach "
+                             f"{target:g}"))
+    else:
+        how = (f"stops at estimated SSIM ≥ {policy.goal:.3f} (target + calibrated margin "
+               f"{policy.margin:.3f}); computed a median {100 * refine_share:.0f} % of the positions on the "
+               f"tuning images")
+        out.append(Candidate("refine", target, refine_share, True, how))
+    cheaper = [c for c in out if c.meets and c.cost < 1.0]
+    best = min(cheaper, key=lambda c: c.cost) if cheaper else out[0]
+    best.chosen = True
+    return out
+
+
+def table_lines(candidates: list[Candidate], target: float, exact_parts: Optional[dict]) -> list[str]:
+    """EXPLAIN's lines: one per candidate, the chosen one marked."""
+    lines = [f"APPROX SSIM {target:g}: plans considered (predicted SSIM vs exact, predicted time from the "
+             f"runtime model, share of the exact plan's work):"]
+    for c in candidates:
+        ssim = "-" if c.predicted_ssim is None else (f"≥{c.predicted_ssim:.3f} (checked at run time)"
+                                                    if c.name == "refine" and c.meets else
+                                                    f"{c.predicted_ssim:.3f}")
+        cost = "-" if not np.isfinite(c.cost) else f"{100 * c.cost:.0f} %"
+        secs = ""
+        if exact_parts is not None and np.isfinite(c.cost):
+            from kql.planner.plan import format_seconds
+            secs = f", ≈{format_seconds(c.predicted_seconds(exact_parts))}"
+        mark = "→" if c.chosen else ("✓" if c.meets else "✗")
+        lines.append(f"  {mark} {c.name}: SSIM {ssim}, work {cost}{secs}; {c.note}")
+    return lines
