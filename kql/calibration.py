@@ -134,16 +134,18 @@ class Calibration:
     def refine_margin(self, target: float, margins=None) -> Optional[tuple[float, float]]:
         """``(margin, share)`` for adaptive refinement at SSIM ``target``: the
         smallest margin at which refinement, stopping at estimated SSIM ≥
-        ``target + margin``, reached ``target`` on *every* tuning image, and
-        the median share of positions it computed then. None: not measured,
-        or no margin worked (then refinement runs every position).
+        ``target + margin``, reached ``target`` plus a small cushion
+        (:data:`kql.planner.refine.CUSHION`) on *every* tuning image, and the
+        median share of positions it computed then. None: not measured, or no
+        margin worked.
         """
         if not self.refine or not self.refine.get("trajectories"):
             return None
-        from kql.planner.refine import MARGINS, stop_point
+        from kql.planner.refine import CUSHION, MARGINS, stop_point
+        need = min(target + CUSHION, 1.0)
         for m in (MARGINS if margins is None else margins):
             stops = [stop_point(t, target + m) for t in self.refine["trajectories"].values()]
-            if all(true >= target for _, true in stops):
+            if all(true >= need - 1e-12 for _, true in stops):
                 return float(m), float(np.median([share for share, _ in stops]))
         return None
 

@@ -233,6 +233,37 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
     return summary(cal, notes + [f"saved to {path}"])
 
 
+def measure_refinement(con, model: str, images, patch, stride, color=None, weights=None,
+                       bindings: Optional[dict] = None, progress: str = "auto") -> tuple[dict, dict]:
+    """Calibrate adaptive refinement at another stride than a TUNE's τ curve
+    (``scripts/calibrate_efficientnet.py`` does, to calibrate refinement on the
+    fine grids it is for while the τ curve stays cheap): the exact heatmap of
+    every image at ``stride``, refinement replayed on each. Returns
+    ``(refine record, exact heatmaps)`` for :class:`kql.calibration.Calibration`."""
+    bindings = dict(bindings or {})
+    policy = refine.RefinePolicy(1.0)
+    trajectories, maps = {}, {}
+    pics = sample_images(con, images, bindings)
+    bar = _bar(len(pics), progress)
+    try:
+        for name, array in pics:
+            run = dict(bindings, **{_BOUND: array})
+            exact = _heatmap(con, ast.Select(source=ast.Source("name", _BOUND), model=model, weights=weights,
+                                             patch=patch, stride=stride, color=color or ast.Color("gray"),
+                                             mode="exact"), run)
+            bar.update(1)
+            if np.ptp(exact.heatmap) < FLAT or policy.too_small(exact.heatmap.shape):
+                continue
+            maps[name] = np.round(np.asarray(exact.heatmap, dtype=np.float64), 6).tolist()
+            trajectories[name] = refine.trajectory(policy, exact.heatmap)
+    finally:
+        bar.close()
+    if not trajectories:
+        raise PlanError(f"no heatmap of {model} at patch {patch[0]}x{patch[1]}, stride {stride[0]}x{stride[1]} "
+                        f"can calibrate refinement (all flat, or grids too small)")
+    return refine_record(policy, stride, trajectories), maps
+
+
 def refine_record(policy, stride, trajectories: dict) -> dict:
     """What a calibration keeps of adaptive refinement: the policy's settings,
     the grid stride and per image the trajectory (share computed, estimated

@@ -77,13 +77,16 @@ def enumerate_plans(plan, target: float, calibration, policy, refine_share: Opti
                              "no TUNE calibration: its SSIM cannot be predicted"))
     else:
         tau = calibration.tau_for(target)
-        if tau >= 1:
-            out.append(Candidate("τ", None, 1.0, False,
-                                 f"no tuned τ < 1 kept SSIM ≥ {target:g} on {calibration.coverage_text()}"))
+        below = [t for t in calibration.taus if t < 1]
+        if tau >= 1 and not below:
+            out.append(Candidate("τ", None, 1.0, False, "the calibration tuned no τ < 1"))
         else:
-            reached = calibration.reached(tau)
-            out.append(Candidate(f"τ {tau:g}", reached, tau_cost(tau), reached >= target,
-                                 f"{calibration.coverage_text()} reached {reached:.3f}", tau=tau))
+            # the τ it picks, or, when none qualifies, the mildest tuned one (rejected)
+            t = tau if tau < 1 else max(below)
+            reached = calibration.reached(t)
+            meets = tau < 1 and reached >= target
+            note = f"{calibration.coverage_text()} reached {reached:.3f}"
+            out.append(Candidate(f"τ {t:g}", reached, tau_cost(t), meets, note, tau=t))
     dd = plan.query.drilldown
     if dd is not None:
         from kql.planner.drilldown import expected_speedup, stage_one_stride

@@ -8,6 +8,16 @@ download); the others are held out for benchmarks/approx_quality.py.
 
     .venv/bin/python scripts/calibrate_efficientnet.py                # patch 16, stride 16
     .venv/bin/python scripts/calibrate_efficientnet.py --patches 8,16,32
+    # what ships: τ curves at stride = patch, refinement at stride = patch / 4
+    .venv/bin/python scripts/calibrate_efficientnet.py --patches 16 --refine-only --refine-stride 4
+    .venv/bin/python scripts/calibrate_efficientnet.py --patches 8,32 --refine-stride 4,8
+
+Adaptive refinement (``APPROX SSIM``'s run-time check, ``planner.refine``) is
+calibrated on fine grids, where it is used: ``--refine-stride`` runs the exact
+heatmaps of the tuning photos at that stride and replays refinement on them
+(``kql.tune.measure_refinement``); ``--refine-only`` keeps the τ curves
+already in ``--out`` and adds refinement to them. Calibrations for other
+patch sizes already in ``--out`` are kept.
 
 The stride defaults to the patch (non-overlapping patches): TUNE runs seven
 heatmaps per photo, and at stride 16 one takes tens of seconds on two CPU
@@ -41,25 +51,42 @@ def main(argv=None) -> int:
     ap.add_argument("--images", default=",".join(TUNING), help="comma-separated sample photo names")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--out", default=str(ROOT / "kql" / "calibrations" / "efficientnet_lite0.json"))
+    ap.add_argument("--refine-stride", default=None,
+                    help="comma-separated strides (one per patch) at which to calibrate adaptive refinement")
+    ap.add_argument("--refine-only", action="store_true",
+                    help="keep the τ curves already in --out, add refinement only")
     args = ap.parse_args(argv)
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ["KQL_DATA_DIR"] = tempfile.mkdtemp(prefix="kql-calibrate-")   # never the user's store
     import kql
-    from kql import ast, calibration
+    from kql import ast, calibration, tune
 
     con = kql.connect(progress="auto")
     images = tuple(s.strip() for s in args.images.split(",") if s.strip())
-    found = []
-    for patch in (int(p) for p in args.patches.split(",")):
-        stride = args.stride or patch
-        stmt = ast.Tune("efficientnet_lite0", images, patch=(patch, patch), stride=(stride, stride), taus=TAUS)
-        t0 = time.perf_counter()
-        print(con.execute(stmt), flush=True)
-        print(f"({time.perf_counter() - t0:.0f} s)\n", flush=True)
-        found += [c for c in calibration.load_all() if c.source == "user" and c.patch == (patch, patch)]
     out = Path(args.out)
+    patches = [int(p) for p in args.patches.split(",")]
+    refine_strides = [int(s) for s in args.refine_stride.split(",")] if args.refine_stride else [None] * len(patches)
+    if len(refine_strides) != len(patches):
+        ap.error("--refine-stride needs one stride per patch")
+    kept = {c.patch: c for c in calibration._read(out, "built-in")} if out.exists() else {}
+    for patch, rstride in zip(patches, refine_strides):
+        t0 = time.perf_counter()
+        if args.refine_only:
+            cal = kept[(patch, patch)]
+        else:
+            stride = args.stride or patch
+            stmt = ast.Tune("efficientnet_lite0", images, patch=(patch, patch), stride=(stride, stride), taus=TAUS)
+            print(con.execute(stmt), flush=True)
+            (cal,) = [c for c in calibration.load_all() if c.source == "user" and c.patch == (patch, patch)]
+        if rstride is not None:
+            cal.refine, cal.exact_maps = tune.measure_refinement(con, "efficientnet_lite0", images,
+                                                                 (patch, patch), (rstride, rstride))
+            print(tune.summary(cal), flush=True)
+        print(f"({time.perf_counter() - t0:.0f} s)\n", flush=True)
+        kept[(patch, patch)] = cal
+    found = [kept[k] for k in sorted(kept)]
     calibration.write(out, found)
     print(f"wrote {len(found)} calibration(s) to {out}")
     return 0

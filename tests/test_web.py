@@ -122,13 +122,16 @@ def test_unknown_routes_and_methods_answer_json(client):
 
 # ---------------------------------------------------------------- approximate mode
 
-def test_approximate_needs_a_calibration(client):
-    r = client.get("/api/approximate", params={"model": LITE, "patch": 32})
-    assert r.json() == {"available": False, "ssim": [], "tau": {},
-                        "reason": f"{LITE} is not calibrated for patch 32 (TUNE {LITE} ON ... PATCH 32)"}
-    bad = client.post("/api/explain", json={**SMALL, "mode": "approximate", "ssim": 0.9})
+def test_approximate_needs_a_calibration_and_says_how_to_make_one(client):
+    r = client.get("/api/approximate", params={"model": LITE, "patch": 4})
+    reason = (f"{LITE} has no SSIM calibration for patch 4 yet; make one in the kql shell with TUNE {LITE} ON "
+              f"<sample images> PATCH 4 (e.g. TUNE {LITE} ON coffee, chelsea, astronaut PATCH 4), then reload "
+              f"this page")
+    assert r.json() == {"available": False, "ssim": [], "tau": {}, "reason": reason}
+    assert "not available" not in reason
+    bad = client.post("/api/explain", json={**SMALL, "patch": 4, "mode": "approximate", "ssim": 0.9})
     assert bad.status_code == 400
-    assert error(bad) == f"approximate mode: {LITE} is not calibrated for patch 32 (TUNE {LITE} ON ... PATCH 32)"
+    assert error(bad) == f"approximate mode: {reason}"
 
 
 def test_approximate_with_the_shipped_calibration(client):
@@ -138,6 +141,8 @@ def test_approximate_with_the_shipped_calibration(client):
     ok = client.post("/api/explain", json={**SMALL, "patch": 16, "stride": 16, "mode": "approximate", "ssim": 0.9})
     assert ok.status_code == 200, ok.text
     assert f"τ = {r['tau']['0.9']:g} from APPROX SSIM 0.9 via built-in calibration" in ok.json()["explain"]
+    # the page shows the plan chosen and its predicted SSIM
+    assert ok.json()["approximate_plan"] == f"τ {r['tau']['0.9']:g}" and ok.json()["predicted_ssim"] >= 0.9
     req = RunRequest("sample-coffee", LITE, 16, 8, "approximate", 0.9, None)
     assert req.query == f"SELECT HEATMAP FROM img USING {LITE} PATCH 16 STRIDE 8 APPROX SSIM 0.9"
 

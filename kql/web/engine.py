@@ -71,8 +71,10 @@ def approximate_support(con, model: str, patch: int) -> dict:
 
     The one place that decides it: approximate mode needs a ``TUNE``
     calibration of the model at this patch size (``kql.calibration``, what
-    ``SHOW CALIBRATIONS`` lists); without one ``APPROX SSIM`` would run exact.
-    Each target comes with the τ the calibration picks for it.
+    ``SHOW CALIBRATIONS`` lists); without one ``APPROX SSIM`` would run exact,
+    and the reason says how to make one. Each target comes with the τ the
+    calibration picks for it (the plan that runs, and the SSIM predicted for
+    it, are the EXPLAIN's: ``/api/explain``).
 
     Returns:
         ``{"available": bool, "ssim": [targets, ascending], "tau": {target: τ},
@@ -87,7 +89,9 @@ def approximate_support(con, model: str, patch: int) -> dict:
         return {"available": False, "ssim": [], "tau": {}, "reason": f"no calibrations: {_first_line(e)}"}
     if not found:
         return {"available": False, "ssim": [], "tau": {},
-                "reason": f"{model} is not calibrated for patch {patch} (TUNE {model} ON ... PATCH {patch})"}
+                "reason": f"{model} has no SSIM calibration for patch {patch} yet; make one in the kql shell "
+                          f"with TUNE {model} ON <sample images> PATCH {patch} (e.g. TUNE {model} ON coffee, "
+                          f"chelsea, astronaut PATCH {patch}), then reload this page"}
     cal = found[0]
     return {"available": True, "ssim": list(SSIM_TARGETS),
             "tau": {str(t): cal.tau_for(t) for t in SSIM_TARGETS}, "reason": ""}
@@ -247,7 +251,10 @@ class Engine:
             finally:
                 self.lock.release()
         seconds, basis = _estimate(plan)
+        chosen = next((c for c in plan.candidates or () if c.chosen), None)
         return {"query": request.query, "explain": text, "mode": plan.mode,
+                "approximate_plan": None if chosen is None else chosen.name,
+                "predicted_ssim": None if plan.predicted_ssim is None else round(float(plan.predicted_ssim), 4),
                 "speedup": round(float(plan.cost.r_grid), 3), "positions": int(plan.n_positions),
                 "estimated_seconds": seconds, "estimate_basis": basis,
                 "warnings": list(plan.warnings)}
@@ -280,6 +287,9 @@ class Engine:
             "region": None if r.region is None else [r.region.x0, r.region.y0, r.region.x1, r.region.y1],
             "input": list(r.image.shape[:2]), "range": [lo, hi], "colormap": COLORMAP,
             "speedup": round(float(e.speedup), 3), "explain": e.text, "warnings": list(r.warnings),
+            "predicted_ssim": None if r.plan.predicted_ssim is None else round(float(r.plan.predicted_ssim), 4),
+            "estimated_ssim": None if r.estimated_ssim is None else round(float(r.estimated_ssim), 4),
+            "computed": None if r.computed is None else int(r.computed.sum()),
         }
 
 

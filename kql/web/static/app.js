@@ -209,8 +209,12 @@ async function estimate() {
     $("est-positions").textContent = `${e.positions}`;
     $("est-time").textContent = e.estimated_seconds == null ? "–" : `≈ ${seconds(e.estimated_seconds)}`;
     $("est-speedup").textContent = `${e.speedup.toFixed(2)}× (incremental vs naive FLOPs)`;
-    $("est-note").textContent = e.estimated_seconds == null ? `${e.mode} plan; ${e.estimate_basis}`
-                                                            : `${e.mode} plan; time estimated from ${e.estimate_basis}`;
+    const approx = e.approximate_plan ? ` (${e.approximate_plan}` +
+      (e.predicted_ssim == null ? ")" : `, predicted SSIM ${e.predicted_ssim.toFixed(3)}` +
+        (e.approximate_plan === "refine" ? " or better, checked while it runs)" : ")")) : "";
+    $("est-note").textContent = (e.estimated_seconds == null ? `${e.mode} plan${approx}; ${e.estimate_basis}`
+                                                             : `${e.mode} plan${approx}; time estimated from ${e.estimate_basis}`) +
+      (e.warnings.length ? ` · ${e.warnings.join(" · ")}` : "");
     if (!state.job) {
       $("explain").textContent = e.explain;
       $("explain-what").textContent = "(plan of the query, not run yet)";
@@ -298,6 +302,10 @@ function showResult(r, files) {
   $("time").textContent = seconds(r.seconds);
   $("result-mode").textContent = r.mode;
   $("result-positions").textContent = `${r.positions}`;
+  const quality = [];
+  if (r.predicted_ssim != null) quality.push(`predicted SSIM vs exact ${r.predicted_ssim.toFixed(3)}`);
+  if (r.estimated_ssim != null) quality.push(`estimated SSIM ${r.estimated_ssim.toFixed(3)} after computing ${r.computed} of ${r.positions} positions`);
+  $("result-ssim").textContent = quality.join(" · ");
   $("result-warnings").textContent = r.warnings.join(" · ");
   $("result").hidden = false;
   $("cb-gradient").style.background = `linear-gradient(to right, ${r.colormap.join(", ")})`;
