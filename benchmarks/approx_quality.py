@@ -48,16 +48,22 @@ def run(con, query: str, **bindings):
     return r, time.perf_counter() - t0
 
 
-def measure(con, model: str, images: dict, patch: int, stride: int, naive_names, repeat: int) -> dict:
-    """Exact, approximate (per target) and naive runs of every held-out image.
+def measure(con, model: str, images: dict, patch: int, stride: int, naive_names, repeat: int,
+            drilldown=()) -> dict:
+    """Exact, approximate (per target, and with ``DRILLDOWN`` for the targets
+    in ``drilldown``) and naive runs of every held-out image.
 
-    Per image the runs are interleaved (exact, each τ, naive) ``repeat`` times and
-    each one's minimum time is kept, so warm-up and load drift hit all alike."""
+    Per image the runs are interleaved (exact, each approximate query, naive)
+    ``repeat`` times and each one's minimum time is kept, so warm-up and load
+    drift hit all alike. Recorded per query: the plan ``APPROX SSIM`` chose
+    (``planner.candidates``), the SSIM reached, the run-time estimate of
+    refinement, the share of positions computed."""
     from kql import tune
     base = f"SELECT HEATMAP FROM img USING {model} PATCH {patch} STRIDE {stride}"
+    keys = [(t, "") for t in TARGETS] + [(t, " DRILLDOWN") for t in drilldown]
     out = {"images": list(images), "exact_s": {}, "naive_s": {}, "targets": {}, "heatmaps": {}, "flat": []}
-    for t in TARGETS:
-        out["targets"][t] = {"tau": None, "ssim": {}, "time_s": {}}
+    for k in keys:
+        out["targets"][k] = {"plan": {}, "ssim": {}, "time_s": {}, "estimated": {}, "share": {}}
     for name, img in images.items():
         exact, t_exact = run(con, f"{base} EXACT", img=img)
         out["heatmaps"][name] = {"exact": exact}
@@ -66,11 +72,8 @@ def measure(con, model: str, images: dict, patch: int, stride: int, naive_names,
             print(f"  {name}: exact {t_exact:.1f} s, flat heatmap (left out)", flush=True)
             continue
         queries = {"exact": f"{base} EXACT"}
-        taus = {}
-        for t in TARGETS:
-            q = f"{base} LABEL {exact.label} APPROX SSIM {t}"
-            taus[t] = con.plan(q, {"img": img}).tau or 1.0
-            queries.setdefault(taus[t], q)
+        for t, v in keys:
+            queries[(t, v)] = f"{base} LABEL {exact.label} APPROX SSIM {t}{v}"
         if name in naive_names:
             queries["naive"] = f"{base} NAIVE"
         best = {"exact": t_exact}
@@ -85,46 +88,79 @@ def measure(con, model: str, images: dict, patch: int, stride: int, naive_names,
         out["exact_s"][name] = best["exact"]
         if "naive" in best:
             out["naive_s"][name] = best["naive"]
-        for t in TARGETS:
-            rec = out["targets"][t]
-            rec["tau"] = taus[t]
-            rec["ssim"][name] = tune.heatmap_ssim(exact.heatmap, results[taus[t]].heatmap)
-            rec["time_s"][name] = best[taus[t]]
-            out["heatmaps"][name][t] = results[taus[t]]
-        print(f"  {name}: p {exact.p_original:.3f}, heatmap span {np.ptp(exact.heatmap):.3f}, "
-              f"exact {best['exact']:.1f} s" +
-              (f", naive {best['naive']:.1f} s" if "naive" in best else "") + ", " + ", ".join(
-                  f"SSIM {t:g} (τ {taus[t]:g}, {best[taus[t]]:.1f} s) {out['targets'][t]['ssim'][name]:.3f}"
-                  for t in TARGETS), flush=True)
+        for k in keys:
+            r, rec = results[k], out["targets"][k]
+            chosen = next((c.name for c in r.plan.candidates or () if c.chosen), r.mode)
+            rec["plan"][name] = chosen
+            rec["ssim"][name] = tune.heatmap_ssim(exact.heatmap, r.heatmap)
+            rec["time_s"][name] = best[k]
+            rec["estimated"][name] = r.estimated_ssim
+            rec["share"][name] = 1.0 if r.computed is None else float(r.computed.mean())
+            out["heatmaps"][name][k] = r
+        print(f"  {name}: {exact.label_name}, p {exact.p_original:.3f}, heatmap span {np.ptp(exact.heatmap):.3f}, "
+              f"exact {best['exact']:.1f} s" + (f", naive {best['naive']:.1f} s" if "naive" in best else "") +
+              "".join(f"\n    SSIM {t:g}{v}: {out['targets'][(t, v)]['plan'][name]}, "
+                      f"{best[(t, v)]:.1f} s ({best['exact'] / best[(t, v)]:.2f}x), SSIM "
+                      f"{out['targets'][(t, v)]['ssim'][name]:.3f}"
+                      + (f" (estimated {results[(t, v)].estimated_ssim:.3f}, "
+                         f"{100 * out['targets'][(t, v)]['share'][name]:.0f} % computed)"
+                         if results[(t, v)].estimated_ssim is not None else "")
+                      for t, v in keys), flush=True)
     return out
 
 
 def rows(model: str, m: dict) -> list[list[str]]:
     """Table rows per target. Speedups are the median over images of the per-image
     ratio of times, so one run slowed by a busy neighbour does not move them."""
+    from collections import Counter
     table = []
-    for t in TARGETS:
-        rec = m["targets"][t]
+    for (t, v), rec in m["targets"].items():
         s = np.array(list(rec["ssim"].values()))
         names = list(rec["time_s"])
         vs_exact = np.median([m["exact_s"][n] / rec["time_s"][n] for n in names])
         with_naive = [n for n in names if n in m["naive_s"]]
         vs_naive = (f"{np.median([m['naive_s'][n] / rec['time_s'][n] for n in with_naive]):.2f}x"
                     if with_naive else "-")
-        table.append([model, f"{t:g}", f"{rec['tau']:g}", str(len(s)), f"{s.mean():.3f}", f"{s.min():.3f}",
-                      f"{100 * np.mean(s >= t):.0f} %", vs_naive, f"{vs_exact:.2f}x"])
+        plans = ", ".join(f"{p} ×{k}" for p, k in Counter(rec["plan"].values()).most_common())
+        share = np.median(list(rec["share"].values()))
+        table.append([model, f"{t:g}{v}", plans, str(len(s)), f"{np.median(s):.3f}", f"{s.min():.3f}",
+                      f"{100 * np.mean(s >= t):.0f} %", f"{100 * share:.0f} %", vs_naive, f"{vs_exact:.2f}x"])
     return table
+
+
+def unseen_photos() -> dict:
+    """efficientnet_lite0's evaluation photos: from other packages than the
+    scikit-image samples that tuned it (scikit-learn's two sample photos,
+    matplotlib's Grace Hopper), whole and cropped to other sizes and aspect
+    ratios, colour and grey."""
+    import matplotlib
+    from skimage import color, io
+    from sklearn.datasets import load_sample_images
+    china, flower = [np.asarray(i, np.float32) / 255 for i in load_sample_images().images]
+    hopper = io.imread(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))
+    hopper = hopper.astype(np.float32) / 255
+
+    def grey(a):
+        return np.repeat(color.rgb2gray(a)[..., None], 3, 2).astype(np.float32)
+    return {"china": china, "flower": flower, "grace_hopper": hopper,
+            "china_temple_tall": china[0:427, 60:330], "flower_grey": grey(flower),
+            "grace_face_grey": grey(hopper[60:360, 150:420]), "china_wide_grey": grey(china[150:427, :]),
+            "flower_centre": flower[100:380, 200:520]}
 
 
 def lite0(args, con) -> dict:
     from calibrate_efficientnet import TUNING
     from kql import sources
-    held = [n for n in HELD_OUT if n in sources.SAMPLE_IMAGES and n not in TUNING][: args.lite0_held_out]
-    images = {n: sources.load_sample(n) for n in held}
-    print(f"efficientnet_lite0: patch {args.patch}, stride {args.stride}, held out: {', '.join(held)}",
+    if args.photos == "unseen":
+        images = dict(list(unseen_photos().items())[: args.lite0_held_out])
+    else:
+        held = [n for n in HELD_OUT if n in sources.SAMPLE_IMAGES and n not in TUNING][: args.lite0_held_out]
+        images = {n: sources.load_sample(n) for n in held}
+    names = list(images)
+    print(f"efficientnet_lite0: patch {args.patch}, stride {args.stride}, held out: {', '.join(names)}",
           flush=True)
-    return measure(con, "efficientnet_lite0", images, args.patch, args.stride, held[: args.naive_images],
-                   args.repeat)
+    return measure(con, "efficientnet_lite0", images, args.patch, args.stride, names[: args.naive_images],
+                   args.repeat, drilldown=[float(t) for t in args.drilldown.split(",")] if args.drilldown else ())
 
 
 def fmnist(args, con) -> dict:
@@ -149,7 +185,7 @@ def figure(m: dict, path: str, names) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols = [("photo", None), ("exact", "exact")] + [(f"APPROX SSIM {t:g}", t) for t in (0.9, 0.8)]
+    cols = [("photo", None), ("exact", "exact")] + [(f"APPROX SSIM {t:g}", (t, "")) for t in (0.9, 0.8)]
     fig, axes = plt.subplots(len(names), len(cols), figsize=(3 * len(cols), 3 * len(names)), squeeze=False)
     for i, name in enumerate(names):
         maps = m["heatmaps"][name]
@@ -169,7 +205,7 @@ def figure(m: dict, path: str, names) -> None:
                 ax.set_title(f"exact, {m['exact_s'][name]:.1f} s", fontsize=9)
             else:
                 rec = m["targets"][key]
-                ax.set_title(f"{title}: τ {rec['tau']:g}, {rec['time_s'][name]:.1f} s\n"
+                ax.set_title(f"{title}: {rec['plan'][name]}, {rec['time_s'][name]:.1f} s\n"
                              f"SSIM {rec['ssim'][name]:.3f}", fontsize=9)
     fig.suptitle("efficientnet_lite0 occlusion heatmaps (probability of the predicted class), "
                  "held-out photos", fontsize=10)
@@ -185,6 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stride", type=int, default=16, help="efficientnet_lite0 stride (default 16)")
     ap.add_argument("--lite0-held-out", type=int, default=10, help="held-out photos (default 10)")
     ap.add_argument("--naive-images", type=int, default=3, help="photos NAIVE runs on (default 3)")
+    ap.add_argument("--photos", choices=("unseen", "samples"), default="unseen",
+                    help="lite0's evaluation photos: other packages' photos (default) or held-out skimage samples")
+    ap.add_argument("--drilldown", default="0.9", help="targets also run with DRILLDOWN (default 0.9; '' for none)")
     ap.add_argument("--fmnist-patch", type=int, default=4)
     ap.add_argument("--fmnist-stride", type=int, default=2)
     ap.add_argument("--fmnist-tune", type=int, default=12, help="tuning images (default 12)")
@@ -207,8 +246,8 @@ def main(argv=None) -> int:
         table += rows(model, m)
         if model == "efficientnet_lite0" and args.figure:
             figure(m, args.figure, [n for n in m["images"] if n not in m["flat"]][:3])
-    head = ["model", "SSIM target", "τ", "held-out", "mean SSIM", "min SSIM", "≥ target",
-            "vs naive", "vs exact"]
+    head = ["model", "SSIM target", "plan chosen (images)", "held-out", "median SSIM", "min SSIM",
+            "≥ target", "computed", "vs naive", "vs exact"]
     for model, m in results.items():
         if m["flat"]:
             print(f"{model}: {len(m['flat'])} held-out image(s) with a flat exact heatmap left out: "
@@ -219,7 +258,8 @@ def main(argv=None) -> int:
     for r in table:
         print("| " + " | ".join(r) + " |")
     if args.json:
-        slim = {k: {kk: vv for kk, vv in v.items() if kk != "heatmaps"} for k, v in results.items()}
+        slim = {k: {kk: ({f"{t:g}{d}": r for (t, d), r in vv.items()} if kk == "targets" else vv)
+                    for kk, vv in v.items() if kk != "heatmaps"} for k, v in results.items()}
         Path(args.json).write_text(json.dumps(slim, indent=1, default=str))
     return 0
 

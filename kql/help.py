@@ -97,7 +97,9 @@ each sample image it compares the heatmap of APPROX TAU t with the exact one
 and stores the result (SHOW CALIBRATIONS). <images> is a quoted folder or
 glob, or image names separated by commas. STRIDE defaults to half the patch.
 APPROX SSIM s then uses the smallest tuned t at which 80% of the images
-reached s. Ctrl-C stops it without storing anything.
+reached s. TUNE also replays adaptive refinement on each exact heatmap (no
+extra inference) to calibrate its safety margin and expected work, on grids
+of at least 17x17 positions. Ctrl-C stops it without storing anything.
 Examples:
   TUNE efficientnet_lite0 ON coffee, chelsea, astronaut PATCH 16 STRIDE 8;
   TUNE my_net ON 'scans/*.png' PATCH 8 TAUS (0.9, 0.7, 0.5);"""
@@ -108,7 +110,8 @@ SHOW CALIBRATIONS
 Lists the calibrations TUNE made (the user store: $KQL_DATA_DIR, by default
 ~/.local/share/kql/calibrations.json) and those shipped with KQL, with the
 model, weights, input, patch, stride, images, thresholds measured, fit, the
-t chosen for SSIM 0.8 / 0.9 / 0.95 and where each comes from.
+t chosen for SSIM 0.8 / 0.9 / 0.95, adaptive refinement's margin and median
+share of positions computed for each target, and where each comes from.
 Example:
   SHOW CALIBRATIONS;"""
 
@@ -225,8 +228,16 @@ APPROX TAU <t> | APPROX SSIM <s>
 Approximate incremental inference (projective-field thresholding): every
 conv and pooling layer recomputes at most round(t x size) rows and columns
 around the patch and takes the rest from the unoccluded image. TAU gives t
-(0 < t <= 1, 1 = EXACT); SSIM gives the similarity to the exact heatmap to
-keep, and t comes from a TUNE calibration (without one the query runs EXACT).
+(0 < t <= 1, 1 = EXACT).
+
+SSIM s is a promise: the heatmap has SSIM >= s against the exact one, as far
+as KQL can predict and check. From a TUNE calibration it predicts SSIM and
+time of each plan -- a threshold t, DRILLDOWN (when written), adaptive
+refinement (a lattice of positions, then batches where the estimated error
+is largest, until its run-time SSIM estimate reaches s plus a calibrated
+margin) -- and runs the fastest that meets s; none: EXACT, with a warning.
+Without a calibration the query runs EXACT and says which TUNE to run.
+EXPLAIN lists the plans considered; EXPLAIN ANALYZE the refinement stages.
 Examples:
   SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 APPROX TAU 0.5;
   SELECT HEATMAP FROM cat USING efficientnet_lite0 PATCH 16 STRIDE 4 APPROX SSIM 0.9;"""
@@ -238,6 +249,8 @@ Adaptive drill-down: a first pass at a coarser stride, then the query's
 stride on the fraction r (default 0.25) of the positions with the largest
 probability drop. The coarse stride is chosen for a speedup t (default 3)
 over the whole grid; t must be below 1/r. Works with NAIVE, EXACT and APPROX.
+With APPROX SSIM it is a permission, never a licence to miss the target: it
+runs only when its predicted SSIM meets it (else a warning says what ran).
 Example:
   SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 APPROX TAU 0.5 DRILLDOWN;"""
 

@@ -345,7 +345,10 @@ def show_calibrations() -> Table:
     for c in calibration.load_all():
         taus = f"{min(c.taus):g}-{max(c.taus):g} ({len(c.taus)})"
         picks = " / ".join(f"{c.tau_for(s):.2f}" for s in TARGETS)
-        rows.append([c.model, c.weights, _hw(c.input_hw), _hw(c.patch), _hw(c.stride), str(c.n_images),
+        stride = _hw(c.stride)
+        if c.refine and tuple(c.refine.get("stride", c.stride)) != tuple(c.stride):
+            stride += f" (refinement {_hw(c.refine['stride'])})"
+        rows.append([c.model, c.weights, _hw(c.input_hw), _hw(c.patch), stride, str(c.n_images),
                      taus, c.fit_text(short=True), picks, refine_text(c) if c.refine else "-", c.source,
                      c.created[:16].replace("T", " ")])
     cols = ["model", "weights", "input", "patch", "stride", "images", "τ range", "fit",
