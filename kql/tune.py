@@ -268,7 +268,8 @@ def refine_record(policy, stride, trajectories: dict) -> dict:
     """What a calibration keeps of adaptive refinement: the policy's settings,
     the grid stride and per image the trajectory (share computed, estimated
     SSIM, SSIM against exact, per stage) of :func:`kql.planner.refine.trajectory`."""
-    return {"step": policy.step, "batch": policy.batch, "audit": policy.audit, "stride": list(stride),
+    return {"step": policy.step, "batch": policy.batch, "audit": policy.audit, "history": policy.history,
+            "stride": list(stride),
             "trajectories": {k: [[round(v, 6) for v in st] for st in t] for k, t in trajectories.items()}}
 
 

@@ -50,7 +50,8 @@ DEFAULT_MARGIN = 0.03
 #: each later batch computes.
 DEFAULT_STEP = 4
 DEFAULT_BATCH = 0.04
-DEFAULT_AUDIT = 0.2
+DEFAULT_AUDIT = 0.35
+DEFAULT_HISTORY = 6
 
 #: Fewest positions of a batch drawn at random (the error scale's sample).
 MIN_AUDIT = 8
@@ -106,6 +107,8 @@ class RefinePolicy:
             computed yet (the rest: the cells with the largest predicted
             error). The random part is an unbiased sample of the error of
             the positions left, which the error scale is fitted on.
+        history: the error scale is fitted on the audit samples of this many
+            last batches.
         seed: seed of the audit draws and of the Monte Carlo SSIM estimate
             (a run is reproducible).
     """
@@ -115,6 +118,7 @@ class RefinePolicy:
     batch: float = DEFAULT_BATCH
     audit: float = DEFAULT_AUDIT
     seed: int = 0
+    history: int = DEFAULT_HISTORY
     expected_share: Optional[float] = None   # share of the grid it computed on the tuning images
 
     @property
@@ -173,8 +177,8 @@ class RefinePolicy:
                 a = idx[pick]
                 state.audited.append((values[pick] - state.estimate.reshape(-1)[a],
                                       state.scale.reshape(-1)[a]))
-                state.k = fit_scale(np.concatenate([e for e, _ in state.audited[-3:]]),
-                                    np.concatenate([f for _, f in state.audited[-3:]]))
+                state.k = fit_scale(np.concatenate([e for e, _ in state.audited[-self.history:]]),
+                                    np.concatenate([f for _, f in state.audited[-self.history:]]))
         if state.estimate is not None:
             state.residual.reshape(-1)[idx] = np.abs(values - state.estimate.reshape(-1)[idx])
         else:
@@ -395,7 +399,7 @@ def trajectory(policy: RefinePolicy, exact: np.ndarray) -> list[tuple[float, flo
     margin with it. The policy's target does not matter (it never stops)."""
     exact = np.asarray(exact, dtype=np.float64)
     never = RefinePolicy(target=1.0, margin=1.0, step=policy.step, batch=policy.batch, audit=policy.audit,
-                         seed=policy.seed)
+                         seed=policy.seed, history=policy.history)
     state = never.start(exact.shape)
     todo = never.initial(exact.shape)
     out = []

@@ -11,6 +11,7 @@ download); the others are held out for benchmarks/approx_quality.py.
     # what ships: τ curves at stride = patch, refinement at stride = patch / 4
     .venv/bin/python scripts/calibrate_efficientnet.py --patches 16 --refine-only --refine-stride 4
     .venv/bin/python scripts/calibrate_efficientnet.py --patches 8,32 --refine-stride 4,8
+    .venv/bin/python scripts/calibrate_efficientnet.py --replay     # refinement policy changed
 
 Adaptive refinement (``APPROX SSIM``'s run-time check, ``planner.refine``) is
 calibrated on fine grids, where it is used: ``--refine-stride`` runs the exact
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "kql" / "calibrations" / "efficientnet_lite0.json"))
     ap.add_argument("--refine-stride", default=None,
                     help="comma-separated strides (one per patch) at which to calibrate adaptive refinement")
+    ap.add_argument("--replay", action="store_true",
+                    help="recompute refinement from the exact heatmaps already in --out (no inference), "
+                         "after a change to the refinement policy")
     ap.add_argument("--refine-only", action="store_true",
                     help="keep the τ curves already in --out, add refinement only")
     args = ap.parse_args(argv)
@@ -71,6 +75,18 @@ def main(argv=None) -> int:
     if len(refine_strides) != len(patches):
         ap.error("--refine-stride needs one stride per patch")
     kept = {c.patch: c for c in calibration._read(out, "built-in")} if out.exists() else {}
+    if args.replay:
+        import numpy as np
+        from kql.planner import refine
+        for cal in kept.values():
+            if cal.refine and cal.exact_maps:
+                policy = refine.RefinePolicy(1.0)
+                cal.refine = tune.refine_record(policy, cal.refine["stride"], {
+                    k: refine.trajectory(policy, np.asarray(m)) for k, m in cal.exact_maps.items()})
+                print(tune.summary(cal), flush=True)
+        calibration.write(out, [kept[k] for k in sorted(kept)])
+        print(f"replayed refinement in {out}")
+        return 0
     for patch, rstride in zip(patches, refine_strides):
         t0 = time.perf_counter()
         if args.refine_only:

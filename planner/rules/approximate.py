@@ -69,12 +69,14 @@ def _contract(plan, target: float, calibration):
     import dataclasses
 
     from kql.planner.candidates import enumerate_plans
+    from kql.planner import refine
     from kql.planner.refine import RefinePolicy
     keyword = f"APPROX SSIM {target:g}"
     measured = calibration.refine_margin(target)
     params = calibration.refine or {}
     policy = RefinePolicy(target, step=int(params.get("step", 4)), batch=float(params.get("batch", 0.04)),
-                          audit=float(params.get("audit", 0.2)))
+                          audit=float(params.get("audit", refine.DEFAULT_AUDIT)),
+                          history=int(params.get("history", refine.DEFAULT_HISTORY)))
     share = None
     if measured is not None:
         policy.margin, share = measured
