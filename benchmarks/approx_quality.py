@@ -1,16 +1,22 @@
 """Quality and speed of APPROX SSIM on really trained networks (run by hand; prints a table).
 
-For each model: the τ that ``APPROX SSIM s`` picks from the model's calibration
-for s = 0.8, 0.9, 0.95; on held-out images (never used to tune), the SSIM of
-each approximate heatmap against the exact one (``kql.tune.heatmap_ssim``) and
-the share reaching s; and the time of NAIVE, EXACT and each APPROX run, side
-by side in one process on the same images (speedups compare total times).
+For each model and s = 0.8, 0.9, 0.95 (and s with DRILLDOWN for the targets
+``--drilldown`` names): the plan ``APPROX SSIM s`` chose (``planner.candidates``:
+exact, τ, drill-down or adaptive refinement); on held-out images (never used to
+tune), the SSIM of each approximate heatmap against the exact one
+(``kql.tune.heatmap_ssim``), the share reaching s, refinement's run-time
+estimate and share of positions computed; and the time of NAIVE, EXACT and each
+APPROX run, side by side in one process on the same images (speedups compare
+total times).
 
 - ``efficientnet_lite0`` (ImageNet weights, 224x224): the built-in calibration
-  (scripts/calibrate_efficientnet.py tuned it on 6 sample photos); held out:
-  the first ``--lite0-held-out`` of :data:`HELD_OUT`, other bundled scikit-image
-  photos. NAIVE runs on the first ``--naive-images`` of them only (it is the
-  slow one).
+  (scripts/calibrate_efficientnet.py tuned it on nine scikit-image sample
+  photos); held out (``--photos unseen``, the default): photos from other
+  packages, scikit-learn's two sample photos and matplotlib's Grace Hopper,
+  whole and cropped to other sizes and aspect ratios, colour and grey
+  (:func:`unseen_photos`; needs ``pip install '.[bench]'``), or
+  (``--photos samples``) other scikit-image photos. NAIVE runs on the first
+  ``--naive-images`` of them only (it is the slow one).
 - ``fmnist``: kql.zoo's CNN trained on Fashion-MNIST, tuned here (in a
   temporary store) on test images 0..``--fmnist-tune``-1, held out: the
   ``--fmnist-held-out`` test images from index 1000.
@@ -18,6 +24,10 @@ by side in one process on the same images (speedups compare total times).
     .venv/bin/python benchmarks/approx_quality.py                    # both models
     .venv/bin/python benchmarks/approx_quality.py --models fmnist --json out/approx.json
     .venv/bin/python benchmarks/approx_quality.py --figure docs/img/approx_heatmaps.png
+    # the figures in docs/performance.md (issue 10): lite0 patch 16 stride 4, 8 unseen photos
+    .venv/bin/python benchmarks/approx_quality.py --models efficientnet_lite0 --patch 16 --stride 4 \
+        --lite0-held-out 8 --naive-images 1 --repeat 1
+    .venv/bin/python benchmarks/approx_quality.py --models fmnist --fmnist-stride 1 --repeat 1
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
         regions = propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch), None)
     hook = _BATCH_HOOK.get()
     bar = _bar(n, progress)
-    state = policy.start(shape)
+    state = policy.start(shape, plan.batch_size)
     done = 0
     stage = "lattice"
     try:

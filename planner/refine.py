@@ -88,6 +88,7 @@ class RefineState:
     stages: list = field(default_factory=list)   # per stage: dict(stage, positions, computed, estimated_ssim)
     _audit: Optional[np.ndarray] = None    # flat indices of the last batch's audit sample
     residual: Optional[np.ndarray] = None  # |value - estimate before it was computed|, 0 elsewhere
+    unit: int = 1                          # batches are a multiple of this many positions
 
     @property
     def sigma(self) -> np.ndarray:
@@ -154,8 +155,11 @@ class RefinePolicy:
     def batch_size(self, shape: tuple[int, int]) -> int:
         return max(1, int(math.ceil(self.batch * shape[0] * shape[1])))
 
-    def start(self, shape: tuple[int, int]) -> RefineState:
-        return RefineState(values=np.full(shape, np.nan), computed=np.zeros(shape, bool))
+    def start(self, shape: tuple[int, int], unit: int = 1) -> RefineState:
+        """The state before anything is computed. ``unit``: the plan's batch
+        size; refinement batches are rounded up to a multiple of it, so no
+        IVM call runs a batch half full."""
+        return RefineState(values=np.full(shape, np.nan), computed=np.zeros(shape, bool), unit=max(1, int(unit)))
 
     def batches(self, plan, positions: np.ndarray):
         """``(order, bounds)``: ``positions`` split into the plan's MQO
@@ -204,7 +208,8 @@ class RefinePolicy:
         if self.reached(state.stages):
             return np.zeros(0, np.int64)
         left = int(todo.sum())
-        n = min(self.batch_size(state.computed.shape), left)
+        n = self.batch_size(state.computed.shape)
+        n = min(-(-n // state.unit) * state.unit, left)
         rng = np.random.default_rng(self.seed + int(state.computed.sum()))
         n_audit = min(left, n, max(MIN_AUDIT, int(round(self.audit * n))))
         audit = rng.choice(np.flatnonzero(todo), size=n_audit, replace=False)

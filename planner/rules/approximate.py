@@ -115,10 +115,10 @@ def _contract(plan, target: float, calibration):
                                    f"{100 * chosen.cost:.0f} % of exact's work")
     elif chosen.name == "refine":
         plan.refine = policy
-        plan.record("approximate", f"{keyword}: adaptive refinement, {policy.describe()}; "
-                                   f"{chosen.note}")
-        infer.detail("refine", f"SSIM ≥ {target:g} checked at run time (stops at estimated "
-                               f"{policy.goal:.3f})")
+        plan.record("approximate", f"{keyword}: adaptive refinement, {policy.describe()}; computed a "
+                                   f"median {100 * chosen.cost:.0f} % of the positions on the tuning images")
+        infer.detail("check", f"SSIM ≥ {target:g} checked at run time (stops at estimated "
+                              f"{policy.goal:.3f})")
     else:   # the user's drill-down, predicted to meet the target
         plan.record("approximate", f"{keyword}: {chosen.name}, predicted SSIM {chosen.predicted_ssim:.3f} "
                                    f"({chosen.note})")

@@ -164,8 +164,12 @@ def incremental(plan, settings=None):
                                               and l.name not in plan.full_layers)
 
     infer = plan.root.find("Infer")
-    infer.detail("mode", "exact (incremental)" if plan.tau is None else
-                 f"approximate (incremental, projective-field threshold τ = {plan.tau:g})")
+    if getattr(plan, "refine", None) is not None:
+        infer.detail("mode", "approximate (adaptive refinement: exact incremental values at the positions "
+                             "it computes)")
+    else:
+        infer.detail("mode", "exact (incremental)" if plan.tau is None else
+                     f"approximate (incremental, projective-field threshold τ = {plan.tau:g})")
     infer.detail("views", f"{len([l for l in layers if l.spatial and l.name not in plan.full_layers])} "
                           f"layers materialized, ≈{format_bytes(plan.view_bytes)}")
     infer.detail("cutoff", plan.cutoff or "none")
