@@ -162,3 +162,28 @@ def model_failed(plan, error: Exception, batch: int) -> ExecutionError:
                 "add BATCH 1)")
     what = f"a batch of {batch} occluded images" if batch else "the unoccluded image"
     return ExecutionError(f"model '{plan.spec.name}' failed on {what}: {text}{hint}")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_description(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total: int, progress: str, desc: str, unit: str):
+    """A tqdm bar for work that is not a plain batch loop (TUNE's heatmaps,
+    refinement's positions), by the rules :func:`run_batches` follows:
+    ``"on"``, ``"off"``, or ``"auto"`` (a bar on a terminal). With the bar
+    off, an object with the same methods that does nothing."""
+    disable = {"on": False, "off": True}.get(progress, None)
+    if disable is None:
+        disable = not sys.stderr.isatty()
+    if disable:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)

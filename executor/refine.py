@@ -16,14 +16,13 @@ sees ``(done, grid size)`` after every batch and may cancel; Ctrl-C raises
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 import torch
 
 from kql.errors import KqlError, QueryInterrupted
-from kql.executor.common import _BATCH_HOOK, model_failed
+from kql.executor.common import _BATCH_HOOK, model_failed, progress_bar
 
 
 def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
@@ -41,7 +40,7 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
         ys, xs = plan.positions()
         regions = propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch), None)
     hook = _BATCH_HOOK.get()
-    bar = _bar(n, progress)
+    bar = progress_bar(n, progress, "refining", "pos")
     state = policy.start(shape, plan.batch_size)
     done = 0
     stage = "lattice"
@@ -79,25 +78,3 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
     info = {"computed": state.computed.copy(), "estimated_ssim": state.estimated_ssim,
             "stages": state.stages, "positions": int(state.computed.sum()), "error_scale": state.k}
     return state.estimate.reshape(-1).astype(np.float32), time.perf_counter() - start, info
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_description(self, text):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, progress: str):
-    """A tqdm bar (the executors' rules: ``auto`` shows it on a terminal)."""
-    disable = {"on": False, "off": True}.get(progress, None)
-    if disable is None:
-        disable = not sys.stderr.isatty()
-    if disable:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc="refining", unit="pos", leave=False, file=sys.stderr, dynamic_ncols=True)

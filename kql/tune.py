@@ -34,7 +34,6 @@ from __future__ import annotations
 import datetime
 import glob
 import os
-import sys
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -284,23 +283,10 @@ def _color_text(color: ast.Color) -> str:
     return color.kind
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _bar(total: int, progress: str):
     """A tqdm bar over the heatmaps of a TUNE (the same rules as the executor's)."""
-    disable = {"on": False, "off": True}.get(progress, None)
-    if disable is None:
-        disable = not sys.stderr.isatty()
-    if disable:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc="TUNE", unit="heatmap", leave=False, file=sys.stderr, dynamic_ncols=True)
+    from kql.executor.common import progress_bar
+    return progress_bar(total, progress, "TUNE", "heatmap")
 
 
 def summary(cal: calibration.Calibration, notes: Sequence[str] = ()) -> Table:
