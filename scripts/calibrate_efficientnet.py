@@ -10,7 +10,8 @@ download); the others are held out for benchmarks/approx_quality.py.
     .venv/bin/python scripts/calibrate_efficientnet.py --patches 8,16,32
     # what ships: τ curves at stride = patch, refinement at stride = patch / 4
     .venv/bin/python scripts/calibrate_efficientnet.py --patches 16 --refine-only --refine-stride 4
-    .venv/bin/python scripts/calibrate_efficientnet.py --patches 8,32 --refine-stride 4,8
+    .venv/bin/python scripts/calibrate_efficientnet.py --patches 32 --refine-stride 8
+    .venv/bin/python scripts/calibrate_efficientnet.py --patches 8 --refine-stride 4 --taus 1,0.95,0.9,0.8,0.7
     .venv/bin/python scripts/calibrate_efficientnet.py --replay     # refinement policy changed
 
 Adaptive refinement (``APPROX SSIM``'s run-time check, ``planner.refine``) is
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "kql" / "calibrations" / "efficientnet_lite0.json"))
     ap.add_argument("--refine-stride", default=None,
                     help="comma-separated strides (one per patch) at which to calibrate adaptive refinement")
+    ap.add_argument("--taus", default=None, help="comma-separated thresholds (default: TAUS)")
     ap.add_argument("--replay", action="store_true",
                     help="recompute refinement from the exact heatmaps already in --out (no inference), "
                          "after a change to the refinement policy")
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
             cal = kept[(patch, patch)]
         else:
             stride = args.stride or patch
-            stmt = ast.Tune("efficientnet_lite0", images, patch=(patch, patch), stride=(stride, stride), taus=TAUS)
+            taus = tuple(float(t) for t in args.taus.split(",")) if args.taus else TAUS
+            stmt = ast.Tune("efficientnet_lite0", images, patch=(patch, patch), stride=(stride, stride), taus=taus)
             print(con.execute(stmt), flush=True)
             (cal,) = [c for c in calibration.load_all() if c.source == "user" and c.patch == (patch, patch)]
         if rstride is not None:

@@ -92,13 +92,21 @@ def test_tune_stores_a_calibration(tuned, tuned_store, fmnist_net):
     assert cal.coefficients == pytest.approx((a, b, c))
     assert table.footer[1] == "APPROX SSIM " + ", ".join(f"{s:g} → τ {cal.tau_for(s):.2f}"
                                                          for s in (0.8, 0.9, 0.95))
+    # a 13x13 grid is too small for adaptive refinement: said, not silently skipped
+    assert cal.refine is None and sorted(cal.exact_maps) == ["i0", "i1", "i2"]
+    assert any(n.startswith("adaptive refinement not calibrated: the grid (13x13) is too small to refine")
+               for n in table.footer)
 
 
 def test_show_calibrations_lists_it(con, tuned_store):
     table = con.execute("SHOW CALIBRATIONS")
-    row, builtin = table.as_dicts()                     # the user's first, then the built-in ones
+    row, *builtins = table.as_dicts()                   # the user's first, then the built-in ones
     assert row["model"] == "fmnist" and row["source"] == "user"
-    assert (builtin["model"], builtin["source"]) == ("efficientnet_lite0", "built-in")
+    assert {(b["model"], b["source"]) for b in builtins} == {("efficientnet_lite0", "built-in")}
+    # refinement was not calibrated on a 13x13 grid; the built-in ones were, at a finer stride
+    assert row["refinement (margin, share)"] == "-"
+    lite16 = next(b for b in builtins if b["patch"] == "16x16")
+    assert lite16["stride"] == "16x16 (refinement 4x4)" and lite16["refinement (margin, share)"].startswith("0.8: +")
     assert (row["input"], row["patch"], row["stride"], row["images"]) == ("28x28", "4x4", "2x2", "3")
     assert row["τ range"] == "0.4-0.7 (3)"
     (cal,) = user_calibrations()
@@ -280,6 +288,18 @@ def test_heatmap_ssim_limits():
         tune.heatmap_ssim(np.full((5, 5), 0.3), np.zeros((5, 5)))
     e = np.add.outer(np.arange(5.0), np.arange(4.0))      # 5x4: window 3
     assert tune.heatmap_ssim(e, e) == 1.0
+
+
+def test_builtin_efficientnet_calibrations_hold_refinement():
+    """Shipped for patch 8, 16 and 32, each with refinement measured on a grid fine enough for it."""
+    cals = {c.patch: c for c in calibration._read(calibration.BUILTIN_DIR / "efficientnet_lite0.json", "built-in")}
+    assert {(8, 8), (16, 16), (32, 32)} <= set(cals)
+    for cal in cals.values():
+        assert cal.refine and len(cal.refine["trajectories"]) == cal.n_images == len(cal.exact_maps)
+        for traj in cal.refine["trajectories"].values():
+            shares = [t[0] for t in traj]
+            assert shares == sorted(shares) and shares[-1] == 1.0 and traj[-1][2] == pytest.approx(1.0)
+        assert cal.refine_margin(0.9) is not None
 
 
 def test_builtin_efficientnet_calibration_is_shipped():
