@@ -162,7 +162,7 @@ def lite0(args, con) -> dict:
     from calibrate_efficientnet import TUNING
     from kql import sources
     if args.photos == "unseen":
-        images = dict(list(unseen_photos().items())[: args.lite0_held_out])
+        images = dict(list(unseen_photos().items())[args.lite0_from: args.lite0_from + args.lite0_held_out])
     else:
         held = [n for n in HELD_OUT if n in sources.SAMPLE_IMAGES and n not in TUNING][: args.lite0_held_out]
         images = {n: sources.load_sample(n) for n in held}
@@ -231,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stride", type=int, default=16, help="efficientnet_lite0 stride (default 16)")
     ap.add_argument("--lite0-held-out", type=int, default=10, help="held-out photos (default 10)")
     ap.add_argument("--naive-images", type=int, default=3, help="photos NAIVE runs on (default 3)")
+    ap.add_argument("--lite0-from", type=int, default=0,
+                    help="skip this many unseen photos (to split a run over two processes)")
     ap.add_argument("--photos", choices=("unseen", "samples"), default="unseen",
                     help="lite0's evaluation photos: other packages' photos (default) or held-out skimage samples")
     ap.add_argument("--drilldown", default="0.9", help="targets also run with DRILLDOWN (default 0.9; '' for none)")

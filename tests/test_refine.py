@@ -204,6 +204,9 @@ def test_drilldown_predicted_to_miss_is_rejected_with_a_warning(con):
                                   maps={"a": exact.tolist()}))
     r = con.execute(f"{Q} APPROX SSIM {max(0.05, predicted - 0.05):.2f} DRILLDOWN", img=img, net=net)
     assert r.stage_positions is not None
+    # as replayed: both stages compute exact values
+    assert r.plan.drilldown.stage_one.mode == "exact" and r.plan.tau is None
+    np.testing.assert_allclose(r.heatmap[r.computed], exact[r.computed], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- progress and Ctrl-C

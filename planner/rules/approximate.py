@@ -120,8 +120,11 @@ def _contract(plan, target: float, calibration):
         infer.detail("check", f"SSIM ≥ {target:g} checked at run time (stops at estimated "
                               f"{policy.goal:.3f})")
     else:   # the user's drill-down, predicted to meet the target
+        # its prediction replays exact values: both stages run exact (stage one is
+        # planned from this query, planner.drilldown)
+        plan.query = dataclasses.replace(plan.query, mode="exact")
         plan.record("approximate", f"{keyword}: {chosen.name}, predicted SSIM {chosen.predicted_ssim:.3f} "
-                                   f"({chosen.note})")
+                                   f"({chosen.note}); both stages compute exact values")
     return plan
 
 
