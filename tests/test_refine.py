@@ -232,3 +232,10 @@ def test_ctrl_c_during_refinement(con, error):
     with batch_hook(hook), pytest.raises(QueryInterrupted, match=r"^interrupted during refinement after \d+ "
                                                                   r"of 900 positions"):
         con.execute(f"{Q} APPROX SSIM 0.9", img=img, net=net)
+
+
+def test_drilldown_without_a_calibration_does_not_skip_positions(con):
+    net, img = _net(), _image()
+    r = con.execute(f"{Q} APPROX SSIM 0.9 DRILLDOWN", img=img, net=net)
+    assert r.mode == "exact" and r.stage_positions is None and r.computed is None
+    assert "DRILLDOWN with APPROX SSIM needs the calibration too: ran every position" in r.warnings

@@ -40,6 +40,10 @@ def approximate(plan):
             f"{plan.input_hw[0]}x{plan.input_hw[1]} with patch {ph}x{pw}: ran EXACT. Calibrate with "
             f"TUNE {plan.spec.name} ON <sample images> PATCH {ph if ph == pw else f'{ph}x{pw}'}")
         plan.record("approximate", f"{keyword} {approx.value:g}: no calibration, running exact")
+        if plan.query.drilldown is not None:   # its SSIM cannot be predicted either
+            import dataclasses
+            plan.warnings.append("DRILLDOWN with APPROX SSIM needs the calibration too: ran every position")
+            plan.query = dataclasses.replace(plan.query, drilldown=None)
         plan.root.find("Infer").detail("mode", plan.mode)
         return plan
     else:
