@@ -62,14 +62,6 @@ class Full:
     values: Any               # (B, ...) tensor
 
 
-def supports(plan) -> tuple[bool, str]:
-    """Whether exact incremental inference can run this plan, and if not, why.
-
-    Every traced graph is supported: what is not incremental runs in full.
-    """
-    return True, ""
-
-
 class IncrementalRunner:
     """Holds the views of one plan and runs batches of positions."""
 
@@ -91,7 +83,7 @@ class IncrementalRunner:
         # Computed in full (past the cutoff, or after a global layer), their
         # output outside the capped region is reset to the view, so the
         # heatmap does not depend on where the cost model put the cutoff.
-        tau = getattr(plan, "tau", None)
+        tau = plan.tau
         self.capped = frozenset(name for name, layer in self.layers.items()
                                 if tau is not None and tau < 1 and thresholded(layer))
         self._point_ok = {name: self._point_is_pixelwise(name) for name, layer in self.layers.items()
@@ -265,7 +257,7 @@ class IncrementalRunner:
         return self._apply_local(layer, window, oy, ox, h, w)
 
     def _backend(self, layer) -> str:
-        return getattr(self.plan, "layer_backends", {}).get(layer.name, self.backend)
+        return self.plan.layer_backends.get(layer.name, self.backend)
 
     def _apply_local(self, layer, window, oy, ox, h, w) -> torch.Tensor:
         op = layer.op
@@ -394,38 +386,26 @@ def _index(a, device) -> torch.Tensor:
 
 
 def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
-                            positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+                            batches: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, float]:
     """Probability of ``label`` at every grid position (flat, row-major) by
     incremental inference, and the seconds it took (materialization included).
 
-    With ``positions`` (flat grid indices) only those run, batched by the
-    plan's partition restricted to them; the other entries are NaN.
+    The positions run in the plan's batches (``plan.batches()``), or in
+    ``batches`` = ``(order, bounds)`` when given (drill-down's stage two,
+    scheduled by the planner at run time); the positions not run are NaN.
     """
     import time
-    from kql.planner.geometry import propagate
     start = time.perf_counter()
-    ys, xs = plan.positions()
-    regions = getattr(plan, "regions", None) or propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch),
-                                                          getattr(plan, "tau", None))
-    order = getattr(plan, "order", None)
-    if order is None:
-        order = np.arange(len(ys))
-    bounds = getattr(plan, "bounds", None)
-    if positions is not None:
-        from kql.planner.rules.mqo_batches import batches_for
-        order, bounds = batches_for(plan, positions)
-    full_layers = frozenset(getattr(plan, "full_layers", ()) or ())
-    backend = getattr(plan, "gather_backend", "auto")
-    out = np.full(len(ys), np.nan, dtype=np.float32)
+    order, bounds = plan.batches() if batches is None else batches
+    out = np.full(plan.n_positions, np.nan, dtype=np.float32)
     if len(order) == 0:
         return out, time.perf_counter() - start
     with torch.inference_mode():
-        runner = IncrementalRunner(plan, model, regions, full_layers, backend)
+        runner = IncrementalRunner(plan, model, plan.regions, plan.full_layers, plan.gather_backend)
 
         def step(sl: slice) -> None:
             idx = order[sl]
             out[idx] = runner.run(idx, label)
 
-        run_batches(len(order), plan.batch_size if bounds is None else bounds, step, progress=progress,
-                    plan=plan)
+        run_batches(len(order), bounds, step, progress=progress, plan=plan)
     return out, time.perf_counter() - start

@@ -226,7 +226,7 @@ class _Shell:
         """Execute one statement and print its result (if not None)."""
         def execute() -> None:
             result = self.connection().execute(statement)
-            from kql.executor.batch import BatchJob
+            from kql.jobs.batch import BatchJob
             if isinstance(result, BatchJob):
                 try:     # a multi-image query: a line per image as it finishes
                     for item in result:

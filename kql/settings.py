@@ -36,11 +36,8 @@ def _device(value: Any) -> str:
     v = str(value).lower()
     if v not in ("cpu", "cuda"):
         raise PlanError(f"device takes 'cpu' or 'cuda', got {value!r}")
-    if v == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise PlanError("CUDA is not available on this machine: use device 'cpu'")
-    return v
+    from kql.planner.binder import check_device
+    return check_device(v, "CUDA is not available on this machine: use device 'cpu'")
 
 
 def _batch(value: Any) -> int:

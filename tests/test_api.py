@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 import kql
-from kql.planner.explain import Explanation
+from kql.planner.explain import Explanation, plan_tree
 from kql.planner.plan import Plan
 from kql.result import HeatmapResult
 from kql.settings import Settings
@@ -88,7 +88,7 @@ def test_bindings_win_over_session_names(con):
     r = con.execute(QUERY.format("img"), img=flipped)
     assert r.p_original == pytest.approx(float(probabilities(con.catalog.models["net"].module, flipped).max()),
                                          abs=1e-6)
-    assert "bound image 'img'" in r.plan.root.find("Scan").lines()[0]
+    assert "bound image 'img'" in plan_tree(r.plan).find("Scan").lines()[0]
 
 
 def test_register_image_and_model():
@@ -328,5 +328,5 @@ def test_into_writes_the_file(con, tmp_path, ext):
 
 def test_sample_images_by_name_in_any_case(con):
     e = con.explain("SELECT HEATMAP FROM Coffee USING net PATCH 200 STRIDE 200 NAIVE")
-    assert e.plan.root.find("Scan").lines()[0] == "Scan  sample image 'coffee' (400x600)"
+    assert e.root.find("Scan").lines()[0] == "Scan  sample image 'coffee' (400x600)"
     assert e.plan.n_positions == 2 * 3

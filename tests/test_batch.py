@@ -25,9 +25,9 @@ from PIL import Image
 from torch import nn
 
 import kql
-from kql.executor import batch
-from kql.executor.batch import BatchJob, ImageResult
-from kql.executor.manifest import sha256_file
+from kql.jobs import batch
+from kql.jobs.batch import BatchJob, ImageResult
+from kql.jobs.manifest import sha256_file
 
 H, W = 24, 32
 QUERY = "SELECT HEATMAP FROM '{src}' USING net PATCH 8 STRIDE 8 {extra} INTO '{out}'"
@@ -173,7 +173,7 @@ import sys, time
 import torch
 from torch import nn
 import kql
-from kql.executor import batch
+from kql.jobs import batch
 
 def net():
     torch.manual_seed(0)
@@ -422,7 +422,7 @@ def test_output_names_keep_folders_and_extensions(con, tmp_path):
 
 def test_model_fingerprint_covers_buffers_and_scalars():
     from kql import sources
-    from kql.executor.batch import model_fingerprint
+    from kql.jobs.batch import model_fingerprint
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()    # a 0-dim num_batches_tracked
     before = model_fingerprint(sources.spec_from_module("m", bn))
     assert before == model_fingerprint(sources.spec_from_module("m", bn))
@@ -443,6 +443,6 @@ def test_job_estimate_falls_back_to_the_flops_rate_without_a_runtime_estimate():
 
     plan.runtime = Broken()
     per, total, how = estimate_job_seconds(plan, 4, 0.5)
-    ratio = plan.root.find("Infer").flops / plan.cost.full_flops
+    ratio = plan.estimates.infer_flops / plan.cost.full_flops
     assert per == pytest.approx(0.5 * (1 + ratio)) and total == pytest.approx(4 * per)
     assert how.startswith("1 + ") and how.endswith("measured on the first image")

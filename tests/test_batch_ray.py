@@ -14,7 +14,7 @@ import pytest
 import ray
 
 import kql
-from kql.executor.manifest import sha256_file
+from kql.jobs.manifest import sha256_file
 from test_batch import GOOD, QUERY, make_images, net  # the same images, model and query
 
 

@@ -77,8 +77,9 @@ class Upsampling(Counted):
 @pytest.fixture(autouse=True)
 def fixed_runtime(monkeypatch):
     """Runtime estimates from a fixed calibration: no timing, same text everywhere."""
-    from kql.planner import runtime
-    monkeypatch.setattr(runtime, "calibration_for", lambda plan: runtime.Calibration.fixed(plan))
+    from kql.executor import timing_cache
+    from kql.planner.runtime import LayerTimings
+    monkeypatch.setattr(timing_cache, "layer_timings", lambda plan: LayerTimings.fixed(plan))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ that the patch really moves the outputs by far more than the tolerance.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -262,7 +264,7 @@ def test_a_layer_in_full_mode_past_the_cutoff_still_exact():
     plan = con.plan(parse("SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 5 EXACT"), {"img": img, "net": net})
     first_conv = next(layer.name for layer in plan.graph.layers() if layer.op == "conv2d")
     names = [layer.name for layer in plan.graph.layers()]
-    plan.full_layers = frozenset(names[names.index(first_conv) + 1:])
+    plan.schedule = dataclasses.replace(plan.schedule, full_layers=frozenset(names[names.index(first_conv) + 1:]))
     got, _ = occlusion_probabilities(plan, net, 2, progress="off")
     ref, _ = naive_probs(plan, net, 2, progress="off")
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)

@@ -226,12 +226,12 @@ class Engine:
         when it calibrates the runtime estimate (first plan of a model, mode
         family and batch size): both wait for the lock. A plan that needs
         neither is explained while a job runs."""
-        from kql.planner import runtime
+        from kql.executor import timing_cache
         from kql.planner.explain import explain_text
         pixels = self.pixels(request.image)
         # planning a traced model runs nothing; the estimate in the text may calibrate
         plan = self.con.plan(request.query, {"img": pixels}) if request.model in self._traced else None
-        if plan is not None and runtime.is_calibrated(plan):
+        if plan is not None and timing_cache.is_profiled(plan):
             text = explain_text(plan)
         else:
             # Another estimate holding the lock takes seconds: wait for it.

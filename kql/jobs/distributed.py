@@ -41,7 +41,7 @@ import logging
 from typing import Iterable, Iterator, Union
 
 from kql.errors import PlanError
-from kql.executor.batch import ImageExplainer, ImageResult, Outcome, Work
+from kql.jobs.batch import ImageExplainer, ImageResult, Outcome, Work
 
 _started_here = False
 IN_FLIGHT_PER_ACTOR = 2

@@ -8,7 +8,7 @@ the job is iterated.
 
 Per image, the driver (this process) reads the file once, hashes it and
 either skips it (the manifest holds a valid result for this query and this
-content, :func:`kql.executor.manifest.valid`) or hands the bytes to an
+content, :func:`kql.jobs.manifest.valid`) or hands the bytes to an
 executor. An executor runs :class:`ImageExplainer` on them (decode, plan,
 execute, render the overlay) and returns an :class:`Outcome`; the driver
 writes the ``.npy`` and ``.png`` atomically, then appends the manifest line.
@@ -17,7 +17,7 @@ neither the input files nor the output folder (a Ray cluster without a
 shared file system works).
 
 Executors: ``local`` (:func:`run_local`, in this process, the model built
-and traced once) and ``ray`` (``kql.executor.distributed``). Both run the
+and traced once) and ``ray`` (``kql.jobs.distributed``). Both run the
 same :class:`ImageExplainer` with the same torch thread count, so their
 heatmaps are equal bit for bit.
 """
@@ -36,7 +36,7 @@ import numpy as np
 
 from kql import ast, sources
 from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
-from kql.executor.manifest import MANIFEST, OutputFolder, read_records, sha256_bytes, valid
+from kql.jobs.manifest import MANIFEST, OutputFolder, read_records, sha256_bytes, valid
 from kql.result import _seconds
 
 __all__ = ["BatchJob", "ImageResult", "ImageExplainer", "Work", "Outcome", "query_key",
@@ -201,16 +201,11 @@ class ImageExplainer:
 
     def plan(self, path: str, image: np.ndarray):
         """The optimized plan of the query for one decoded image."""
-        from kql.planner.binder import bind
-        from kql.planner.optimizer import optimize
+        from kql.compiler import compile_select
         select = dataclasses.replace(self.select, source=ast.Source("path", path))
         self.catalog.files = {path: image}
         try:
-            t0 = time.perf_counter()
-            plan = bind(select, self.catalog, self.settings, {})
-            t1 = time.perf_counter()
-            plan = optimize(plan, settings=self.settings)
-            plan.timings = {"bind": t1 - t0, "optimize": time.perf_counter() - t1}
+            plan = compile_select(select, self.catalog, self.settings, {})
         finally:
             self.catalog.files = {}
         return plan
@@ -219,7 +214,7 @@ class ImageExplainer:
         """Decode, plan, run and render one image. A failure of this image
         (unreadable, too small for the patch, the model raising...) becomes a
         failed :class:`Outcome` with the reason; Ctrl-C propagates."""
-        from kql.executor import execute
+        from kql.compiler import run
         out = Outcome(work.name, work.path, work.sha256, "failed", worker=self.worker)
         start = time.perf_counter()
         restore = set_threads(self.threads)
@@ -227,7 +222,7 @@ class ImageExplainer:
             image = sources.decode_image(work.data, work.path)
             t_decode = time.perf_counter() - start
             plan = self.plan(work.path, image)
-            result = execute(plan, progress="off")
+            result = run(plan, progress="off")
             t0 = time.perf_counter()
             out.png = result.to_bytes(".png") if self.render else None
             t_render = time.perf_counter() - t0
@@ -245,12 +240,10 @@ class ImageExplainer:
             restore()
         out.status = "ok"
         out.mode = plan.mode
-        tau = getattr(plan, "tau", None)
-        out.tau = None if tau is None else float(tau)
+        out.tau = None if plan.tau is None else float(plan.tau)
         result.plan = None          # the plan holds the model and the graph: not shipped, not kept
         out.result = result
-        out.timings = {"decode": t_decode, **plan.timings,
-                       **{k: v for k, v in result.timings.items() if k != "total"},
+        out.timings = {"decode": t_decode, **{k: v for k, v in result.timings.items() if k != "total"},
                        "render": t_render, "total": time.perf_counter() - start}
         return out
 
@@ -411,7 +404,7 @@ class BatchJob:
 
     def _executor(self, explainer_args: tuple):
         if self.executor == "ray":
-            from kql.executor.distributed import run_ray
+            from kql.jobs.distributed import run_ray
             return lambda items: run_ray(self, explainer_args, items)
         explainer = ImageExplainer(*explainer_args, graphs=self._graphs)
         return lambda items: run_local(explainer, items)
