@@ -33,6 +33,13 @@ def connect(**settings: Any) -> "Connection":
 
     Returns:
         A :class:`Connection`.
+
+    Raises:
+        kql.SettingError: an unknown setting or a bad value (a ``ValueError``).
+
+    >>> connect(batch_size=-1)
+    Traceback (most recent call last):
+    kql.errors.SettingError: batch_size takes a whole number (0 = sized from memory_limit), got -1
     """
     return Connection(**settings)
 
@@ -55,7 +62,7 @@ class Connection:
         self.catalog = Catalog()
 
     # -- public calls -------------------------------------------------------
-    def execute(self, query: Query, **bindings: Any):
+    def execute(self, query: Query, /, **bindings: Any):
         """Run one statement.
 
         Args:
@@ -63,6 +70,7 @@ class Connection:
                 a parsed ``kql.ast`` statement.
             **bindings: names used in the query, bound for this query only:
                 images (array, PIL image, tensor, path) or models (nn.Module).
+                ``query`` is positional only, so a binding may be called ``query``.
 
         Returns:
             ``SELECT``: a :class:`kql.result.HeatmapResult`; ``EXPLAIN``: a
@@ -86,7 +94,7 @@ class Connection:
         handler = getattr(self, "_run_" + type(stmt).__name__.lower())
         return handler(stmt, bindings)
 
-    def executescript(self, text: str, **bindings: Any) -> list:
+    def executescript(self, text: str, /, **bindings: Any) -> list:
         """Run every statement of a script in order; returns their results."""
         from kql.jobs.batch import BatchJob
         from kql.parser import parse_script
@@ -98,7 +106,7 @@ class Connection:
             results.append(result)
         return results
 
-    def explain(self, query: Query, analyze: bool = False, **bindings: Any):
+    def explain(self, query: Query, /, analyze: bool = False, **bindings: Any):
         """The plan of a SELECT (or EXPLAIN) as an ``Explanation``: ``str()``
         gives the text, ``.plan`` the structure, ``.speedup`` the theoretical R.
         With ``analyze=True`` the query runs too and times are measured."""
@@ -143,12 +151,12 @@ class Connection:
         return compile_select(select, self.catalog, self.settings, bindings)
 
     def close(self) -> None:
-        """Forget the session's names and caches; stop a Ray instance this
-        session started."""
+        """Forget the session's names and caches; stop the Ray instance KQL
+        started if no other open connection runs jobs on it."""
         self.catalog = Catalog()
         import sys
         if "kql.jobs.distributed" in sys.modules:
-            sys.modules["kql.jobs.distributed"].shutdown()
+            sys.modules["kql.jobs.distributed"].shutdown(self)
 
     def __enter__(self) -> "Connection":
         return self
@@ -201,7 +209,7 @@ class Connection:
             self.plan(dataclasses.replace(stmt, source=ast.Source("name", probe), into=None),
                       {**bindings, probe: blank})
         return BatchJob(stmt, spec, self.settings, files, root, progress=self.settings.progress,
-                        graphs=self.catalog._graphs)
+                        graphs=self.catalog._graphs, owner=self)
 
     def _run_select(self, stmt: ast.Select, bindings: dict):
         from kql.compiler import run

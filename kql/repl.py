@@ -260,11 +260,7 @@ class _Shell:
         self.stdout.flush()
         if self.debug:
             traceback.print_exception(type(error), error, error.__traceback__, file=self.stderr)
-        if isinstance(error, ParseError):
-            text = f"error: {error}"
-            if error.caret:
-                text += f"\n{error.caret}"
-        elif isinstance(error, KqlError):
+        if isinstance(error, KqlError):     # a ParseError's text ends with the line and a caret
             text = f"error: {error}"
         else:
             text = f"internal error: {type(error).__name__}: {error}"

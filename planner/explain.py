@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from kql.planner.plan import Plan, Step, format_bytes, format_seconds
+from kql.planner.plan import Plan, Step, format_bytes, format_flops, format_seconds
 from kql.planner.rules.gather_backend import gather_summary
 from kql.planner.runtime import runtime_lines
 
@@ -241,7 +241,7 @@ def _exact_lines(plan: Plan) -> list[str]:
 
 
 def _g(flops: float) -> str:
-    return f"{flops / 1e9:.3g} GFLOPs"
+    return format_flops(flops, unit="G")
 
 
 def measured_line(plan: Plan, timings: dict, peak_memory: Optional[int] = None) -> str:
@@ -264,7 +264,7 @@ def describe(spec, graph, patch=None, stride=None):
 
     C, H, W = graph.input_shape
     title = (f"{spec.name}: input {C}x{H}x{W}, {len(graph)} layers, "
-             f"{graph.total_flops / 1e9:.3g} GFLOPs (multiply-adds) per image; weights: {spec.weights}")
+             f"{format_flops(graph.total_flops, unit='G')} (multiply-adds) per image; weights: {spec.weights}")
     if patch is None:
         rows = []
         for layer in graph.layers():

@@ -347,15 +347,30 @@ def batch_bounds(n: int, batch) -> np.ndarray:
     return np.asarray(batch, dtype=np.int64)
 
 
-def format_flops(n: float) -> str:
-    """1.55e10 -> '15.5 G' (multiply-adds)."""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+def format_flops(n: float, sep: str = " ", unit: str = "") -> str:
+    """Multiply-adds for people, the one FLOP formatter: an SI suffix after
+    ``sep``, or always in ``unit`` ('G': EXPLAIN's per-position figures).
+
+    >>> format_flops(1.55e10), format_flops(1150, sep=""), format_flops(0), format_flops(5.49e4, unit="G")
+    ('15.5 G', '1.15K', '0', '5.49e-05 GFLOPs')
+    """
+    if unit:
+        return f"{n / _SI[unit]:.3g} {unit}FLOPs"
+    for suffix, scale in _SI.items():
         if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f}"
+            return f"{n / scale:.3g}{sep}{suffix}"
+    return f"{n:.3g}" if n else "0"
+
+
+_SI = {"T": 1e12, "G": 1e9, "M": 1e6, "K": 1e3}
 
 
 def format_seconds(s: float) -> str:
+    """Seconds for people, the one seconds formatter.
+
+    >>> format_seconds(116.4), format_seconds(12.3), format_seconds(0.25)
+    ('1 min 56 s', '12.30 s', '250.0 ms')
+    """
     if s >= 60:
         return f"{int(s // 60)} min {s % 60:.0f} s"
     if s >= 1:

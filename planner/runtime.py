@@ -51,6 +51,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from kql.planner.plan import batch_bounds
+from kql.errors import first_line
 from kql.planner.graph import Kind
 from kql.planner.plan import format_seconds
 
@@ -260,8 +261,7 @@ class RuntimeEstimate:
         try:
             return self.get().line()
         except Exception as e:  # a model that cannot run a calibration batch
-            first = (str(e).strip().splitlines() or [""])[0]
-            return f"estimated time: unavailable (calibration failed: {type(e).__name__}: {first})"
+            return f"estimated time: unavailable (calibration failed: {type(e).__name__}: {first_line(e)})"
 
     def compare_line(self, timings: dict) -> Optional[str]:
         """EXPLAIN ANALYZE's line: estimate vs the measured reference + occlusion."""

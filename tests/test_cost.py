@@ -9,7 +9,8 @@ import pytest
 
 from kql.errors import PlanError
 from kql.planner import graph as graph_mod
-from kql.planner.cost import format_flops, incremental_flops, theoretical_speedup
+from kql.planner.cost import incremental_flops, theoretical_speedup
+from kql.planner.plan import format_flops
 from kql.planner.geometry import Rects, grid, propagate
 from kql.planner.graph import Kind, Layer
 
@@ -117,7 +118,8 @@ def test_errors_show_the_values():
 
 
 def test_format_flops():
-    assert [format_flops(x) for x in (0, 512, 3456, 15.47e9, 2.5e6)] == ["0", "512", "3.46K", "15.5G", "2.5M"]
+    assert [format_flops(x, sep="") for x in (0, 512, 3456, 15.47e9, 2.5e6)] == ["0", "512", "3.46K", "15.5G", "2.5M"]
+    assert format_flops(15.47e9) == "15.5 G" and format_flops(5.49e4, unit="G") == "5.49e-05 GFLOPs"
 
 
 # ---------------------------------------------------------------------------

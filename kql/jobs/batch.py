@@ -37,7 +37,7 @@ import numpy as np
 from kql import ast, sources
 from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
 from kql.jobs.manifest import MANIFEST, OutputFolder, read_records, sha256_bytes, valid
-from kql.result import _seconds
+from kql.planner.plan import format_seconds
 
 __all__ = ["BatchJob", "ImageResult", "ImageExplainer", "Work", "Outcome", "query_key",
            "model_fingerprint", "output_name"]
@@ -111,7 +111,7 @@ class ImageResult:
         what = f"'{r['label_name']}' (label {r['label']}, " if r.get("label_name") else f"label {r['label']} ("
         text = f"{self.status:<7} {self.path}: {what}p={r['p']:.3f})"
         if self.status == "ok":
-            text += f" in {_seconds(r['timings'].get('total', 0.0))}"
+            text += f" in {format_seconds(r['timings'].get('total', 0.0))}"
         else:
             text += ", done earlier"
         return text
@@ -303,8 +303,9 @@ class BatchJob:
     """
 
     def __init__(self, select: ast.Select, spec, settings, files: list[str], root: str,
-                 progress: str = "auto", graphs: Optional[dict] = None):
+                 progress: str = "auto", graphs: Optional[dict] = None, owner=None):
         self.select = select
+        self.owner = owner          # the Connection that made the job (it shares a Ray instance KQL started)
         self.spec = spec
         self.settings = settings
         self.source = select.source.value
@@ -402,7 +403,8 @@ class BatchJob:
         skipped = sum(1 for item in self._scan(done) if isinstance(item, ImageResult))
         return skipped, len(self.files) - skipped
 
-    def _executor(self, explainer_args: tuple):
+    def _runner(self, explainer_args: tuple):
+        """The image runner the executor setting names: local or ray."""
         if self.executor == "ray":
             from kql.jobs.distributed import run_ray
             return lambda items: run_ray(self, explainer_args, items)
@@ -423,7 +425,7 @@ class BatchJob:
             done = self._done()
             bar = stack.enter_context(tqdm(total=n, desc="images", unit="img", disable=disable,
                                            leave=False, file=sys.stderr, dynamic_ncols=True))
-            run = self._executor((self.select, self.spec, self.settings, self.threads, bool(self.into)))
+            run = self._runner((self.select, self.spec, self.settings, self.threads, bool(self.into)))
             try:
                 for item in run(self._scan(done)):
                     if isinstance(item, Outcome):
@@ -487,7 +489,7 @@ class BatchJob:
                 f"({self.executor}): {', '.join(parts)}")
         if total < len(self.files):
             text += f", {len(self.files) - total} not run"
-        text += f" in {_seconds(self.seconds)}"
+        text += f" in {format_seconds(self.seconds)}"
         if self.into:
             text += f" -> {self.into} (manifest {MANIFEST})"
         return text

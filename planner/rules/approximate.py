@@ -10,7 +10,7 @@ silently.
 """
 from __future__ import annotations
 
-from kql.errors import KqlError, PlanError
+from kql.errors import KqlError, PlanError, first_line
 from kql.planner.plan import Approximation
 
 
@@ -30,7 +30,7 @@ def approximate(plan, calibrations=None):
             calibration = _calibration(plan, calibrations)
         except KqlError as e:
             calibration = None
-            plan.warnings.append(f"no SSIM prediction: {str(e).splitlines()[0]}")
+            plan.warnings.append(f"no SSIM prediction: {first_line(e)}")
     elif (calibration := _calibration(plan, calibrations)) is None:
         ph, pw = plan.patch
         plan.mode = "exact"
