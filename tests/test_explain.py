@@ -170,3 +170,21 @@ def test_mode_without_a_clause(con):
     text = naive.execute(query, img=IMAGE, net=Net()).text
     assert text.startswith("Plan (naive)\n")
     assert "  choose_mode     NAIVE: batched full re-inference" in text.splitlines()
+
+
+def test_the_tree_is_rendered_from_the_plans_records(con):
+    """The rules decide in typed records; EXPLAIN only says what they hold."""
+    import dataclasses
+
+    from kql.planner.explain import explain_text, plan_tree
+    from kql.planner.plan import LabelChoice
+    plan = con.plan("SELECT HEATMAP FROM img USING net PATCH 5x3 STRIDE 2x3 LABEL 'dog' EXACT BATCH 6")
+    infer = plan_tree(plan).find("Infer")
+    assert dict(infer.details)["cutoff"] == plan.schedule.cutoff
+    assert dict(infer.details)["gather"] == f"torch for {len(plan.schedule.layer_backends)} layers"
+    assert infer.flops == plan.estimates.infer_flops
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a rule replaces a record, never edits a shared one
+        plan.schedule.cutoff = None
+    other = dataclasses.replace(plan, label_choice=LabelChoice(2, "bird"))
+    assert "Heatmap  label: 2 'bird'" in explain_text(other).splitlines()[1]
+    assert "Heatmap  label: 1 'dog'" in explain_text(plan).splitlines()[1]
