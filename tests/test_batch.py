@@ -422,14 +422,16 @@ def test_output_names_keep_folders_and_extensions(con, tmp_path):
 
 def test_model_fingerprint_covers_buffers_and_scalars():
     from kql import sources
-    from kql.jobs.batch import model_fingerprint
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()    # a 0-dim num_batches_tracked
-    before = model_fingerprint(sources.spec_from_module("m", bn))
-    assert before == model_fingerprint(sources.spec_from_module("m", bn))
+    before = sources.spec_from_module("m", bn).fingerprint()
+    assert before == sources.spec_from_module("m", bn).fingerprint()
     bn[1].running_mean += 1
-    assert model_fingerprint(sources.spec_from_module("m", bn)) != before
-    assert model_fingerprint(sources.spec_from_module("m", bn, mean=0.5)) != \
-        model_fingerprint(sources.spec_from_module("m", bn))
+    assert sources.spec_from_module("m", bn).fingerprint() != before
+    assert sources.spec_from_module("m", bn, mean=0.5).fingerprint() != \
+        sources.spec_from_module("m", bn).fingerprint()
+    after = sources.spec_from_module("m", bn).fingerprint()
+    bn[0].weight.data.mul_(2)      # through .data: no version bump, but the sampled values change
+    assert sources.spec_from_module("m", bn).fingerprint() != after
 
 
 def test_job_estimate_falls_back_to_the_flops_rate_without_a_runtime_estimate():

@@ -39,8 +39,7 @@ from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
 from kql.jobs.manifest import MANIFEST, OutputFolder, read_records, sha256_bytes, valid
 from kql.planner.plan import format_seconds
 
-__all__ = ["BatchJob", "ImageResult", "ImageExplainer", "Work", "Outcome", "query_key",
-           "model_fingerprint", "output_name"]
+__all__ = ["BatchJob", "ImageResult", "ImageExplainer", "Work", "Outcome", "query_key", "output_name"]
 
 
 # ---------------------------------------------------------------- records
@@ -122,37 +121,15 @@ class ImageResult:
 
 # ---------------------------------------------------------------- keys
 
-def model_fingerprint(spec) -> str:
-    """SHA-256 over what makes a model compute what it computes: its class,
-    every parameter and buffer (names, dtypes, shapes, values) and the input
-    size and normalisation KQL applies. A retrained model under the same name
-    gets a new fingerprint, so its old results are not trusted."""
-    import hashlib
-    import torch
-    h = hashlib.sha256()
-    module = spec.module
-    h.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
-    h.update(repr((spec.input_size, tuple(spec.mean), tuple(spec.std), spec.channels)).encode())
-    for key, value in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        else:
-            h.update(repr(value).encode())
-    return h.hexdigest()
-
-
 def query_key(select: ast.Select, spec, mode: str, device: str) -> str:
     """The key a result is valid for: every clause of the query except FROM and
     INTO (the repr of the statement, so clauses added to the language later are
-    covered too), the model's fingerprint, the requested mode and the device.
+    covered too), the model's fingerprint (``ModelSpec.fingerprint``), the requested mode and the device.
 
     Batch size, gather kernel and thread count are left out: they change how
     the floats are summed, not what is computed."""
     stmt = dataclasses.replace(select, source=None, into=None)
-    return sha256_bytes(repr((stmt, model_fingerprint(spec), mode, device)).encode())
+    return sha256_bytes(repr((stmt, spec.fingerprint(), mode, device)).encode())
 
 
 def output_name(path: str, root: str) -> str:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -25,7 +27,7 @@ from kql.sources.names import did_you_mean
 from kql.sources.preprocess import fill_value, preprocess
 
 __all__ = ["ModelSpec", "list_models", "load_model", "load_model_file", "spec_from_module",
-           "canonical_name", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "canonical_name", "weights_fingerprint", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,6 +80,56 @@ class ModelSpec:
     def resolve_label(self, label) -> tuple[Optional[int], Optional[str]]:
         """``(class index, display name)`` of a LABEL clause: :func:`kql.sources.resolve_label`."""
         return resolve_label(self, label)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over what makes the model compute what it computes: its
+        class, its weights (:func:`weights_fingerprint`) and the input size and
+        normalisation KQL applies. A retrained model under the same name gets
+        a new fingerprint, so results made with the old one are not trusted."""
+        h = hashlib.sha256()
+        h.update(f"{type(self.module).__module__}.{type(self.module).__qualname__}".encode())
+        h.update(repr((self.input_size, tuple(self.mean), tuple(self.std), self.channels)).encode())
+        h.update(weights_fingerprint(self.module).encode())
+        return h.hexdigest()
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of ``module``: names, dtypes,
+    shapes and all values (scalars in the state dict by ``repr``). The one
+    model fingerprint: jobs key their manifests with it (through
+    :meth:`ModelSpec.fingerprint`), SSIM calibrations their checkpoint.
+
+    Hashing VGG16's 138M parameters takes a second or two, so the digest is
+    kept per module while every tensor is the same (storage and version
+    counter, which in-place updates bump) and a strided sample of 64 of its
+    values still reads the same (which catches edits through ``.data``).
+
+    >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    >>> weights_fingerprint(a) == weights_fingerprint(a), weights_fingerprint(a) == weights_fingerprint(b)
+    (True, False)
+    """
+    state = sorted(module.state_dict().items())
+    stamp = tuple((key, value.data_ptr(), value._version, value.detach().reshape(-1)[:: max(1, value.numel() // 64)]
+                   .cpu().numpy().tobytes() if value.numel() else b"")
+                  if isinstance(value, torch.Tensor) else (key, repr(value)) for key, value in state)
+    hit = _FINGERPRINTS.get(module)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    h = hashlib.sha256()
+    for key, value in state:
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(value).encode())
+    digest = h.hexdigest()
+    _FINGERPRINTS[module] = (stamp, digest)
+    return digest
 
 
 _LITE0 = "efficientnet_lite0"
