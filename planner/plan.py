@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:  # the types of the records' fields; the plan itself imports none of them
     import torch
 
-    from kql.ast import Region, Select
+    from kql.ast import Color, Label, Region, Select
     from kql.planner.cost import SpeedupReport
     from kql.planner.drilldown import DrilldownPlan
     from kql.planner.geometry import Rects
@@ -102,6 +102,35 @@ class Rewrite:
     """A record of one optimizer rule's decision (shown by EXPLAIN)."""
     rule: str
     message: str
+
+
+class ModelSpecLike(Protocol):
+    """What the planner reads of a model and asks of it (``kql.sources.ModelSpec``
+    is the front end's implementation; the planner never imports it)."""
+    name: str
+    module: "torch.nn.Module"
+    weights: str
+    warning: Optional[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: Optional[list[str]]
+
+    def preprocess(self, image: np.ndarray) -> tuple["torch.Tensor", np.ndarray]: ...
+
+    def fill_value(self, color: "Color", display_image: np.ndarray) -> "torch.Tensor": ...
+
+    def resolve_label(self, label: "Label") -> tuple[Optional[int], Optional[str]]: ...
+
+
+class SettingsLike(Protocol):
+    """The session settings the rules read (``kql.settings.Settings`` is the
+    front end's implementation)."""
+    device: str
+    mode: str
+    batch_size: int
+    memory_limit: int
+    gather_backend: str
+    allocator: str
 
 
 @dataclass(frozen=True)
@@ -202,13 +231,13 @@ class Plan:
     ``per_position_bytes``; each rule also says why in ``rewrites``.
     """
     query: "Select"
-    spec: Any = None                      # kql.sources.ModelSpec (the front end's; the planner calls its methods)
+    spec: Optional[ModelSpecLike] = None
     graph: Optional["CNNGraph"] = None
     image_desc: str = ""
     original_hw: tuple[int, int] = (0, 0)
     input: Optional["torch.Tensor"] = None
     display: Optional[np.ndarray] = None
-    settings: Any = None                  # kql.settings.Settings (the front end's; rules read its fields)
+    settings: Optional[SettingsLike] = None
     fill: Optional["torch.Tensor"] = None
     device: str = "cpu"
     allocator: str = "reuse"              # SET allocator: 'reuse' keeps freed memory while the plan runs
