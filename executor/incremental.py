@@ -43,7 +43,7 @@ from torch.fx.node import Node, map_arg
 from kql import kernels
 from kql.executor.common import probabilities, run_batches
 from kql.planner.geometry import Rects, read_region, thresholded
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 
 
 @dataclass

@@ -51,7 +51,7 @@ from typing import Optional
 import numpy as np
 
 from kql import files
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 from kql.planner.plan import format_seconds
 
 #: Bump when the file layout or what is measured changes: older files are ignored.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from kql.planner.geometry import Rects, propagate, read_region, window_size
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 from kql.planner.memory import BYTES_PER_ELEMENT, numel, peak_elements
 from kql.planner.plan import Step, format_bytes
 
