@@ -133,14 +133,6 @@ def _traced(name):
     return graph_mod.trace(make(torchvision.models), (3, size, size))
 
 
-def test_docstring_examples_run():
-    import doctest
-
-    import kql.planner.cost as module
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # Expected bands. Krypton's Fig. 5 / workshop Fig. 6 put VGG16 at about 6.5-7.6
 # for a 16x16 patch (the patch in the centre, one patch size per layer, FLOPs of
 # conv and fc layers only); ResNet18 and Inception3 at about 2. Our r_uniform is

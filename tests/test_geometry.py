@@ -361,14 +361,6 @@ def test_merge_broadcast_and_global():
     assert out_region(fc, [Rects([0, 0], [0, 0], [1, 0], [1, 0])]) == Rects([0, 0], [0, 0], [1, 0], [1, 0])
 
 
-def test_docstring_examples_run():
-    import doctest
-
-    import kql.planner.geometry as module
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # ---------------------------------------------------------------------------
 # Traced torchvision models, every layer, against brute force
 # ---------------------------------------------------------------------------
