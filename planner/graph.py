@@ -12,14 +12,11 @@ as it always has (``from kql.planner.graph import trace, CNNGraph, Layer, Kind``
 
 Code inside KQL imports from those modules directly.
 
->>> import torch.nn as nn
->>> g = trace(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)), (3, 32, 32))
->>> [(l.name, l.op, str(l.kind), l.out_shape) for l in g]  # doctest: +NORMALIZE_WHITESPACE
-[('input_1', 'input', 'input', (3, 32, 32)), ('_0', 'conv2d', 'local', (8, 32, 32)),
- ('_1', 'relu', 'point', (8, 32, 32)), ('_2', 'max_pool2d', 'local', (8, 16, 16)),
- ('output', 'output', 'output', (8, 16, 16))]
->>> g["_0"].padding, g["_0"].flops == 8 * 32 * 32 * 3 * 3 * 3
-(((1, 1), (1, 1)), True)
+>>> from kql.planner import annotator, ir, tracer
+>>> trace is tracer.trace and Layer is ir.Layer and CNNGraph is ir.CNNGraph
+True
+>>> sorted(n for n in dir(annotator.Annotator) if n.startswith("fn_"))[:4]
+['fn_adaptive', 'fn_arith', 'fn_avg_pool', 'fn_batch_norm']
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ multiplication of a fused multiply-add), :func:`flops`:
   input element;
 - point, merge, batch norm, layer norm, softmax, interpolate, unknown ops: one
   per output element;
-- pad, flatten/reshape/permute, dropout, identity, contiguous, getitem,
+- pad, flatten/reshape/permute, chunk pieces, dropout, identity, contiguous, getitem,
   input, output: 0.
 
 >>> FUNCTIONS["torch.nn.functional.layer_norm"], METHODS["permute"], MODULES[torch.nn.ReLU]
@@ -215,7 +215,7 @@ def op_name(handler: str, op: str) -> str:
 
 
 _ZERO_FLOPS = {"input", "output", "pad", "flatten", "reshape", "view", "squeeze", "unsqueeze",
-               "unflatten", "permute", "transpose", "dropout", "identity", "contiguous", "getitem"}
+               "unflatten", "permute", "transpose", "dropout", "identity", "contiguous", "getitem", "chunk"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
 
 
