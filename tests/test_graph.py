@@ -377,6 +377,7 @@ LOCALS_CHECKED = {  # local layers re-run from their params, by op
 }  # inception's functional F.max_pool2d / F.avg_pool2d are re-run in the Zoo: cheaper
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_architecture(name):
     model, g = traced(name)

@@ -20,21 +20,9 @@ import kql
 from kql.executor.incremental import IncrementalRunner
 from kql.planner.graph import Kind
 from kql.parser import parse
+from helpers import naive_outputs, rand_image, trained_like
 
 M = torchvision.models
-
-
-def _naive_outputs(plan, model):
-    """Independent reference: a plain loop over positions, one image each."""
-    ys, xs = plan.positions()
-    ph, pw = plan.patch
-    outs = []
-    with torch.inference_mode():
-        for y, x in zip(ys.tolist(), xs.tolist()):
-            img = plan.input.clone()
-            img[:, y:y + ph, x:x + pw] = plan.fill.view(-1, 1, 1)
-            outs.append(model(img[None]).reshape(-1))
-    return torch.stack(outs)
 
 
 def check_exact(model, image, query, *, batch_sizes=(None,), full_path=True):
@@ -47,7 +35,7 @@ def check_exact(model, image, query, *, batch_sizes=(None,), full_path=True):
     con = kql.connect(progress="off")
     model = model.eval()
     plan = con.plan(parse(f"{query} EXACT"), {"img": image, "net": model})
-    ref = _naive_outputs(plan, model)
+    ref = naive_outputs(plan, model)
     with torch.inference_mode():
         runner = IncrementalRunner(plan, model, plan.regions, plan.full_layers)
         idx = np.arange(plan.n_positions)
@@ -73,42 +61,6 @@ def check_exact(model, image, query, *, batch_sizes=(None,), full_path=True):
     return plan
 
 
-def trained_like(model):
-    """Give a randomly initialised net the statistics of a trained one.
-
-    Fresh torchvision nets have identity BatchNorm statistics and tiny
-    classifier weights, so some (MobileNetV2) output ~1e-10 whatever the
-    input, and any executor would "match". Random BN statistics and a
-    fan-in scaled weights make the outputs depend on the patch. LayerNorm
-    gets a random affine map, and ConvNeXt's layer scale (1e-6 when fresh,
-    which would let every block's residual branch vanish) a trained-like 0.1-1.
-    """
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(getattr(m, "layer_scale", None), nn.Parameter):
-                m.layer_scale.copy_(torch.rand(m.layer_scale.shape, generator=g) * 0.9 + 0.1)
-            if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-            elif isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
-            elif isinstance(m, nn.Conv2d):  # variance-preserving (fan-in) so the signal survives depth
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-    return model.eval()
-
-
-def rand_image(h, w, seed=0):
-    return np.random.RandomState(seed).rand(h, w, 3).astype(np.float32)
-
-
 # -- architectures ----------------------------------------------------------------
 
 def _tv(name, **kw):
@@ -131,7 +83,7 @@ ARCHS = [
     # channels-last blocks between permutes, LayerNorm and Linear per pixel
     ("convnext_tiny", lambda: _tv("convnext_tiny"), (64, 64), "PATCH 16 STRIDE 16"),
 ]
-SLOW_ARCHS = {"convnext_tiny", "densenet121"}  # -m "not slow" leaves them out
+SLOW_ARCHS = {"vgg16", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny"}  # -m "not slow" leaves them out
 
 
 @pytest.mark.parametrize("name,make,size,tail", [
@@ -152,6 +104,7 @@ def test_inception_v3_at_299_corners():
                     full_path=False)
 
 
+@pytest.mark.slow  # the real model on a photo, naive and exact
 def test_efficientnet_lite0_real_weights_on_a_photo():
     """The real model: probabilities themselves vary, so 1e-5 is a real bound."""
     con = kql.connect(progress="off")
@@ -189,11 +142,11 @@ class SmallNet(nn.Module):
     ((24, 24), "PATCH 1 STRIDE 5"),
 ])
 def test_grid_shapes_and_regions(size, tail):
-    check_exact(SmallNet(), rand_image(*size), f"SELECT HEATMAP FROM img USING net {tail}")
+    check_exact(trained_like(SmallNet()), rand_image(*size), f"SELECT HEATMAP FROM img USING net {tail}")
 
 
 def test_batch_sizes_give_the_same_heatmap():
-    check_exact(SmallNet(), rand_image(33, 31), "SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 3",
+    check_exact(trained_like(SmallNet()), rand_image(33, 31), "SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 3",
                 batch_sizes=(1, 7, 64))
 
 
@@ -338,14 +291,18 @@ class ChannelShuffle(nn.Module):
 
 
 def check_every_cutoff(model, image, query):
-    """Exact against naive with the IVM cutoff at every layer: each layer runs once
-    on patches in its own layout and once pasted into its view and run in full."""
+    """Exact against naive with the IVM cutoff before every layer that reads or
+    writes a map in another layout than channels first: each such layer runs once
+    on patches in its own layout and once from its input pasted into its view."""
     con = kql.connect(progress="off")
     plan = con.plan(parse(f"{query} EXACT"), {"img": image, "net": model})
-    ref = _naive_outputs(plan, model)
-    names = [layer.name for layer in plan.graph.layers()]
+    ref = naive_outputs(plan, model)
+    layers = plan.graph.layers()
+    names = [layer.name for layer in layers]
     idx = np.arange(plan.n_positions)
-    for cut in range(1, len(names)):
+    cuts = [i for i, layer in enumerate(layers) if layer.spatial_axes is not None or layer.in_spatial_axes]
+    assert cuts
+    for cut in cuts:
         with torch.inference_mode():
             runner = IncrementalRunner(plan, model, plan.regions, frozenset(names[cut:]))
             got = runner.outputs(idx).reshape(len(idx), -1)
