@@ -277,6 +277,9 @@ class Annotator(LocalOps):
             fields = self.classify(node, handler, op, out_shape)
         except NotModelled as e:
             fields = {"op": op_name(handler, op), "kind": Kind.GLOBAL, "reason": str(e)}
+        if fields["kind"] is Kind.POINT and len(set(inputs)) > 1:  # x.view_as(y): y's pixels are read too
+            fields = {"op": fields["op"], "kind": Kind.GLOBAL, "extra": fields.get("extra", {}),
+                      "reason": f"{fields['op']} reads {len(set(inputs))} image tensors"}
         if fields["kind"] is Kind.GLOBAL and fields.get("op") == "unknown" and not fields.get("reason"):
             fields["reason"] = f"not recognised: {target}" + (
                 f" ({type(self.gm.get_submodule(node.target)).__name__})" if node.op == "call_module" else "")

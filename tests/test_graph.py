@@ -578,6 +578,8 @@ LAYOUTS = [
     ("softmax over C, channels-last", lambda m, x: x.permute(0, 2, 3, 1).softmax(-1), "softmax", "point",
      (6, 10, 8), (0, 1), None),
     ("flatten the pixels", lambda m, x: x.flatten(2), "reshape", "global", (8, 60), (), None),
+    ("shape of another image tensor", lambda m, x: x.view_as(x + 1), "reshape", "global", (8, 6, 10), (1, 2),
+     "reshape reads 2 image tensors"),
     ("split channels", lambda m, x: x.split([3, 5], dim=1)[1], "chunk", "point", (5, 6, 10), (1, 2), None),
     ("split rows", lambda m, x: x.chunk(2, dim=2)[0], "getitem", "global", (8, 3, 10), (1, 2),
      "element of the tuple returned by Tensor.chunk"),
