@@ -211,17 +211,20 @@ def timing_runner():
                 out = super()._step(layer, node, state, idx, B)
                 _sync(self.device)
                 if out is not None:
-                    self.record.append((layer.name, _state_name(self.plan, layer, out), _units(out.values),
+                    self.record.append((layer.name, _state_name(self.plan, layer, out), _units(layer, out.values),
                                         time.perf_counter() - t0))
                 return out
         _TIMING_RUNNER = TimingRunner
     return _TIMING_RUNNER
 
 
-def _units(values) -> int:
-    """Positions x output pixels of a layer's result (positions for non-maps)."""
+def _units(layer, values) -> int:
+    """Positions x output pixels of a layer's result (positions for non-maps), in
+    the layer's layout (``Layer.out_axes``: channels-last maps too)."""
     shape = tuple(values.shape)
-    return int(shape[0] * shape[-2] * shape[-1]) if len(shape) == 4 else int(shape[0])
+    if not layer.spatial or len(shape) != len(layer.out_shape) + 1:
+        return int(shape[0])
+    return int(shape[0] * math.prod(shape[a + 1] for a in layer.out_axes))
 
 
 def _state_name(plan, layer, out) -> str:

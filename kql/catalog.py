@@ -92,7 +92,7 @@ class Catalog:
     # -- graphs -----------------------------------------------------------
     def graph(self, spec, input_shape: tuple[int, int, int]):
         """The traced, shape-annotated graph of a model for one input shape."""
-        from kql.planner.graph import trace
+        from kql.planner.tracer import trace
         key = (id(spec.module), tuple(input_shape))
         hit = self._graphs.get(key)
         if hit is None or hit[0] is not spec.module:

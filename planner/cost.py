@@ -33,7 +33,7 @@ import numpy as np
 
 from kql.errors import PlanError
 from kql.planner.geometry import Rects, propagate
-from kql.planner.graph import Kind, Layer
+from kql.planner.ir import Kind, Layer
 from kql.planner.plan import format_flops
 
 __all__ = ["incremental_flops", "LayerCost", "SpeedupReport", "theoretical_speedup"]
@@ -189,7 +189,7 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
 
     Example (a 3x3 conv on an 8x8 image, one 2x2 patch in the middle)::
 
-        >>> from kql.planner.graph import Layer, Kind
+        >>> from kql.planner.ir import Layer, Kind
         >>> class G:  # the two things the cost model reads from a CNNGraph
         ...     input = "x"
         ...     def layers(self):

@@ -52,7 +52,7 @@ import numpy as np
 
 from kql.planner.plan import batch_bounds
 from kql.errors import first_line
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 from kql.planner.plan import format_seconds
 
 

@@ -43,6 +43,15 @@ def _fixed_runtime_calibration(request, monkeypatch):
 # -- A CNN really trained on Fashion-MNIST (kql.zoo), for tests of heatmap quality ----------
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs the trained net (directly or through another fixture)
+    is ``slow``: the first one in a run trains it (``make test-fast`` leaves them out)."""
+    for item in items:
+        if "fmnist_net" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+
 @pytest.fixture(scope="session")
 def fmnist_net(tmp_path_factory):
     """kql.zoo's Fashion-MNIST CNN (about 87% test accuracy), trained at most once per run.

@@ -22,9 +22,10 @@ from kql.planner.plan import Plan
 from kql.result import HeatmapResult
 from kql.settings import Settings
 from kql.table import Table
+from helpers import rand_pixels
 
 H, W = 12, 16
-PIXELS = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+PIXELS = rand_pixels(H, W)
 LABELS = ["cat", "dog", "bird"]
 
 

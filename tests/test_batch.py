@@ -28,6 +28,7 @@ import kql
 from kql.jobs import batch
 from kql.jobs.batch import BatchJob, ImageResult
 from kql.jobs.manifest import sha256_file
+from helpers import small_cnn
 
 H, W = 24, 32
 QUERY = "SELECT HEATMAP FROM '{src}' USING net PATCH 8 STRIDE 8 {extra} INTO '{out}'"
@@ -35,10 +36,7 @@ GOOD = ["a.png", "b.png", "c.jpg", "d.png"]
 
 
 def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    return small_cnn()
 
 
 def make_images(folder: Path, bad: bool = True) -> Path:
@@ -217,6 +215,7 @@ def run_until(script: Path, query: str, oks: int | None) -> list[str]:
     return seen
 
 
+@pytest.mark.slow  # subprocesses, killed and rerun
 def test_sigkill_mid_job_then_rerun_does_every_image_exactly_once(tmp_path):
     images = make_images(tmp_path / "scans", bad=False)
     for i in range(4):      # eight images in all

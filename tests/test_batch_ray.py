@@ -15,7 +15,10 @@ import ray
 
 import kql
 from kql.jobs.manifest import sha256_file
-from test_batch import GOOD, QUERY, make_images, net  # the same images, model and query
+from helpers import small_cnn as net
+from test_batch import GOOD, QUERY, make_images  # the same images and query
+
+pytestmark = pytest.mark.slow  # starts a local Ray cluster
 
 
 @pytest.fixture(scope="module")

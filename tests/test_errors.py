@@ -32,8 +32,9 @@ import kql
 from kql.errors import ExecutionError, KqlError, ParseError, PlanError, SettingError
 from kql.repl import main
 from kql.settings import Settings
+from helpers import rand_image
 
-IMAGE = np.random.default_rng(0).random((16, 20, 3)).astype(np.float32)
+IMAGE = rand_image(16, 20)
 WELCOME_END = "quit leaves.\n"
 
 

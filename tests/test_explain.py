@@ -16,18 +16,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kql
+from helpers import rand_image
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "explain"
 UPDATE = os.environ.get("KQL_UPDATE_SNAPSHOTS") == "1"
 
-IMAGE = np.random.default_rng(0).random((12, 16, 3)).astype(np.float32)
+IMAGE = rand_image(12, 16)
 
 
 class Counted(nn.Module):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,9 @@ from kql.planner import runtime
 from kql.planner.plan import batch_bounds
 from kql.planner.plan import format_seconds
 from kql.planner.runtime import LayerTimings
+from helpers import rand_image
 
-IMAGE = np.random.default_rng(0).random((20, 24, 3)).astype(np.float32)
+IMAGE = rand_image(20, 24)
 
 
 class Net(nn.Module):

@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from kql import sources
 from kql.web import create_app
 from kql.web.engine import RunRequest, approximate_support
+from helpers import rand_pixels
 
 LITE = "efficientnet_lite0"
 SMALL = {"image": "sample-coffee", "model": LITE, "patch": 32, "stride": 16, "mode": "exact",
@@ -42,7 +43,7 @@ def png(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
 
 
 def rgb(h: int = 48, w: int = 64) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return rand_pixels(h, w)
 
 
 def crafted_png(width: int, height: int) -> bytes:

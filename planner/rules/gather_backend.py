@@ -22,7 +22,7 @@ from collections import Counter
 
 from kql.errors import PlanError
 from kql.planner.geometry import window_size
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 
 
 def gather_backend(plan, settings=None):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from kql.planner.geometry import Rects, propagate, read_region, window_size
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 from kql.planner.memory import BYTES_PER_ELEMENT, numel, peak_elements
 from kql.planner.plan import IncrementalSchedule, batch_bounds  # noqa: F401  (batch_bounds: re-exported)
 
@@ -91,9 +91,9 @@ def gathered_channels(layer) -> int:
     """Channels the incremental executor gathers per window cell: a local
     layer's input, every spatial input of a merge, none for point layers."""
     if layer.kind == Kind.LOCAL:
-        return layer.in_shapes[0][0]
+        return layer.in_channels(0)
     if layer.kind == Kind.MERGE:
-        return sum(s[0] for s in layer.in_shapes if len(s) == 3)
+        return sum(layer.in_channels(i) for i in range(len(layer.in_shapes)) if layer.input_hw(i))
     return 0
 
 
@@ -164,13 +164,13 @@ def _peak_patch_elements(graph, regions, full_layers) -> int:
         if layer.name in full_layers or not layer.spatial or layer.kind in (Kind.GLOBAL, Kind.OUTPUT):
             return numel(layer.out_shape)
         r = regions[layer.name]
-        return int(layer.out_shape[0] * r.h.max() * r.w.max())
+        return int(layer.channels * r.h.max() * r.w.max())
 
     def transient(layer):
         if layer.kind != Kind.LOCAL or layer.name in full_layers or not layer.spatial:
             return 0
         r = regions[layer.name]
         rr = read_region(layer, Rects(0, 0, r.h.max(), r.w.max()))
-        return int(layer.in_shapes[0][0] * rr.h[0] * rr.w[0])
+        return int(layer.in_channels(0) * rr.h[0] * rr.w[0])
 
     return peak_elements(graph, size, transient)

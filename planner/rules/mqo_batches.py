@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 from kql.planner.geometry import window_extent
 from kql.planner.rules.incremental import GATHER_COST, batch_overhead, gathered_channels
 
