@@ -29,13 +29,15 @@ The strategies:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-@dataclass
+
+@dataclass(frozen=True)
 class Candidate:
     """One plan ``APPROX SSIM s`` considered.
 
@@ -119,11 +121,10 @@ def enumerate_plans(plan, target: float, calibration, policy, refine_share: Opti
         out.append(Candidate("refine", target, refine_share, True, how))
     cheaper = [c for c in out if c.meets and c.cost < 1.0]
     best = min(cheaper, key=lambda c: c.cost) if cheaper else out[0]
-    best.chosen = True
-    return out
+    return [dataclasses.replace(c, chosen=True) if c is best else c for c in out]
 
 
-def table_lines(candidates: list[Candidate], target: float, exact_parts: Optional[dict]) -> list[str]:
+def table_lines(candidates, target: float, exact_parts: Optional[dict]) -> list[str]:
     """EXPLAIN's lines: one per candidate, the chosen one marked."""
     lines = [f"APPROX SSIM {target:g}: plans considered (predicted SSIM vs exact, predicted time from the "
              f"runtime model, share of the exact plan's work):"]

@@ -95,7 +95,7 @@ class RefineState:
         return (self.k or 0.0) * self.scale
 
 
-@dataclass
+@dataclass(frozen=True)
 class RefinePolicy:
     """The decisions of an adaptive refinement plan.
 
@@ -112,6 +112,11 @@ class RefinePolicy:
             last batches.
         seed: seed of the audit draws and of the Monte Carlo SSIM estimate
             (a run is reproducible).
+        expected_share: the median share of the grid it computed on the
+            tuning images (None: not calibrated); the runtime estimate reads it.
+
+    Immutable, like the plan's other records: the state of a run is a
+    :class:`RefineState`.
     """
     target: float
     margin: float = DEFAULT_MARGIN

@@ -188,6 +188,32 @@ def test_explain_shows_candidates_and_analyze_the_stages(con):
     assert f"estimated SSIM vs exact {e.result.estimated_ssim:.3f}" in e.text
 
 
+def test_the_contract_is_a_typed_record_the_tree_and_the_execution_carry(con):
+    """The choice is an immutable record on the plan (rules replace records);
+    EXPLAIN's tree renders the run-time check from it; what refinement did
+    comes back on the executor's Execution, which kql.compiler.run copies."""
+    import dataclasses
+
+    from kql.executor import execute
+    from kql.planner.plan import SsimContract
+    net, img = _net(), _image()
+    calibration.save(_calibration(net))
+    plan = con.plan(f"{Q} APPROX SSIM 0.9", {"img": img, "net": net})
+    assert isinstance(plan.contract, SsimContract) and plan.contract.target == 0.9
+    assert plan.contract.chosen.name == "refine" and plan.refine is plan.contract.refine
+    assert plan.candidates == plan.contract.candidates and plan.predicted_ssim == 0.9
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.contract.refine.margin = 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.contract.candidates[0].chosen = True
+    infer = next(s for s in con.explain(f"{Q} APPROX SSIM 0.9", img=img, net=net).steps if s["op"] == "Infer")
+    assert infer["details"]["check"].startswith("SSIM ≥ 0.9 checked at run time")
+    assert infer["details"]["mode"].startswith("approximate (adaptive refinement")
+    done = execute(plan, progress="off")
+    assert done.refine_stages[0]["stage"] == "lattice" and done.computed.any()
+    assert 0 < done.estimated_ssim <= 1 and done.stage_positions is None
+
+
 def test_drilldown_predicted_to_miss_is_rejected_with_a_warning(con):
     net, img = _net(), _image()
     exact = con.execute(f"{Q} EXACT", img=img, net=net).heatmap

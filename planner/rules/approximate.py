@@ -4,21 +4,28 @@
 a contract over the whole plan: the candidates of ``planner.candidates``
 (exact, τ from the calibration, the user's DRILLDOWN, adaptive refinement)
 are predicted from the calibration ``TUNE`` stored for this model, weights,
-input size and patch (``kql.calibration``), and the cheapest one predicted to
-meet ``s`` runs; none: exact, with a warning that says why. Without a
-calibration the query runs exact and says how to make one: a guessed plan
-could miss the target silently.
+input size and patch, which ``calibrations(spec, input_hw, patch)`` looks up
+(the front end hands ``kql.calibration.lookup``, the store being its own),
+and the cheapest one predicted to meet ``s`` runs; none: exact, with a
+warning that says why. Without a calibration the query runs exact and says
+how to make one: a guessed plan could miss the target silently.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from kql.errors import KqlError, PlanError
+from kql.errors import KqlError, PlanError, first_line
+from kql.planner.plan import Approximation, SsimContract
 
 
-def approximate(plan):
-    """Set ``plan.tau``, ``plan.tau_source`` and ``plan.predicted_ssim``
-    (changes the plan in place; a no-op unless the query says APPROX)."""
+def approximate(plan, calibrations=None):
+    """Set ``plan.approximation`` (τ, where it came from, the predicted SSIM)
+    and, for ``APPROX SSIM`` with a calibration, ``plan.contract`` (the plans
+    considered, the refinement policy if it runs) (changes the plan in place;
+    a no-op unless the query says APPROX).
+    ``calibrations``: the lookup of stored SSIM calibrations (None: there are none)."""
     if plan.mode != "approx":
         return plan
     approx = plan.query.approx
@@ -26,13 +33,13 @@ def approximate(plan):
     if not 0 < approx.value <= 1:
         raise PlanError(f"{keyword} must be in (0, 1], got {approx.value:g}")
     if approx.kind == "tau":
-        plan.tau, plan.tau_source = approx.value, keyword
+        tau, source = approx.value, keyword
         try:  # only for the SSIM it predicts: an unreadable store does not stop the query
-            calibration = _calibration(plan)
+            calibration = _calibration(plan, calibrations)
         except KqlError as e:
             calibration = None
-            plan.warnings.append(f"no SSIM prediction: {str(e).splitlines()[0]}")
-    elif (calibration := _calibration(plan)) is None:
+            plan.warnings.append(f"no SSIM prediction: {first_line(e)}")
+    elif (calibration := _calibration(plan, calibrations)) is None:
         ph, pw = plan.patch
         plan.mode = "exact"
         plan.warnings.append(
@@ -41,56 +48,47 @@ def approximate(plan):
             f"TUNE {plan.spec.name} ON <sample images> PATCH {ph if ph == pw else f'{ph}x{pw}'}")
         plan.record("approximate", f"{keyword} {approx.value:g}: no calibration, running exact")
         if plan.query.drilldown is not None:   # its SSIM cannot be predicted either
-            import dataclasses
             plan.warnings.append("DRILLDOWN with APPROX SSIM needs the calibration too: ran every position")
             plan.query = dataclasses.replace(plan.query, drilldown=None)
-        plan.root.find("Infer").detail("mode", plan.mode)
         return plan
     else:
         return _contract(plan, approx.value, calibration)
-    if calibration is not None:
-        plan.predicted_ssim = calibration.predict(plan.tau)
-    if plan.tau >= 1:
-        plan.mode, plan.tau = "exact", None
-        plan.record("approximate", f"{plan.tau_source}: τ = 1 is exact inference")
-        plan.root.find("Infer").detail("mode", plan.mode)
+    if tau >= 1:
+        plan.mode = "exact"
+        plan.record("approximate", f"{source}: τ = 1 is exact inference")
         return plan
-    predicted = "" if plan.predicted_ssim is None else f", predicted SSIM {plan.predicted_ssim:.3f}"
-    plan.record("approximate", f"τ = {plan.tau:.3g} from {plan.tau_source}{predicted}")
+    predicted = None if calibration is None else calibration.predict(tau)
+    plan.approximation = Approximation(tau, source, predicted)
+    shown = "" if predicted is None else f", predicted SSIM {predicted:.3f}"
+    plan.record("approximate", f"τ = {tau:.3g} from {source}{shown}")
     return plan
 
 
-def _calibration(plan):
+def _calibration(plan, calibrations):
     """The stored calibration for this plan's model, weights, input size and
     patch, or None."""
-    from kql import calibration
-    return calibration.lookup(plan.spec, plan.input_hw, plan.patch)
+    return None if calibrations is None else calibrations(plan.spec, plan.input_hw, plan.patch)
 
 
 def _contract(plan, target: float, calibration):
     """``APPROX SSIM target`` with a calibration: list the candidates, run the
     cheapest predicted to meet the target (``planner.candidates``)."""
-    import dataclasses
-
-    from kql.planner.candidates import enumerate_plans
     from kql.planner import refine
+    from kql.planner.candidates import enumerate_plans
     from kql.planner.refine import RefinePolicy
     keyword = f"APPROX SSIM {target:g}"
     measured = calibration.refine_margin(target)
     params = calibration.refine or {}
-    policy = RefinePolicy(target, step=int(params.get("step", 4)), batch=float(params.get("batch", 0.04)),
+    margin, share = measured if measured is not None else (refine.DEFAULT_MARGIN, None)
+    policy = RefinePolicy(target, margin=margin, step=int(params.get("step", refine.DEFAULT_STEP)),
+                          batch=float(params.get("batch", refine.DEFAULT_BATCH)),
                           audit=float(params.get("audit", refine.DEFAULT_AUDIT)),
-                          history=int(params.get("history", refine.DEFAULT_HISTORY)))
-    share = None
-    if measured is not None:
-        policy.margin, share = measured
-        policy.expected_share = share
-    cands = enumerate_plans(plan, target, calibration, policy, share, lambda tau: tau_cost(plan, tau),
-                            refine_measured=bool(calibration.refine))
-    plan.candidates = cands
-    chosen = next(c for c in cands if c.chosen)
+                          history=int(params.get("history", refine.DEFAULT_HISTORY)), expected_share=share)
+    cands = tuple(enumerate_plans(plan, target, calibration, policy, share, lambda tau: tau_cost(plan, tau),
+                                  refine_measured=bool(calibration.refine)))
+    contract = SsimContract(target, cands)
+    chosen = contract.chosen
     dd = plan.query.drilldown
-    infer = plan.root.find("Infer")
     if dd is not None and not chosen.name.startswith("drill-down"):
         rejected = next(c for c in cands if c.name.startswith("drill-down"))
         why = (f"is predicted to reach SSIM {rejected.predicted_ssim:.3f} < {target:g}"
@@ -101,6 +99,7 @@ def _contract(plan, target: float, calibration):
         plan.query = dataclasses.replace(plan.query, drilldown=None)
     if chosen.name == "exact":
         plan.mode = "exact"
+        plan.contract = contract
         reasons = "; ".join(f"{c.name}: {c.note}" for c in cands if c is not chosen and not c.meets)
         faster = [c for c in cands if c.meets and c is not chosen]
         why = (f"no approximate plan is predicted to meet SSIM {target:g}"
@@ -108,24 +107,22 @@ def _contract(plan, target: float, calibration):
                                   f"faster than exact")
         plan.warnings.append(f"{keyword}: {why}: ran EXACT" + (f" ({reasons})" if reasons else ""))
         plan.record("approximate", f"{keyword}: {why}; running exact")
-        infer.detail("mode", plan.mode)
         return plan
-    plan.predicted_ssim = chosen.predicted_ssim
     if chosen.tau is not None:
-        plan.tau = chosen.tau
-        plan.tau_source = f"{keyword} via {calibration.describe()}"
-        plan.record("approximate", f"τ = {plan.tau:.3g} from {plan.tau_source}, predicted SSIM "
+        source = f"{keyword} via {calibration.describe()}"
+        plan.approximation = Approximation(chosen.tau, source, chosen.predicted_ssim)
+        plan.contract = contract
+        plan.record("approximate", f"τ = {chosen.tau:.3g} from {source}, predicted SSIM "
                                    f"{chosen.predicted_ssim:.3f} ({chosen.note}), "
                                    f"{100 * chosen.cost:.0f} % of exact's work")
     elif chosen.name == "refine":
-        plan.refine = policy
+        plan.contract = dataclasses.replace(contract, refine=policy)
         plan.record("approximate", f"{keyword}: adaptive refinement, {policy.describe()}; computed a "
                                    f"median {100 * chosen.cost:.0f} % of the positions on the tuning images")
-        infer.detail("check", f"SSIM ≥ {target:g} checked at run time (stops at estimated "
-                              f"{policy.goal:.3f})")
     else:   # the user's drill-down, predicted to meet the target
         # its prediction replays exact values: both stages run exact (stage one is
         # planned from this query, planner.drilldown)
+        plan.contract = contract
         plan.query = dataclasses.replace(plan.query, mode="exact")
         plan.record("approximate", f"{keyword}: {chosen.name}, predicted SSIM {chosen.predicted_ssim:.3f} "
                                    f"({chosen.note}); both stages compute exact values")
