@@ -30,6 +30,19 @@ def small_cnn(widths: tuple[int, int] = (4, 6), classes: int = 3, seed: int = 0)
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(b, classes)).eval()
 
 
+def patch_sensitive_cnn(size: int, seed: int = 0) -> nn.Module:
+    """For a ``size x size`` input: conv 3x3, ReLU, max pool 2, conv 5x5, ReLU,
+    conv 3x3, ReLU, avg pool 2, Linear over the pixels (5 classes), its weights
+    scaled so the output really depends on where the patch is; in eval mode."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * (size // 4) ** 2, 5))
+    with torch.no_grad():
+        net[-1].weight.mul_(20)
+    return net.eval()
+
+
 def naive_outputs(plan, model) -> torch.Tensor:
     """Independent reference for a bound plan: a plain loop over its positions,
     one occluded image each; the model's raw outputs, ``(positions, classes)``."""

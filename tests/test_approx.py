@@ -12,27 +12,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import kql
 from kql.errors import PlanError
 from kql.planner import drilldown
 from kql.planner.geometry import Rects, out_region, propagate, threshold, threshold_size
 from kql.planner.graph import Kind
+from helpers import patch_sensitive_cnn, rand_image
 
 
 def _net(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(8, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 5))
-    with torch.no_grad():  # outputs that really depend on the patch
-        net[-1].weight.mul_(20)
-    return net.eval()
+    return patch_sensitive_cnn(32, seed)
 
 
 def _image(seed=0, size=32):
-    return np.random.default_rng(seed).random((size, size, 3)).astype(np.float32)
+    return rand_image(size, size, seed)
 
 
 @pytest.fixture(scope="module")

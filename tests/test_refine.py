@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
 
 import kql
 from kql import calibration
@@ -20,20 +18,15 @@ from kql.errors import QueryInterrupted
 from kql.executor.common import batch_hook
 from kql.planner import refine
 from kql.planner.candidates import enumerate_plans
+from helpers import patch_sensitive_cnn, rand_image
 
 
 def _net(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(8, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 16 * 16, 5))
-    with torch.no_grad():  # outputs that really depend on the patch
-        net[-1].weight.mul_(20)
-    return net.eval()
+    return patch_sensitive_cnn(64, seed)
 
 
 def _image(seed=0, size=64):
-    return np.random.default_rng(seed).random((size, size, 3)).astype(np.float32)
+    return rand_image(size, size, seed)
 
 
 Q = "SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 2"     # a 30x30 grid
