@@ -118,17 +118,19 @@ def test_explain_a_prediction_in_the_browser(server, browser_page):
     # choices: a sample, the model with real weights, a coarse grid so it runs in seconds
     page.select_option("#image-select", "sample-coffee")
     page.select_option("#model", "efficientnet_lite0")
-    # approximate mode follows the calibrations: shipped for patch 16, none for 32
+    # approximate mode follows the calibrations: shipped for patch 8, 16 and 32, none for 4
     page.select_option("#patch", "16")
     expect(page.locator("#mode-approximate")).to_be_enabled()
     expect(page.locator("#ssim option")).to_have_count(3)
     expect(page.locator("#ssim")).to_contain_text(re.compile(r"0\.9 \(τ [\d.]+\)"))
+    page.select_option("#patch", "4")
+    expect(page.locator("#approx-note")).to_have_text(re.compile(r"Approximate: efficientnet_lite0 has no SSIM "
+                                                                 r"calibration for patch 4 yet; make one .* TUNE"))
+    expect(page.locator("#mode-approximate")).to_be_disabled()
     page.select_option("#patch", "32")
     page.select_option("#stride", "16")
+    expect(page.locator("#mode-approximate")).to_be_enabled()
     page.check("input[name=mode][value=exact]")
-    expect(page.locator("#approx-note")).to_have_text(re.compile(r"Approximate: efficientnet_lite0 is not "
-                                                                 r"calibrated for patch 32"))
-    expect(page.locator("#mode-approximate")).to_be_disabled()
 
     # crop: the stage shows the 224x224 model input at 448 CSS pixels, so 2 px per pixel
     drag(page, (100, 100), (340, 340))
@@ -229,9 +231,9 @@ def test_estimate_during_a_drag_uses_the_crop_already_made(server, browser_page)
 
 
 def test_a_late_answer_about_an_earlier_patch_size_is_ignored(server, browser_page):
-    """Patch 16 then 32, the answer about 16 arriving last: the page keeps what
-    it was told about 32 (approximate unavailable), and the estimate sent after
-    the change asks for a mode that 32 allows."""
+    """Patch 16 then 4, the answer about 16 arriving last: the page keeps what
+    it was told about 4 (approximate unavailable: no calibration), and the
+    estimate sent after the change asks for a mode that 4 allows."""
     page, problems = browser_page
     page.goto(server + "/")
     expect(page.locator("#run")).to_be_enabled()
@@ -245,8 +247,8 @@ def test_a_late_answer_about_an_earlier_patch_size_is_ignored(server, browser_pa
     page.route(about_16, lambda route: held.append(route))
     page.select_option("#patch", "8")
     page.select_option("#patch", "16")           # this answer is held back
-    page.select_option("#patch", "32")
-    expect(page.locator("#approx-note")).to_have_text(re.compile(r"not calibrated for patch 32"))
+    page.select_option("#patch", "4")
+    expect(page.locator("#approx-note")).to_have_text(re.compile(r"no SSIM calibration for patch 4"))
     expect(page.locator("#mode-approximate")).to_be_disabled()
     assert page.is_checked("input[name=mode][value=exact]")
     assert len(held) == 1
@@ -254,6 +256,6 @@ def test_a_late_answer_about_an_earlier_patch_size_is_ignored(server, browser_pa
     page.unroute(about_16)
     page.wait_for_timeout(500)
     expect(page.locator("#mode-approximate")).to_be_disabled()
-    expect(page.locator("#approx-note")).to_have_text(re.compile(r"not calibrated for patch 32"))
-    expect(page.locator("#est-positions")).to_have_text(str(len(grid_positions(0, 224, 32, 8)) ** 2))
+    expect(page.locator("#approx-note")).to_have_text(re.compile(r"no SSIM calibration for patch 4"))
+    expect(page.locator("#est-positions")).to_have_text(str(len(grid_positions(0, 224, 4, 8)) ** 2))
     assert problems == []
