@@ -83,6 +83,7 @@ class IncrementalRunner:
         self.backend = backend
         self._dep: dict[str, bool] = {}  # node -> depends on the image (_depends_on_input)
         self._inv: dict[str, torch.Tensor] = {}  # avg-pool layer -> 1/divisor map (_inv_divisor)
+        self._mean_ok: dict[str, bool] = {}  # layer -> _is_global_mean
         self.device = torch.device(plan.device)
         if self.gm is not model:
             self.gm = self.gm.to(self.device)
@@ -106,6 +107,8 @@ class IncrementalRunner:
         the IVM cutoff is always computed in full, so nothing reads its view."""
         if name in self.capped:
             return True
+        if self.regions[name].is_empty.all() and self.graph.consumers(name):
+            return True  # never changes (a frozen gate): its readers read the view
         if name in self.full_layers:
             return False
         for consumer in self.graph.consumers(name):
@@ -205,11 +208,16 @@ class IncrementalRunner:
         ins = [state.get(name) for name in layer.inputs]
         if all(s is None for s in ins):
             return None  # nothing upstream changed for this batch
+        region = self.regions[layer.name][idx]
+        if region.is_empty.all():
+            return None  # e.g. a gate an approximate plan freezes (geometry.GATE_MODES)
+        if self._is_global_mean(layer) and isinstance(ins[0], Patch):
+            return Full(self._global_mean(layer, ins[0]))
         full_mode = (layer.kind in (Kind.GLOBAL, Kind.OUTPUT) or layer.name in self.full_layers
-                     or any(isinstance(s, Full) for s in ins)
+                     or any(isinstance(s, Full) and not self._broadcast_into(layer, name)
+                            for s, name in zip(ins, layer.inputs))
                      or (layer.kind == Kind.POINT and not self._point_ok[layer.name]))
         if not full_mode:
-            region = self.regions[layer.name][idx]
             ho, wo = layer.out_hw
             h, w = int(region.h.max()), int(region.w.max())
             if h == ho and w == wo and layer.kind != Kind.POINT:
@@ -230,6 +238,37 @@ class IncrementalRunner:
         # merge: every input over the same rectangles
         values = self._call(node, lambda n: self._value_over(n, state, oy, ox, h, w, B))
         return Patch(values, oy, ox)
+
+    def _broadcast_into(self, layer, name: str) -> bool:
+        """``name`` is a 1x1 map (a gate) that the merge ``layer`` broadcasts
+        onto a larger map: being computed in full (it is 1x1) does not make
+        the merge full, which runs over its region with the gate's new values."""
+        src = self.layers.get(name)
+        return (layer.kind == Kind.MERGE and src is not None and src.spatial and src.out_hw == (1, 1)
+                and layer.out_hw != (1, 1))
+
+    def _is_global_mean(self, layer) -> bool:
+        """An average pool whose one window is the whole unpadded input (the
+        squeeze of squeeze-and-excitation, ``adaptive_avg_pool2d(x, 1)``)."""
+        if layer.name not in self._mean_ok:
+            self._mean_ok[layer.name] = (
+                layer.kind == Kind.LOCAL and layer.op == "avg_pool2d" and layer.spatial
+                and layer.out_hw == (1, 1) and tuple(layer.kernel) == tuple(layer.in_hw)
+                and layer.padding == ((0, 0), (0, 0)) and not layer.extra.get("divisor_override")
+                and layer.name not in self.full_layers and layer.name not in self.capped)
+        return self._mean_ok[layer.name]
+
+    def _global_mean(self, layer, src: Patch) -> torch.Tensor:
+        """The mean of the occluded map, updated from the view's by the patch
+        alone: mean + (sum of new values - sum of old values under the patch) / HW.
+        Reads the patch instead of pasting it into a copy of the whole map."""
+        name = layer.inputs[0]
+        h, w = src.hw
+        old = kernels.gather(self.views[name], src.oy, src.ox, h, w, backend=self.backend)
+        hi, wi = layer.in_hw
+        delta = (src.values.sum(dim=(2, 3), dtype=torch.float64) - old.sum(dim=(2, 3), dtype=torch.float64))
+        mean = self.views[layer.name].to(torch.float64)[None, :, 0, 0] + delta / (hi * wi)
+        return mean.to(src.values.dtype)[:, :, None, None]
 
     def _cap_full(self, layer, values: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
         """A thresholded layer computed in full: its values outside each
@@ -406,7 +445,8 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
     start = time.perf_counter()
     ys, xs = plan.positions()
     regions = getattr(plan, "regions", None) or propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch),
-                                                          getattr(plan, "tau", None))
+                                                          getattr(plan, "tau", None),
+                                                          getattr(plan, "gates", "exact"))
     order = getattr(plan, "order", None)
     if order is None:
         order = np.arange(len(ys))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from kql.planner.geometry import gate_sources
 from kql.planner.plan import Plan, format_bytes, format_seconds
 from kql.planner.runtime import runtime_lines
 
@@ -79,10 +80,12 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     batched = (f"; {plan.r_batched:.2f} with the chosen batches and cutoff"
                if plan.r_batched is not None else "")
     regions = "exact regions" if plan.tau is None else f"regions capped at τ = {plan.tau:g}"
+    if plan.gates != "exact":
+        regions += f", gates {plan.gates}"
     lines.append(f"theoretical speedup of incremental vs naive: R = {plan.cost.r_grid:.2f} "
                  f"({regions} over the grid; {plan.cost.r_uniform:.2f} with one patch size per layer"
                  f"{batched})")
-    if plan.tau is not None:
+    if plan.tau is not None or plan.gates != "exact":
         lines += _approx_lines(plan)
     if plan.drilldown is not None:
         lines += _drilldown_lines(plan)
@@ -110,11 +113,20 @@ def _approx_lines(plan: Plan) -> list[str]:
     exact = getattr(plan, "cost_exact", None)
     gain = ""
     if exact is not None:
-        gain = (f"; exact incremental would be R = {exact.r_grid:.2f}, so thresholding saves "
+        what = "thresholding" if plan.gates == "exact" else "approximating"
+        gain = (f"; exact incremental would be R = {exact.r_grid:.2f}, so {what} saves "
                 f"{plan.cost.r_grid / exact.r_grid:.2f}x more")
     ssim = ("no SSIM prediction (no TUNE calibration for this model, weights, input size and patch)"
             if plan.predicted_ssim is None else f"predicted SSIM vs exact {plan.predicted_ssim:.3f}")
-    return [f"approximate: projective-field threshold τ = {plan.tau:g} from {plan.tau_source}; {ssim}{gain}"]
+    parts = []
+    if plan.tau is not None:
+        parts.append(f"projective-field threshold τ = {plan.tau:g} from {plan.tau_source}")
+    if plan.gates != "exact":
+        n = len(gate_sources(plan.graph))
+        how = ("recomputed, applied only where the patch changed the map" if plan.gates == "local"
+               else "kept at their unoccluded value")
+        parts.append(f"{n} global gate{'s' if n != 1 else ''} {plan.gates} ({how})")
+    return [f"approximate: {'; '.join(parts)}; {ssim}{gain}"]
 
 
 def _drilldown_lines(plan: Plan) -> list[str]:

@@ -126,6 +126,7 @@ class Plan:
     # where it came from, and the SSIM its calibration predicts
     tau: Optional[float] = None
     tau_source: str = ""
+    gates: str = "exact"  # geometry.GATE_MODES: how global (SE) gates are approximated
     predicted_ssim: Optional[float] = None
     cost_exact: Any = None  # SpeedupReport without the threshold (rules/estimate_cost.py)
     # DRILLDOWN (rules/drilldown.py): a planner.drilldown.DrilldownPlan

@@ -12,8 +12,8 @@ def estimate_cost(plan):
     ys, xs = plan.positions()
     # incremental plans have the regions already (rules/incremental.py)
     plan.cost = theoretical_speedup(plan.graph, ys, xs, plan.patch, plan.tau,
-                                    plan.regions if plan.incremental else None)
-    if plan.tau is not None:  # what thresholding adds over exact
+                                    plan.regions if plan.incremental else None, plan.gates)
+    if plan.tau is not None or plan.gates != "exact":  # what approximation adds over exact
         plan.cost_exact = theoretical_speedup(plan.graph, ys, xs, plan.patch)
     n = plan.n_positions
     infer = plan.root.find("Infer")

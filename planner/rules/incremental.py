@@ -130,6 +130,17 @@ def sort_positions(graph, regions) -> np.ndarray:
     return np.argsort(-total, kind="stable")
 
 
+def approximation(plan) -> str:
+    """What an approximate plan approximates, in words: 'projective-field
+    threshold τ = 0.5, gates local'."""
+    parts = []
+    if plan.tau is not None:
+        parts.append(f"projective-field threshold τ = {plan.tau:g}")
+    if plan.gates != "exact":
+        parts.append(f"gates {plan.gates}")
+    return ", ".join(parts) or "exact regions"
+
+
 def incremental(plan, settings=None):
     """Plan exact incremental inference (changes the plan in place; a no-op
     for naive plans)."""
@@ -137,7 +148,7 @@ def incremental(plan, settings=None):
         return plan
     graph = plan.graph
     ys, xs = plan.positions()
-    regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch), plan.tau)
+    regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch), plan.tau, plan.gates)
     plan.regions = regions
     plan.order = sort_positions(graph, regions)
 
@@ -164,8 +175,8 @@ def incremental(plan, settings=None):
                                               and l.name not in plan.full_layers)
 
     infer = plan.root.find("Infer")
-    infer.detail("mode", "exact (incremental)" if plan.tau is None else
-                 f"approximate (incremental, projective-field threshold τ = {plan.tau:g})")
+    infer.detail("mode", "exact (incremental)" if plan.mode == "exact" else
+                 f"approximate (incremental, {approximation(plan)})")
     infer.detail("views", f"{len([l for l in layers if l.spatial and l.name not in plan.full_layers])} "
                           f"layers materialized, ≈{format_bytes(plan.view_bytes)}")
     infer.detail("cutoff", plan.cutoff or "none")
