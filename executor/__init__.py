@@ -2,16 +2,46 @@
 
 ``execute`` runs the unoccluded reference inference (which also resolves
 ``LABEL PREDICTED``), then the occlusion grid with the executor the plan's
-mode names, and assembles a :class:`kql.result.HeatmapResult`.
+mode names, and returns what it computed as an :class:`Execution`. The
+front end (``kql.compiler.run``) turns that into a ``HeatmapResult`` and
+writes ``INTO``: the executor writes no files.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
 
 from kql.executor.common import reference
 
 
-def _executor(mode: str):
+@dataclass
+class Execution:
+    """What running a plan computed.
+
+    Attributes:
+        heatmap: float32 ``(rows, cols)`` on the plan's grid.
+        label: the class index (``LABEL PREDICTED`` resolved).
+        p_original: its probability on the unoccluded image.
+        timings: ``reference``, ``occlusion`` (and for DRILLDOWN ``stage
+            one`` / ``stage two``) in seconds.
+        peak_memory: bytes the occlusion stage added at its peak.
+        computed, stage_positions: DRILLDOWN only: the mask of positions
+            computed (the rest interpolated) and the positions of each stage.
+    """
+    heatmap: np.ndarray
+    label: int
+    p_original: float
+    timings: dict = field(default_factory=dict)
+    peak_memory: Optional[int] = None
+    computed: Optional[np.ndarray] = None
+    stage_positions: Optional[tuple[int, int]] = None
+
+
+def executor_for(mode: str):
+    """The module that runs the occlusion grid of a plan of this mode."""
     if mode == "naive":
         from kql.executor import naive
         return naive
@@ -19,16 +49,15 @@ def _executor(mode: str):
     return incremental
 
 
-def execute(plan, progress: str = "auto"):
-    """Run ``plan`` and return a ``HeatmapResult`` (saved when the query says INTO)."""
-    from kql.executor.allocator import enabled_for, reuse_freed_memory
-    with reuse_freed_memory(enabled_for(plan)):
+def execute(plan, progress: str = "auto") -> Execution:
+    """Run ``plan``: the reference inference, then every position of its grid."""
+    from kql.executor.allocator import reuse_freed_memory
+    with reuse_freed_memory(plan.allocator == "reuse"):
         return _run(plan, progress)
 
 
-def _run(plan, progress):
+def _run(plan, progress) -> Execution:
     from kql.executor.memory import PeakMemory
-    from kql.result import HeatmapResult
 
     start = time.perf_counter()
     model = plan.spec.module.to(plan.device).eval()
@@ -38,29 +67,13 @@ def _run(plan, progress):
     with PeakMemory(plan.device) as mem:
         if plan.drilldown is not None:
             from kql.executor import drilldown
-            values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, _executor, progress)
+            values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, executor_for, progress)
         else:
-            values, t_occ = _executor(plan.mode).occlusion_probabilities(plan, model, label, progress)
-    names = plan.spec.class_names
-    result = HeatmapResult(
-        heatmap=values.reshape(len(plan.ys), len(plan.xs)),
-        label=label,
-        label_name=names[label] if names and label < len(names) else None,
-        p_original=p_original,
-        ys=plan.ys, xs=plan.xs, patch=plan.patch, stride=plan.stride, region=plan.region,
-        image=plan.display, model=plan.spec.name, mode=plan.mode,
-        timings={"reference": t_ref, "occlusion": t_occ},
-        plan=plan, plan_text="", warnings=list(plan.warnings), output_path=None,
-        peak_memory=mem.peak, tau=plan.tau,
-    )
+            values, t_occ = executor_for(plan.mode).occlusion_probabilities(plan, model, label, progress)
+    done = Execution(heatmap=values.reshape(len(plan.ys), len(plan.xs)), label=label, p_original=p_original,
+                     timings={"reference": t_ref, "occlusion": t_occ}, peak_memory=mem.peak)
     if stages is not None:
-        result.timings.update({"stage one": stages["stage one"], "stage two": stages["stage two"]})
-        result.computed = stages["computed"]
-        result.stage_positions = stages["positions"]
-    if plan.query.into:
-        t0 = time.perf_counter()
-        result.save(plan.query.into)
-        result.timings["save"] = time.perf_counter() - t0
-    result.timings["total"] = time.perf_counter() - start
-
-    return result
+        done.timings.update({"stage one": stages["stage one"], "stage two": stages["stage two"]})
+        done.computed = stages["computed"]
+        done.stage_positions = stages["positions"]
+    return done

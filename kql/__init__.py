@@ -11,7 +11,7 @@ The pipeline, one stage per place: ``grammar/kql.lark`` -> ``kql.parser``
 (AST in ``kql.ast``) -> ``kql.planner`` (binder, CNN graph, geometry, cost,
 rules, optimizer, EXPLAIN) -> ``kql.executor`` -> ``kql.kernels``.
 """
-from kql.errors import ExecutionError, KqlError, ParseError, PlanError, QueryInterrupted
+from kql.errors import ExecutionError, KqlError, ParseError, PlanError, QueryInterrupted, SettingError
 
 __version__ = "0.1.0"
 
@@ -29,5 +29,5 @@ def __getattr__(name):  # lazy: `import kql` stays fast for the REPL's --help
     raise AttributeError(f"module 'kql' has no attribute {name!r}")
 
 
-__all__ = ["connect", "Connection", "KqlError", "ParseError", "PlanError", "ExecutionError",
+__all__ = ["connect", "Connection", "KqlError", "ParseError", "PlanError", "SettingError", "ExecutionError",
            "QueryInterrupted", "__version__"]
