@@ -110,6 +110,9 @@ class IncrementalRunner:
             return True  # never changes (a frozen gate): its readers read the view
         if name in self.full_layers:
             return False
+        layer = self.layers[name]
+        if layer.kind == Kind.MERGE and any(self._broadcast_into(layer, i) for i in layer.inputs):
+            return True  # a gate applied locally keeps the view outside the region (_outside_to_view)
         for consumer in self.graph.consumers(name):
             kind = self.layers[consumer].kind
             if kind != Kind.POINT or not self._point_ok.get(consumer, False) or consumer in self.full_layers:
@@ -266,7 +269,24 @@ class IncrementalRunner:
             return Patch(self._local(layer, state, placed, oy, ox, h, w), oy, ox)
         # merge: every input over the same rectangles
         values = self._call(node, lambda n: self._value_over(n, state, oy, ox, h, w, B))
+        if any(isinstance(s, Full) and self._broadcast_into(layer, name) for s, name in zip(ins, layer.inputs)):
+            # A changed gate applied only inside each position's region (gates
+            # 'local'): the rest of the batch's rectangle keeps the view, so the
+            # result does not depend on how positions are batched.
+            values = self._outside_to_view(layer, values, region, placed, oy, ox, h, w)
         return Patch(values, oy, ox)
+
+    def _outside_to_view(self, layer, values, region: Rects, placed: Rects, oy, ox, h, w) -> torch.Tensor:
+        dev = values.device
+        rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        y0, y1, x0, x1 = (_index(a, dev)[:, None] for a in (region.y0 - placed.y0, region.y1 - placed.y0,
+                                                            region.x0 - placed.x0, region.x1 - placed.x0))
+        inside = (((rows >= y0) & (rows < y1))[:, None, :, None]
+                  & ((cols >= x0) & (cols < x1))[:, None, None, :])
+        if bool(inside.all()):
+            return values
+        view = kernels.gather(self.views[layer.name], oy, ox, h, w, backend=self.backend)
+        return torch.where(inside, values, view)
 
     def _broadcast_into(self, layer, name: str) -> bool:
         """``name`` is a 1x1 map (a gate) that the merge ``layer`` broadcasts
@@ -284,7 +304,8 @@ class IncrementalRunner:
                 layer.kind == Kind.LOCAL and layer.op == "avg_pool2d" and layer.spatial
                 and layer.out_hw == (1, 1) and tuple(layer.kernel) == tuple(layer.in_hw)
                 and layer.padding == ((0, 0), (0, 0)) and not layer.extra.get("divisor_override")
-                and layer.name not in self.full_layers and layer.name not in self.capped)
+                and layer.name not in self.full_layers and layer.name not in self.capped
+                and self.layers[layer.inputs[0]].spatial_axes is None)  # channels first
         return self._mean_ok[layer.name]
 
     def _global_mean(self, layer, src: Patch) -> torch.Tensor:
@@ -292,7 +313,7 @@ class IncrementalRunner:
         alone: mean + (sum of new values - sum of old values under the patch) / HW.
         Reads the patch instead of pasting it into a copy of the whole map."""
         name = layer.inputs[0]
-        h, w = src.hw
+        h, w = src.values.shape[-2:]
         old = kernels.gather(self.views[name], src.oy, src.ox, h, w, backend=self.backend)
         hi, wi = layer.in_hw
         delta = (src.values.sum(dim=(2, 3), dtype=torch.float64) - old.sum(dim=(2, 3), dtype=torch.float64))
