@@ -82,6 +82,7 @@ class IncrementalRunner:
         self.backend = backend
         self._dep: dict[str, bool] = {}  # node -> depends on the image (_depends_on_input)
         self._inv: dict[str, torch.Tensor] = {}  # avg-pool layer -> 1/divisor map (_inv_divisor)
+        self._mean_ok: dict[str, bool] = {}  # layer -> _is_global_mean
         self.device = torch.device(plan.device)
         if self.gm is not model:
             self.gm = self.gm.to(self.device)
@@ -105,8 +106,13 @@ class IncrementalRunner:
         the IVM cutoff is always computed in full, so nothing reads its view."""
         if name in self.capped:
             return True
+        if self.regions[name].is_empty.all() and self.graph.consumers(name):
+            return True  # never changes (a frozen gate): its readers read the view
         if name in self.full_layers:
             return False
+        layer = self.layers[name]
+        if layer.kind == Kind.MERGE and any(self._broadcast_into(layer, i) for i in layer.inputs):
+            return True  # a gate applied locally keeps the view outside the region (_outside_to_view)
         for consumer in self.graph.consumers(name):
             kind = self.layers[consumer].kind
             if kind != Kind.POINT or not self._point_ok.get(consumer, False) or consumer in self.full_layers:
@@ -229,11 +235,16 @@ class IncrementalRunner:
         ins = [state.get(name) for name in layer.inputs]
         if all(s is None for s in ins):
             return None  # nothing upstream changed for this batch
+        region = self.regions[layer.name][idx]
+        if region.is_empty.all():
+            return None  # e.g. a gate an approximate plan freezes (geometry.GATE_MODES)
+        if self._is_global_mean(layer) and isinstance(ins[0], Patch):
+            return Full(self._global_mean(layer, ins[0]))
         full_mode = (layer.kind in (Kind.GLOBAL, Kind.OUTPUT) or layer.name in self.full_layers
-                     or any(isinstance(s, Full) for s in ins)
+                     or any(isinstance(s, Full) and not self._broadcast_into(layer, name)
+                            for s, name in zip(ins, layer.inputs))
                      or (layer.kind == Kind.POINT and not self._point_ok[layer.name]))
         if not full_mode:
-            region = self.regions[layer.name][idx]
             ho, wo = layer.out_hw
             h, w = int(region.h.max()), int(region.w.max())
             if h == ho and w == wo and layer.kind != Kind.POINT:
@@ -258,7 +269,56 @@ class IncrementalRunner:
             return Patch(self._local(layer, state, placed, oy, ox, h, w), oy, ox)
         # merge: every input over the same rectangles
         values = self._call(node, lambda n: self._value_over(n, state, oy, ox, h, w, B))
+        if any(isinstance(s, Full) and self._broadcast_into(layer, name) for s, name in zip(ins, layer.inputs)):
+            # A changed gate applied only inside each position's region (gates
+            # 'local'): the rest of the batch's rectangle keeps the view, so the
+            # result does not depend on how positions are batched.
+            values = self._outside_to_view(layer, values, region, placed, oy, ox, h, w)
         return Patch(values, oy, ox)
+
+    def _outside_to_view(self, layer, values, region: Rects, placed: Rects, oy, ox, h, w) -> torch.Tensor:
+        dev = values.device
+        rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        y0, y1, x0, x1 = (_index(a, dev)[:, None] for a in (region.y0 - placed.y0, region.y1 - placed.y0,
+                                                            region.x0 - placed.x0, region.x1 - placed.x0))
+        inside = (((rows >= y0) & (rows < y1))[:, None, :, None]
+                  & ((cols >= x0) & (cols < x1))[:, None, None, :])
+        if bool(inside.all()):
+            return values
+        view = kernels.gather(self.views[layer.name], oy, ox, h, w, backend=self.backend)
+        return torch.where(inside, values, view)
+
+    def _broadcast_into(self, layer, name: str) -> bool:
+        """``name`` is a 1x1 map (a gate) that the merge ``layer`` broadcasts
+        onto a larger map: being computed in full (it is 1x1) does not make
+        the merge full, which runs over its region with the gate's new values."""
+        src = self.layers.get(name)
+        return (layer.kind == Kind.MERGE and src is not None and src.spatial and src.out_hw == (1, 1)
+                and layer.out_hw != (1, 1))
+
+    def _is_global_mean(self, layer) -> bool:
+        """An average pool whose one window is the whole unpadded input (the
+        squeeze of squeeze-and-excitation, ``adaptive_avg_pool2d(x, 1)``)."""
+        if layer.name not in self._mean_ok:
+            self._mean_ok[layer.name] = (
+                layer.kind == Kind.LOCAL and layer.op == "avg_pool2d" and layer.spatial
+                and layer.out_hw == (1, 1) and tuple(layer.kernel) == tuple(layer.in_hw)
+                and layer.padding == ((0, 0), (0, 0)) and not layer.extra.get("divisor_override")
+                and layer.name not in self.full_layers and layer.name not in self.capped
+                and self.layers[layer.inputs[0]].spatial_axes is None)  # channels first
+        return self._mean_ok[layer.name]
+
+    def _global_mean(self, layer, src: Patch) -> torch.Tensor:
+        """The mean of the occluded map, updated from the view's by the patch
+        alone: mean + (sum of new values - sum of old values under the patch) / HW.
+        Reads the patch instead of pasting it into a copy of the whole map."""
+        name = layer.inputs[0]
+        h, w = src.values.shape[-2:]
+        old = kernels.gather(self.views[name], src.oy, src.ox, h, w, backend=self.backend)
+        hi, wi = layer.in_hw
+        delta = (src.values.sum(dim=(2, 3), dtype=torch.float64) - old.sum(dim=(2, 3), dtype=torch.float64))
+        mean = self.views[layer.name].to(torch.float64)[None, :, 0, 0] + delta / (hi * wi)
+        return mean.to(src.values.dtype)[:, :, None, None]
 
     def _cap_full(self, layer, values: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
         """A thresholded layer computed in full: its values outside each

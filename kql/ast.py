@@ -93,6 +93,7 @@ class Select:
     mode: Optional[str] = None          # "naive" | "exact" | "approx" | None (the optimizer picks the best exact mode)
     approx: Optional[Approx] = None     # with mode "approx"
     drilldown: Optional[Drilldown] = None
+    gates: Optional[str] = None         # "exact" | "local" | "frozen" (GATES, with APPROX)
     batch: Optional[int] = None         # None: sized from the memory budget
     device: Optional[str] = None        # "cpu" | "cuda" | None (session setting)
     into: Optional[str] = None          # output .png or .npy path
@@ -152,6 +153,8 @@ def select_text(select: Select, *, source: bool = True, into: bool = True) -> st
     if select.drilldown is not None:
         d = select.drilldown
         parts.append(f"DRILLDOWN FRACTION {_num(d.fraction)} SPEEDUP {_num(d.speedup)}")
+    if select.gates is not None:
+        parts.append(f"GATES {select.gates.upper()}")
     if select.batch is not None:
         parts.append(f"BATCH {select.batch}")
     if select.device is not None:

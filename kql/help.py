@@ -5,7 +5,7 @@ PATCH <n>[x<m>]
 >>> help_text("nope")
 Traceback (most recent call last):
     ...
-kql.errors.KqlError: unknown HELP topic 'nope'; topics: APPROX, BATCH, CALIBRATIONS, COLOR, DESCRIBE, DRILLDOWN, EXACT, EXPLAIN, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, SSIM, STRIDE, TAU, TUNE, WEIGHTS
+kql.errors.KqlError: unknown HELP topic 'nope'; topics: APPROX, BATCH, CALIBRATIONS, COLOR, DESCRIBE, DRILLDOWN, EXACT, EXPLAIN, GATES, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, SSIM, STRIDE, TAU, TUNE, WEIGHTS
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ SELECT HEATMAP FROM <image> USING <model> [WEIGHTS '<file>']
     [LABEL <index> | '<class name>' | PREDICTED]
     [REGION (<x0>, <y0>, <x1>, <y1>)]
     [NAIVE | EXACT | APPROX TAU <t> | APPROX SSIM <s>]
-    [DRILLDOWN [FRACTION <r>] [SPEEDUP <t>]]
+    [DRILLDOWN [FRACTION <r>] [SPEEDUP <t>]] [GATES EXACT | LOCAL | FROZEN]
     [BATCH <n>] [ON CPU | CUDA] [INTO '<file>']
 
 Occludes the image with a patch at every stride step, runs the model on each
@@ -254,6 +254,16 @@ runs only when its predicted SSIM meets it (else a warning says what ran).
 Example:
   SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 APPROX TAU 0.5 DRILLDOWN;"""
 
+_GATES = """\
+GATES EXACT | LOCAL | FROZEN      (with APPROX TAU <t>)
+
+How squeeze-and-excitation gates are approximated. LOCAL recomputes a gate
+but applies it only where the patch changed the map; FROZEN keeps every gate
+at its unoccluded value; EXACT (the default) is exact. APPROX TAU 1 GATES
+LOCAL approximates the gates only.
+Example:
+  SELECT HEATMAP FROM cat USING efficientnet_b0 PATCH 16 STRIDE 4 APPROX TAU 1 GATES LOCAL;"""
+
 _BATCH = """\
 BATCH <n>
 
@@ -302,6 +312,7 @@ TOPICS: dict[str, str] = {
     "TAU": _APPROX,
     "SSIM": _APPROX,
     "DRILLDOWN": _DRILLDOWN,
+    "GATES": _GATES,
     "BATCH": _BATCH,
     "ON": _DEVICE,
     "INTO": _INTO,

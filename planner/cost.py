@@ -170,7 +170,8 @@ def _ratio(num: float, den: float) -> float:
 
 
 def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
-                        tau: Optional[float] = None, regions: Optional[Mapping] = None) -> SpeedupReport:
+                        tau: Optional[float] = None, regions: Optional[Mapping] = None,
+                        gates: str = "exact") -> SpeedupReport:
     """Speedup of incremental inference for an occlusion sweep (Krypton Algorithm 1, eq. 20).
 
     Args:
@@ -183,6 +184,7 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
             for exact regions (see :func:`kql.planner.geometry.threshold`).
         regions: the regions :func:`kql.planner.geometry.propagate` gives for
             these positions and ``tau``, when the caller has them already.
+        gates: how global gates are treated (``geometry.GATE_MODES``).
 
     Returns:
         a :class:`SpeedupReport`.
@@ -214,7 +216,7 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
 
     layers = list(graph.layers())
     if regions is None:
-        regions = propagate(graph, Rects.from_patches(ys, xs, (ph, pw)), tau)
+        regions = propagate(graph, Rects.from_patches(ys, xs, (ph, pw)), tau, gates)
     inc = incremental_flops(graph, regions)
     n = len(ys)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from kql.planner.plan import Plan, Step, format_bytes, format_flops, format_seconds
 from kql.planner.rules.gather_backend import gather_summary
+from kql.planner.geometry import gate_sources
 from kql.planner.runtime import runtime_lines
 
 
@@ -119,8 +120,8 @@ def _infer_step(plan: Plan, prep: Step) -> Step:
             infer.detail("mode", "approximate (adaptive refinement: exact incremental values at the "
                                  "positions it computes)")
         else:
-            infer.detail("mode", "exact (incremental)" if plan.tau is None else
-                         f"approximate (incremental, projective-field threshold τ = {plan.tau:g})")
+            infer.detail("mode", "exact (incremental)" if plan.approximation is None else
+                         f"approximate (incremental, {approximation_words(plan)})")
         infer.detail("views", f"{views} layers materialized, ≈{format_bytes(plan.schedule.view_bytes)}")
         infer.detail("cutoff", plan.cutoff or "none")
         sizes = np.diff(plan.bounds)
@@ -179,10 +180,12 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     batched = (f"; {plan.r_batched:.2f} with the chosen batches and cutoff"
                if plan.r_batched is not None else "")
     regions = "exact regions" if plan.tau is None else f"regions capped at τ = {plan.tau:g}"
+    if plan.gates != "exact":
+        regions += f", gates {plan.gates}"
     lines.append(f"theoretical speedup of incremental vs naive: R = {plan.cost.r_grid:.2f} "
                  f"({regions} over the grid; {plan.cost.r_uniform:.2f} with one patch size per layer"
                  f"{batched})")
-    if plan.tau is not None:
+    if plan.approximation is not None:
         lines += _approx_lines(plan)
     if plan.drilldown is not None:
         lines += _drilldown_lines(plan)
@@ -209,17 +212,37 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     return "\n".join(lines)
 
 
+def approximation_words(plan) -> str:
+    """What an approximate plan approximates, in words: 'projective-field
+    threshold τ = 0.5, gates local'."""
+    parts = []
+    if plan.tau is not None:
+        parts.append(f"projective-field threshold τ = {plan.tau:g}")
+    if plan.gates != "exact":
+        parts.append(f"gates {plan.gates}")
+    return ", ".join(parts) or "exact regions"
+
+
 def _approx_lines(plan: Plan) -> list[str]:
     """τ, where it came from, what it buys and the SSIM it is predicted to keep."""
     exact = plan.estimates.cost_exact
     gain = ""
     if exact is not None:
-        gain = (f"; exact incremental would be R = {exact.r_grid:.2f}, so thresholding saves "
+        what = "thresholding" if plan.gates == "exact" else "approximating"
+        gain = (f"; exact incremental would be R = {exact.r_grid:.2f}, so {what} saves "
                 f"{plan.cost.r_grid / exact.r_grid:.2f}x more")
     approx = plan.approximation
     ssim = ("no SSIM prediction (no TUNE calibration for this model, weights, input size and patch)"
             if approx.predicted_ssim is None else f"predicted SSIM vs exact {approx.predicted_ssim:.3f}")
-    return [f"approximate: projective-field threshold τ = {approx.tau:g} from {approx.source}; {ssim}{gain}"]
+    parts = []
+    if approx.tau is not None:
+        parts.append(f"projective-field threshold τ = {approx.tau:g} from {approx.source}")
+    if approx.gates != "exact":
+        n = len(gate_sources(plan.graph))
+        how = ("recomputed, applied only where the patch changed the map" if approx.gates == "local"
+               else "kept at their unoccluded value")
+        parts.append(f"{n} global gate{'s' if n != 1 else ''} {approx.gates} ({how}), from {approx.source}")
+    return [f"approximate: {'; '.join(parts)}; {ssim}{gain}"]
 
 
 def _candidate_lines(plan: Plan) -> list[str]:

@@ -370,7 +370,7 @@ def window_size(layer: Layer, h, w):
     return np.where(h > 0, ah * h + bh, 0), np.where(w > 0, aw * w + bw, 0)
 
 
-def out_region(layer: Layer, in_rects: Sequence[Rects]) -> Rects:
+def out_region(layer: Layer, in_rects: Sequence[Rects], broadcast_spans: bool = True) -> Rects:
     """Changed region of ``layer``'s output, given the changed region of each input.
 
     By kind:
@@ -380,7 +380,10 @@ def out_region(layer: Layer, in_rects: Sequence[Rects]) -> Rects:
       is larger in is broadcast (the 1x1 squeeze-and-excitation gate): when it
       changes at all, the change spans that whole axis. An input that lines up
       with the output in neither way changes the whole output when it changes;
-      an input that does not change contributes nothing.
+      an input that does not change contributes nothing. With
+      ``broadcast_spans=False`` (approximate gates, :data:`GATE_MODES`
+      ``local``) a broadcast input's change is applied only inside the
+      region the other inputs changed, so it contributes nothing itself.
     - ``local``: conv and pooling by :func:`changed_out` per axis (output size
       from ``layer.out_shape``, so ceil_mode needs nothing special); explicit
       padding (``op == "pad"``, mode in ``layer.extra["mode"]``, default
@@ -434,6 +437,8 @@ def out_region(layer: Layer, in_rects: Sequence[Rects]) -> Rects:
         if (hi, wi) == (ho, wo):
             out = out.union(r)
         elif hi in (1, ho) and wi in (1, wo):
+            if not broadcast_spans:
+                continue
             # broadcast along the axes of size 1: a change there spans the axis
             e = r.is_empty
             out = out.union(Rects(np.where(hi == 1, 0, r.y0), np.where(wi == 1, 0, r.x0),
@@ -527,7 +532,62 @@ def thresholded(layer: Layer) -> bool:
     return layer.kind == Kind.LOCAL and layer.spatial and layer.op != "pad"
 
 
-def propagate(graph, patch_rects: Rects, tau: Optional[float] = None) -> dict[str, Rects]:
+#: How an approximate plan treats global gates (squeeze-and-excitation:
+#: global pool -> FC -> sigmoid -> multiply). A gate reads the whole map, so
+#: when a patch changes it, every later layer changes entirely and IVM gains
+#: nothing (efficientnet_b0: R 1.04).
+#:
+#: - ``exact``: the gate's change spans the map (exact inference);
+#: - ``local``: the gate is recomputed for the occluded image, but applied only
+#:   inside the region the patch changes; outside it the map keeps its view
+#:   (the gate's unoccluded value);
+#: - ``frozen``: the gate keeps its unoccluded value everywhere.
+GATE_MODES = ("exact", "local", "frozen")
+
+
+def gate_sources(graph) -> frozenset:
+    """Layers where a global gate starts: a 1x1 map pooled from a larger one
+    whose every use, through further 1x1 layers, ends in a merge that
+    broadcasts it onto a larger map. The classifier's global pool (which
+    ends in the output) is not a gate.
+    """
+    layers = {layer.name: layer for layer in graph.layers()}
+
+    def one_by_one(layer) -> bool:
+        return layer.spatial and layer.out_hw == (1, 1)
+
+    memo: dict[str, bool] = {}
+
+    def ends_in_broadcast(name: str) -> bool:
+        if name not in memo:
+            memo[name] = False  # a cycle cannot occur in a DAG; guard anyway
+            consumers = graph.consumers(name)
+            ok = bool(consumers)
+            for c in consumers:
+                layer = layers[c]
+                if layer.kind == Kind.MERGE and layer.spatial and layer.out_hw != (1, 1):
+                    continue
+                if one_by_one(layer) and layer.kind in (Kind.POINT, Kind.LOCAL, Kind.MERGE, Kind.GLOBAL) \
+                        and ends_in_broadcast(c):
+                    continue
+                ok = False
+            memo[name] = ok
+        return memo[name]
+
+    out = set()
+    for layer in layers.values():
+        if not one_by_one(layer) or not layer.inputs or layer.kind == Kind.INPUT:
+            continue
+        src = layers.get(layer.inputs[0])
+        if src is None or not src.spatial or src.out_hw == (1, 1):
+            continue
+        if ends_in_broadcast(layer.name):
+            out.add(layer.name)
+    return frozenset(out)
+
+
+def propagate(graph, patch_rects: Rects, tau: Optional[float] = None,
+              gates: str = "exact") -> dict[str, Rects]:
     """Changed region of every layer's output, for each of N patch positions.
 
     Args:
@@ -538,25 +598,31 @@ def propagate(graph, patch_rects: Rects, tau: Optional[float] = None) -> dict[st
         tau: projective-field threshold in (0, 1]: every conv and pooling
             layer's region is capped at ``round(tau * size)`` per axis
             (:func:`threshold`). ``None`` (or 1) gives the exact regions.
+        gates: how global gates are treated (:data:`GATE_MODES`): ``exact``,
+            or, approximately, ``local`` (a gate's change stays inside the
+            region the patch changed) or ``frozen`` (a gate never changes).
 
     Returns:
         ``{layer name: Rects}`` in ``graph.layers()`` order. A layer that
         reads no changed tensor (a constant) gets empty regions.
     """
+    if gates not in GATE_MODES:
+        raise ValueError(f"gates must be one of {', '.join(GATE_MODES)}, got {gates!r}")
     input_name = _name(graph.input)
     n = len(patch_rects)
+    frozen = gate_sources(graph) if gates == "frozen" else frozenset()
     regions: dict[str, Rects] = {}
     for layer in graph.layers():
         if layer.name == input_name or layer.kind == Kind.INPUT:
             regions[layer.name] = patch_rects.clip(*layer.out_hw)
-        elif not layer.inputs:
+        elif not layer.inputs or layer.name in frozen:
             regions[layer.name] = Rects.empty(n)
         else:
             missing = [i for i in layer.inputs if i not in regions]
             if missing:
                 raise ValueError(f"layer {layer.name!r} reads {', '.join(map(repr, missing))}, "
                                  f"which graph.layers() does not list before it")
-            r = out_region(layer, [regions[i] for i in layer.inputs])
+            r = out_region(layer, [regions[i] for i in layer.inputs], broadcast_spans=gates == "exact")
             if tau is not None and tau < 1 and thresholded(layer):
                 r = threshold(layer, r, tau)
             regions[layer.name] = r

@@ -164,17 +164,18 @@ class LabelChoice:
 
 @dataclass(frozen=True)
 class Approximation:
-    """An approximate plan's projective-field threshold (``rules/approximate.py``).
+    """An approximate plan's projective-field threshold and gates (``rules/approximate.py``).
 
     Attributes:
-        tau: the threshold, in (0, 1).
+        tau: the threshold, in (0, 1), or None (exact regions, approximate gates).
         source: where it came from (``APPROX TAU 0.4``, or the SSIM target
             and the calibration that gave it).
         predicted_ssim: the SSIM vs exact the calibration predicts, if any.
     """
-    tau: float
+    tau: Optional[float]
     source: str
     predicted_ssim: Optional[float] = None
+    gates: str = "exact"  # geometry.GATE_MODES: how global (SE) gates are treated
 
 
 @dataclass(frozen=True)
@@ -348,6 +349,11 @@ class Plan:
     def refine(self) -> Optional["RefinePolicy"]:
         """Adaptive refinement's policy when it runs, else None."""
         return None if self.contract is None else self.contract.refine
+
+    @property
+    def gates(self) -> str:
+        """How global gates are treated (``geometry.GATE_MODES``)."""
+        return "exact" if self.approximation is None else self.approximation.gates
 
     @property
     def regions(self) -> Optional[dict]:

@@ -183,7 +183,7 @@ CASES = {
     "unknown clause": Case(
         select("PATCH 4 STRIDE 4 COLOUR BLACK"), ParseError,
         "line 1, column 52: unexpected 'COLOUR' (did you mean COLOR?); expected one of APPROX, BATCH, "
-        "COLOR, DRILLDOWN, EXACT, INTO, LABEL, NAIVE, ..., ';' or end of input",
+        "COLOR, DRILLDOWN, EXACT, GATES, INTO, LABEL, ..., ';' or end of input",
         select("PATCH 4 STRIDE 4 COLOUR BLACK") + "\n" + " " * 51 + "^"),
     "missing PATCH": Case(
         select("STRIDE 4"), ParseError, "line 1, column 43: missing PATCH clause (e.g. PATCH 16)",
@@ -354,7 +354,7 @@ CASES = {
     "unknown HELP topic": Case(
         "HELP nope", KqlError,
         "unknown HELP topic 'NOPE'; topics: APPROX, BATCH, CALIBRATIONS, COLOR, DESCRIBE, DRILLDOWN, EXACT, "
-        "EXPLAIN, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, SSIM, STRIDE, TAU, "
+        "EXPLAIN, GATES, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, SSIM, STRIDE, TAU, "
         "TUNE, WEIGHTS"),
 }
 
@@ -419,10 +419,10 @@ def test_parse_error_position_caret_and_expected(con):
     assert (e.line, e.column) == (3, 14)
     assert e.source_line == "\tLABEL 'cat' COLOUR 3"
     assert e.caret == "\tLABEL 'cat' COLOUR 3\n\t            ^"      # a tab stays a tab, so the ^ lines up
-    assert e.expected == ("APPROX", "BATCH", "COLOR", "DRILLDOWN", "EXACT", "INTO", "LABEL", "NAIVE", "ON",
+    assert e.expected == ("APPROX", "BATCH", "COLOR", "DRILLDOWN", "EXACT", "GATES", "INTO", "LABEL", "NAIVE", "ON",
                           "PATCH", "REGION", "STRIDE", "WEIGHTS", "';'", "end of input")
     assert e.message == ("unexpected 'COLOUR' (did you mean COLOR?); expected one of APPROX, BATCH, COLOR, "
-                         "DRILLDOWN, EXACT, INTO, LABEL, NAIVE, ..., ';' or end of input")
+                         "DRILLDOWN, EXACT, GATES, INTO, LABEL, ..., ';' or end of input")
     assert str(e) == f"line 3, column 14: {e.message}\n{e.caret}"     # str() shows where, as the shell does
 
 

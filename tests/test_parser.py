@@ -94,7 +94,7 @@ def test_error_fields():
     assert err.source_line == "SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRID 4"
     assert err.message.startswith("unexpected 'STRID' (did you mean STRIDE?); expected one of ")
     # The full list is kept even though the message shortens it.
-    assert err.expected == ("APPROX", "BATCH", "COLOR", "DRILLDOWN", "EXACT", "INTO", "LABEL", "NAIVE",
+    assert err.expected == ("APPROX", "BATCH", "COLOR", "DRILLDOWN", "EXACT", "GATES", "INTO", "LABEL", "NAIVE",
                             "ON", "PATCH", "REGION", "STRIDE", "WEIGHTS", "';'", "end of input")
 
 

@@ -26,10 +26,17 @@ def approximate(plan, calibrations=None):
     considered, the refinement policy if it runs) (changes the plan in place;
     a no-op unless the query says APPROX).
     ``calibrations``: the lookup of stored SSIM calibrations (None: there are none)."""
+    gates = plan.query.gates
     if plan.mode != "approx":
+        if gates not in (None, "exact"):
+            raise PlanError(f"GATES {gates.upper()} approximates: write it with APPROX TAU t "
+                            f"(APPROX TAU 1 GATES {gates.upper()} keeps every other region exact)")
         return plan
     approx = plan.query.approx
     keyword = f"APPROX {approx.kind.upper()}"
+    if gates is not None and approx.kind != "tau":
+        raise PlanError(f"GATES {gates.upper()} goes with APPROX TAU; with APPROX {approx.kind.upper()} "
+                        f"the optimizer chooses how gates are treated")
     if not 0 < approx.value <= 1:
         raise PlanError(f"{keyword} must be in (0, 1], got {approx.value:g}")
     if approx.kind == "tau":
@@ -53,9 +60,15 @@ def approximate(plan, calibrations=None):
         return plan
     else:
         return _contract(plan, approx.value, calibration)
-    if tau >= 1:
+    if tau >= 1 and gates in (None, "exact"):
         plan.mode = "exact"
         plan.record("approximate", f"{source}: τ = 1 is exact inference")
+        return plan
+    gates = gates or "exact"
+    if gates != "exact":  # the τ calibration does not know the gates: no prediction
+        plan.approximation = Approximation(None if tau >= 1 else tau, source, None, gates)
+        plan.record("approximate", (f"τ = {tau:.3g}" if tau < 1 else "exact regions")
+                    + f" from {source}, gates {gates}")
         return plan
     predicted = None if calibration is None else calibration.predict(tau)
     plan.approximation = Approximation(tau, source, predicted)

@@ -14,9 +14,9 @@ def estimate_cost(plan):
     ys, xs = plan.positions()
     # incremental plans have the regions already (rules/incremental.py)
     cost = theoretical_speedup(plan.graph, ys, xs, plan.patch, plan.tau,
-                               plan.regions if plan.incremental else None)
+                               plan.regions if plan.incremental else None, plan.gates)
     # what thresholding adds over exact
-    cost_exact = theoretical_speedup(plan.graph, ys, xs, plan.patch) if plan.tau is not None else None
+    cost_exact = theoretical_speedup(plan.graph, ys, xs, plan.patch) if plan.approximation is not None else None
     naive_flops = float(cost.full_flops) * plan.n_positions
     if not plan.incremental:
         plan.estimates = Estimates(cost, naive_flops)

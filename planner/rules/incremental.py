@@ -130,7 +130,7 @@ def incremental(plan, settings=None):
         return plan
     graph = plan.graph
     ys, xs = plan.positions()
-    regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch), plan.tau)
+    regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch), plan.tau, plan.gates)
     order = sort_positions(graph, regions)
 
     # Cutoff with a provisional batch (the batch rule runs next; the choice
