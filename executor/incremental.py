@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
 from kql import kernels
-from kql.executor.common import probabilities, run_batches
+from kql.executor.common import patch_values, probabilities, run_batches
 from kql.planner.geometry import Rects, read_region, thresholded
 from kql.planner.graph import Kind
 
@@ -180,8 +180,8 @@ class IncrementalRunner:
         ox = _index(xs[idx], self.device)
         ph, pw = self.plan.patch
         C = self.plan.input.shape[0]
-        fill = self.plan.fill.to(self.device, torch.float32).view(1, C, 1, 1)
-        state: dict[str, Any] = {self.graph.input: Patch(fill.expand(B, C, ph, pw).contiguous(), oy, ox)}
+        patch = patch_values(self.plan.fill, ys[idx], xs[idx], (ph, pw), C, self.device)
+        state: dict[str, Any] = {self.graph.input: Patch(patch, oy, ox)}
         last_use = self.last_use
         out = None
         for i, node in enumerate(self.gm.graph.nodes):
@@ -401,6 +401,21 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
     With ``positions`` (flat grid indices) only those run, batched by the
     plan's partition restricted to them; the other entries are NaN.
     """
+    values, seconds = occlusion_scores(plan, model, lambda out: probabilities(out)[:, [label]],
+                                       progress, positions)
+    return (values[:, 0] if values.shape[1] else np.full(len(values), np.nan, np.float32)), seconds
+
+
+def occlusion_scores(plan, model, reduce, progress: str = "auto",
+                     positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+    """``reduce(raw model output)`` -- a ``(B, T)`` tensor, e.g. the
+    probabilities of T labels -- at every grid position: ``(positions, T)``
+    float32 (row-major grid order), and the seconds it took. One incremental
+    run serves every column: the model's whole output is computed anyway.
+
+    With ``positions`` (flat grid indices) only those run, batched by the
+    plan's partition restricted to them; the other rows are NaN.
+    """
     import time
     from kql.planner.geometry import propagate
     start = time.perf_counter()
@@ -416,15 +431,19 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
         order, bounds = batches_for(plan, positions)
     full_layers = frozenset(getattr(plan, "full_layers", ()) or ())
     backend = getattr(plan, "gather_backend", "auto")
-    out = np.full(len(ys), np.nan, dtype=np.float32)
+    out = None
     if len(order) == 0:
-        return out, time.perf_counter() - start
+        return np.full((len(ys), 0), np.nan, dtype=np.float32), time.perf_counter() - start
     with torch.inference_mode():
         runner = IncrementalRunner(plan, model, regions, full_layers, backend)
 
         def step(sl: slice) -> None:
+            nonlocal out
             idx = order[sl]
-            out[idx] = runner.run(idx, label)
+            values = reduce(runner.outputs(idx)).float().cpu().numpy()
+            if out is None:
+                out = np.full((len(ys), values.shape[1]), np.nan, dtype=np.float32)
+            out[idx] = values
 
         run_batches(len(order), plan.batch_size if bounds is None else bounds, step, progress=progress,
                     plan=plan)

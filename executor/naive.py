@@ -19,15 +19,30 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
     """Probability of ``label`` at every position of the plan's grid
     (row-major, flat) and the seconds it took. With ``positions`` (flat grid
     indices) only those run; the other entries are NaN."""
+    values, seconds = occlusion_scores(plan, model, lambda out: probabilities(out)[:, [label]],
+                                       progress, positions)
+    return (values[:, 0] if values.shape[1] else np.full(len(values), np.nan, np.float32)), seconds
+
+
+def occlusion_scores(plan, model, reduce, progress: str = "auto",
+                     positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+    """``reduce(model output)`` -- a ``(B, T)`` tensor, e.g. the probabilities
+    of T labels -- at every position: ``(positions, T)`` float32, row-major,
+    and the seconds it took. With ``positions`` only those run; the other
+    rows are NaN."""
     ys, xs = plan.positions()
-    out = np.full(len(ys), np.nan, dtype=np.float32)
+    out = np.full((len(ys), 0), np.nan, dtype=np.float32)
     idx = np.arange(len(ys)) if positions is None else np.sort(np.asarray(positions, dtype=np.int64))
     x = plan.input.to(plan.device)
 
     def step(sl: slice) -> None:
+        nonlocal out
         sel = idx[sl]
         batch = occlude(x, plan.fill, ys[sel], xs[sel], plan.patch)
-        out[sel] = probabilities(model(batch))[:, label].cpu().numpy()
+        values = reduce(model(batch)).float().cpu().numpy()
+        if out.shape[1] != values.shape[1]:
+            out = np.full((len(ys), values.shape[1]), np.nan, dtype=np.float32)
+        out[sel] = values
 
     with torch.inference_mode():
         seconds = run_batches(len(idx), plan.batch_size, step, progress=progress, plan=plan)

@@ -26,22 +26,34 @@ def bind(select, catalog, settings, bindings=None) -> Plan:
     x, display = sources.preprocess(image, spec)
     graph = catalog.graph(spec, tuple(x.shape))
     fill = sources.fill_value(select.color, display, spec)
-
-    plan = Plan(query=select, spec=spec, graph=graph, image_desc=image_desc,
-                original_hw=tuple(image.shape[:2]), input=x, display=display,
-                settings=settings, fill=fill, device=device)
-    if spec.warning:
-        plan.warnings.append(spec.warning)
-
     H, W = image.shape[:2]
     C, h, w = x.shape
-    scan = Step("Scan", [("", f"{image_desc} ({H}x{W})")])
-    prep = Step("Preprocess", [("", f"resize {H}x{W} -> {h}x{w}" if (H, W) != (h, w) else f"{h}x{w}, no resize"),
-                               ("normalize", f"mean {_tup(spec.mean)} std {_tup(spec.std)}"),
-                               ("channels", str(C))], [scan])
     color = select.color
     shown = color.kind.upper() if color.value is None else (
         str(color.value[0]) if color.kind == "value" else str(tuple(color.value)))
+    prep = [("", f"resize {H}x{W} -> {h}x{w}" if (H, W) != (h, w) else f"{h}x{w}, no resize"),
+            ("normalize", f"mean {_tup(spec.mean)} std {_tup(spec.std)}"), ("channels", str(C))]
+    return bind_input(select, spec, graph, x, display, fill, settings, device,
+                      image_desc=image_desc, original_hw=(H, W), preprocess=prep, fill_text=shown)
+
+
+def bind_input(select, spec, graph, x, display, fill, settings, device: str, *, image_desc: str,
+               original_hw: tuple[int, int], preprocess: list, fill_text: str) -> Plan:
+    """The unoptimized :class:`Plan` of ``select`` over an input already in
+    the model's space: ``x`` ``(C, H, W)``, its ``display`` image, the traced
+    ``graph`` and the patch ``fill`` (``(C,)``, or a ``(C, H, W)`` baseline).
+    :func:`bind` calls it after loading and preprocessing an image; the tensor
+    API (``kql.tensor_api``) with tensors the caller already normalised.
+    ``preprocess`` holds the Preprocess step's details."""
+    plan = Plan(query=select, spec=spec, graph=graph, image_desc=image_desc,
+                original_hw=tuple(original_hw), input=x, display=display,
+                settings=settings, fill=fill, device=device)
+    if spec.warning:
+        plan.warnings.append(spec.warning)
+    H, W = original_hw
+    scan = Step("Scan", [("", f"{image_desc} ({H}x{W})")])
+    prep = Step("Preprocess", list(preprocess), [scan])
+    shown = fill_text
     occlude = Step("Occlude", [("patch", f"{select.patch[0]}x{select.patch[1]}"),
                                ("stride", f"{select.stride[0]}x{select.stride[1]}"),
                                ("color", shown)], [prep])
