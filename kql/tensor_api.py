@@ -63,10 +63,13 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
             int or a list of ints (several maps from one run).
         top: instead of ``target``, the ``top`` highest-scoring classes of
             each unoccluded input.
-        baseline: what the patch holds: a scalar, one value per channel, or a
+        baseline: what the patch holds: a scalar, one value per channel, a
             tensor broadcastable to ``inputs`` as torch broadcasts (each
             patch takes the part of it under the patch; one value per channel
-            as a tensor is ``(C, 1, 1)``).
+            as a tensor is ``(C, 1, 1)``), or a function ``f(input, ys, xs,
+            (ph, pw))`` of one input ``(C, H, W)`` and a batch of patch
+            corners returning the patches ``(B, C, ph, pw)`` (e.g. the input
+            blurred, or scaled by a mask).
         score: what the maps hold: ``"softmax"`` (probabilities),
             ``"sigmoid"``, ``"logits"`` (the model's raw output), or a
             callable ``output -> (B, K)`` tensor.
@@ -105,6 +108,9 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if grid not in GRIDS:
         raise ValueError(f"grid must be 'edge' or 'clip', got {grid!r}")
+    if grid == "clip" and callable(baseline) and not isinstance(baseline, torch.Tensor):
+        raise ValueError("grid='clip' takes a number, per-channel values or a tensor as baseline, "
+                         "not a function")
     if mode == "approx" and tau is None:
         raise ValueError("mode='approx' needs tau, the projective-field threshold in (0, 1]")
     if tau is not None and mode != "approx":
@@ -165,7 +171,9 @@ def compile_tensor(select, spec, graph, x: torch.Tensor, fill, settings, grid: s
     from kql.planner.binder import bind_input
     from kql.planner.optimizer import RULES, optimize
     C, H, W = x.shape
-    shown = "baseline tensor" if fill.dim() == 3 else \
+    if isinstance(fill, _PatchFill):
+        fill.patch = select.patch
+    shown = "baseline function" if isinstance(fill, _PatchFill) else "baseline tensor" if fill.dim() == 3 else \
         ("(" + ", ".join(f"{float(v):.3g}" for v in fill) + ")" if C <= 4 else f"{C} channel values")
     plan = bind_input(select, spec, graph, x, _display(x), fill, settings, select.device,
                       image_desc=f"tensor {desc}", original_hw=(H, W),
@@ -419,6 +427,8 @@ def _pair(value, what: str, channels: Optional[int] = None) -> tuple[int, int]:
 def _baselines(baseline, x: torch.Tensor) -> list[torch.Tensor]:
     """Per input, the patch content: ``(C,)`` or a ``(C, H, W)`` baseline."""
     N, C, H, W = x.shape
+    if callable(baseline) and not isinstance(baseline, torch.Tensor):
+        return [_PatchFill(baseline, x[n]) for n in range(N)]
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
         return [torch.full((C,), float(baseline))] * N
     if isinstance(baseline, (list, tuple)):
@@ -447,6 +457,22 @@ def _baselines(baseline, x: torch.Tensor) -> list[torch.Tensor]:
         per_channel = (one == one[:, :1, :1]).all() if one.numel() else False
         out.append(one[:, 0, 0].clone() if per_channel else one.contiguous())
     return out
+
+
+class _PatchFill:
+    """A callable baseline bound to one input: ``fill(ys, xs)`` for the
+    executors (``executor.common.patch_values``)."""
+
+    def __init__(self, fn: Callable, x: torch.Tensor):
+        self.fn, self.x, self.patch = fn, x, None
+
+    def __call__(self, ys: np.ndarray, xs: np.ndarray) -> torch.Tensor:
+        out = self.fn(self.x, ys, xs, self.patch)
+        want = (len(ys), self.x.shape[0], *self.patch)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"baseline(input, ys, xs, patch) must return a tensor of shape {want}, got {got}")
+        return out
 
 
 def _region(region) -> Optional[ast.Region]:
