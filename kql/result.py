@@ -330,7 +330,7 @@ class HeatmapResult:
         rows = -(-n // cols)
         scale = 6.0 / max(H, W) if n == 1 else 3.5 / max(H, W)
         pw_, ph_ = max(W * scale, 2.5) + 1.4, max(H * scale, 2.5) + (0 if n == 1 else 0.5)
-        fig = Figure(figsize=(pw_ * cols, ph_ * rows))
+        fig = Figure(figsize=(pw_ * cols, ph_ * rows), layout="constrained" if n > 1 else None)
         FigureCanvasAgg(fig)
         for i in range(n):
             one = self if n == 1 else self.select(self.labels[i])

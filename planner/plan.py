@@ -101,6 +101,7 @@ class Plan:
     xs: Optional[np.ndarray] = None
     label: Optional[int] = None
     label_name: Optional[str] = None
+    labels: Optional[list] = None  # LABEL a, b, ...: (index or None for PREDICTED, name) of each
     fill: Any = None
     mode: str = "naive"
     batch_size: int = 1
