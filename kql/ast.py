@@ -42,7 +42,7 @@ class Label:
 
     kind: ``"predicted"`` (the top class of the unoccluded image), ``"index"``
     or ``"name"`` (a class name, matched case-insensitively); for several
-    maps from one run, ``"list"`` (value: a tuple of single ``Label``\ s),
+    maps from one run, ``"list"`` (value: a tuple of single labels),
     ``"top"`` (value: k, the k most probable classes of the unoccluded
     image) or ``"all"`` (every class).
     """
