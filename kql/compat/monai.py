@@ -196,16 +196,51 @@ def _importance(mask: Sequence[int], gaussian: bool, sigma_scale: float = 0.125)
 
 def _blend(maps: torch.Tensor, ys, xs, weights: torch.Tensor, shape) -> torch.Tensor:
     """Every pixel: the weighted mean of the outputs (``maps``, classes x
-    rows x cols) of the windows covering it (``sliding_window_inference``)."""
+    rows x cols) of the windows covering it (``sliding_window_inference``).
+
+    The windows on a regular step are summed with ``F.fold`` (col2im), a
+    few dozen classes at a time; the last row and column, shifted to end at
+    the edge, with ``index_add_``."""
+    import torch.nn.functional as F
     K = maps.shape[0]
+    H, W = shape
     mh, mw = weights.shape
-    total = torch.zeros((K,) + tuple(shape))
-    count = torch.zeros(tuple(shape))
-    for i, y in enumerate(np.asarray(ys).tolist()):
-        for j, x in enumerate(np.asarray(xs).tolist()):
-            total[:, y:y + mh, x:x + mw] += weights * maps[:, i, j, None, None]
-            count[y:y + mh, x:x + mw] += weights
+    ys, xs = np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64)
+    values = maps.float()
+    w = weights.float()
+    total = torch.zeros(K, H, W)
+    count = torch.zeros(1, H, W)
+    ry, sy = _regular(ys)
+    rx, sx = _regular(xs)
+    oh, ow = int(ys[ry - 1] - ys[0]) + mh, int(xs[rx - 1] - xs[0]) + mw
+    y0, x0 = int(ys[0]), int(xs[0])
+
+    def fold(v: torch.Tensor) -> torch.Tensor:   # v: (k, ry, rx) -> (k, oh, ow)
+        cols = (v.reshape(len(v), 1, ry * rx) * w.reshape(1, -1, 1)).reshape(1, -1, ry * rx)
+        return F.fold(cols, (oh, ow), (mh, mw), stride=(sy, sx))[0]
+
+    chunk = max(1, (1 << 23) // (mh * mw * ry * rx))
+    for lo in range(0, K, chunk):
+        total[lo:lo + chunk, y0:y0 + oh, x0:x0 + ow] += fold(values[lo:lo + chunk, :ry, :rx])
+    count[:, y0:y0 + oh, x0:x0 + ow] += fold(torch.ones(1, ry, rx))
+    # the rest: the last row and/or column, shifted inward
+    rest = [(i, j) for i in range(len(ys)) for j in range(len(xs)) if i >= ry or j >= rx]
+    for i, j in rest:
+        y, x = int(ys[i]), int(xs[j])
+        total[:, y:y + mh, x:x + mw] += w * values[:, i, j, None, None]
+        count[:, y:y + mh, x:x + mw] += w
     return total / count
+
+
+def _regular(a: np.ndarray) -> tuple[int, int]:
+    """How many leading entries of ``a`` lie on a regular step, and the step."""
+    if len(a) == 1:
+        return 1, 1
+    step = int(a[1] - a[0])
+    n = 2
+    while n < len(a) and a[n] - a[n - 1] == step:
+        n += 1
+    return n, step
 
 
 def _gaussian_mul(channels: int, mask: Sequence[int], sigma: float = 0.25) -> torch.Tensor:
