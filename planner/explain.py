@@ -45,6 +45,14 @@ class Explanation:
     def __str__(self) -> str:
         return self.text
 
+    def _repr_pretty_(self, printer, cycle) -> None:
+        """IPython and Jupyter show the EXPLAIN text as it prints."""
+        printer.text(self.text)
+
+    def _repr_html_(self) -> str:
+        import html
+        return f"<pre>{html.escape(self.text)}</pre>"
+
 
 def tree_lines(step, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
     """Render a step tree with box-drawing branches."""
