@@ -17,12 +17,15 @@ round, so machine load hits them alike. Per model:
                 drop-ins should at least match: exact over naive);
   top5          ``kql.occlusion(..., top=5)`` in EXACT mode: five maps from one run.
 
-It prints the median seconds of each variant and the ratios, and checks that
+It prints the median wall and CPU seconds (this process, all its threads: less
+sensitive to other processes on a shared machine) of each variant and the
+ratios, and checks that
 the drop-ins' outputs equal the libraries'. Random weights (no downloads);
 the speed does not depend on them. Usage:
 
     .venv/bin/python benchmarks/compat_bench.py
     .venv/bin/python benchmarks/compat_bench.py --models resnet18 --repeat 2
+    .venv/bin/python benchmarks/compat_bench.py --variants exact,top5 --repeat 5
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ def main() -> None:
     ap.add_argument("--ppe", type=int, default=16)
     ap.add_argument("--n-batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--variants", default="captum,kql-captum,monai,kql-monai,naive,exact,top5",
+                    help="which variants to run (the ratios of those present are printed)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -76,31 +81,36 @@ def main() -> None:
             "exact": lambda: kql.occlusion(model, x, 16, 8, target=target)[0],
             "top5": lambda: kql.occlusion(model, x, 16, 8, top=5)[0],
         }
+        wanted = args.variants.split(",")
+        variants = {k: v for k, v in variants.items() if k in wanted}
         times = {k: [] for k in variants}
+        cpu = {k: [] for k in variants}
         for round_ in range(args.repeat + 1):          # round 0 warms up
             for key, fn in variants.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out[key] = fn()
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if round_:
                     times[key].append(dt)
-                print(f"{name} round {round_} {key}: {dt:.2f} s", flush=True)
+                    cpu[key].append(dc)
+                print(f"{name} round {round_} {key}: {dt:.2f} s wall, {dc:.2f} s CPU", flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
 
         def rel(a, b):
             a, b = torch.as_tensor(a), torch.as_tensor(b)
             return float((a - b).abs().max() / b.abs().max())
 
-        row = {
-            "seconds": med,
-            "captum / kql-captum": med["captum"] / med["kql-captum"],
-            "monai / kql-monai": med["monai"] / med["kql-monai"],
-            "naive / exact": med["naive"] / med["exact"],
-            "top5 / exact": med["top5"] / med["exact"],
-            "captum parity (max |d| / max |ref|)": rel(out["kql-captum"], out["captum"]),
-            "monai parity (max |d| / max |ref|)": rel(out["kql-monai"], out["monai"].as_tensor()),
-            "positions": ((args.size - 16) // 8 + 1) ** 2,
-        }
+        row = {"seconds": med, "cpu_seconds": med_cpu, "rounds": args.repeat,
+               "positions": ((args.size - 16) // 8 + 1) ** 2}
+        for a, b in (("captum", "kql-captum"), ("monai", "kql-monai"), ("naive", "exact"), ("top5", "exact")):
+            if a in med and b in med:
+                row[f"{a} / {b}"] = med[a] / med[b]
+                row[f"{a} / {b} (CPU time)"] = med_cpu[a] / med_cpu[b]
+        if "captum" in out and "kql-captum" in out:
+            row["captum parity (max |d| / max |ref|)"] = rel(out["kql-captum"], out["captum"])
+        if "monai" in out and "kql-monai" in out:
+            row["monai parity (max |d| / max |ref|)"] = rel(out["kql-monai"], out["monai"].as_tensor())
         report["models"][name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
     if args.json:
