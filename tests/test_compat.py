@@ -59,8 +59,12 @@ def net(name: str) -> nn.Module:
                 elif isinstance(mod, nn.BatchNorm2d):
                     n = mod.num_features
                     mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                    mod.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                    mod.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+                    # mobilenet_v2's depth amplifies wide batch-norm gains (and float rounding)
+                    # into logits of 1e2; the other nets need them for their maps not to be flat
+                    narrow = name == "mobilenet_v2"
+                    mod.running_var.copy_(torch.rand(n, generator=g) * (0.5 if narrow else 1.0)
+                                          + (0.75 if narrow else 0.5))
+                    mod.weight.copy_(torch.rand(n, generator=g) * (0.5 if narrow else 1.0) + 0.5)
                     mod.bias.copy_(torch.randn(n, generator=g) * 0.1)
         _NETS[name] = m.eval()
     return _NETS[name]
