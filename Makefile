@@ -1,6 +1,7 @@
 # Two entry points, both self-contained on a fresh machine:
 #   make demo   -- real heatmap query (efficientnet-lite0, real ImageNet weights, bundled photo)
 #   make test   -- the test suite (installs Debian's chromium for the browser test)
+#   make test-fast -- the suite without the tests marked slow, for local work
 #   make serve  -- the web page on http://127.0.0.1:8000/
 # Each creates (or reuses) .venv and installs the project into it in editable mode.
 
@@ -13,7 +14,7 @@ STAMP  := $(VENV)/.kql-installed
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test venv clean bench bench-batch docs serve
+.PHONY: demo test test-fast venv clean bench bench-batch docs serve
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ demo: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -n 2 tests
+
+# Local work: everything but the tests marked slow (pyproject.toml lists the marker).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 # Fashion-MNIST, for the CNN the tests train (kql/zoo.py): Debian's dataset-fashion-mnist puts it
 # here. A file target, so nothing runs once it exists; apt-get update only if the install fails.

@@ -1,4 +1,4 @@
-"""Runtime estimates against measured times (planner/runtime.py).
+"""Runtime estimates against measured times (planner/runtime.py, measured by executor/profile.py).
 
 For every workload (model, mode, region) it calibrates in a fresh cache
 directory (unless ``--cache`` is given), prints EXPLAIN's estimate and how long
@@ -32,7 +32,7 @@ import warnings
 import torch
 
 import kql
-from kql.planner import runtime
+from kql.executor import timing_cache
 from kql.planner.plan import format_seconds
 
 # (model, patch, stride, region or None for the whole image, modes it runs in)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                     if rep == 0 or opts.recalibrate:
                         if opts.recalibrate:
                             os.environ["KQL_CACHE_DIR"] = tempfile.mkdtemp(prefix="kql-runtime-")
-                            runtime._MEMO.clear()
+                            timing_cache._MEMO.clear()
                         t0 = time.perf_counter()
                         e = con.explain(query)
                         est = e.plan.runtime.get()

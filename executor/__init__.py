@@ -2,17 +2,53 @@
 
 ``execute`` runs the unoccluded reference inference (which also resolves
 ``LABEL PREDICTED``), then the occlusion grid with the executor the plan's
-mode names, and assembles a :class:`kql.result.HeatmapResult`.
+mode names, and returns what it computed as an :class:`Execution`. The
+front end (``kql.compiler.run``) turns that into a ``HeatmapResult`` and
+writes ``INTO``: the executor writes no files.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
-from kql.errors import ExecutionError
+import numpy as np
+
 from kql.executor.common import probabilities, reference
 
 
-def _executor(mode: str):
+@dataclass
+class Execution:
+    """What running a plan computed.
+
+    Attributes:
+        heatmap: float32 ``(rows, cols)`` on the plan's grid.
+        label: the class index (``LABEL PREDICTED`` resolved).
+        p_original: its probability on the unoccluded image.
+        timings: ``reference``, ``occlusion`` (and for DRILLDOWN ``stage
+            one`` / ``stage two``) in seconds.
+        peak_memory: bytes the occlusion stage added at its peak.
+        computed, stage_positions: DRILLDOWN only: the mask of positions
+            computed (the rest interpolated) and the positions of each stage.
+        maps, labels, originals: several labels (or a ``score``): float32
+            ``(labels, rows, cols)``, the class of each map and its score on
+            the unoccluded input; ``heatmap``, ``label`` and ``p_original``
+            are the first's.
+    """
+    heatmap: np.ndarray
+    label: int
+    p_original: float
+    timings: dict = field(default_factory=dict)
+    peak_memory: Optional[int] = None
+    computed: Optional[np.ndarray] = None
+    stage_positions: Optional[tuple[int, int]] = None
+    maps: Optional[np.ndarray] = None
+    labels: Optional[list[int]] = None
+    originals: Optional[np.ndarray] = None
+
+
+def executor_for(mode: str):
+    """The module that runs the occlusion grid of a plan of this mode."""
     if mode == "naive":
         from kql.executor import naive
         return naive
@@ -20,85 +56,53 @@ def _executor(mode: str):
     return incremental
 
 
-def execute(plan, progress: str = "auto"):
-    """Run ``plan`` and return a ``HeatmapResult`` (saved when the query says INTO)."""
-    from kql.executor.allocator import enabled_for, reuse_freed_memory
-    with reuse_freed_memory(enabled_for(plan)):
-        return _run(plan, progress)
+def execute(plan, progress: str = "auto", score: Optional[Callable] = None) -> Execution:
+    """Run ``plan``: the reference inference, then every position of its grid.
+
+    ``score(raw model output) -> (B, K)`` tensor is what the maps hold
+    (default: the probabilities, :func:`~kql.executor.common.probabilities`;
+    the tensor API passes its ``score``). With several labels (LABEL a, b /
+    TOP k / ALL) or a ``score``, one run yields every class's map
+    (``Execution.maps``).
+    """
+    from kql.executor.allocator import reuse_freed_memory
+    with reuse_freed_memory(plan.allocator == "reuse"):
+        return _run(plan, progress, score)
 
 
-def _run(plan, progress):
+def _run(plan, progress, score) -> Execution:
     from kql.executor.memory import PeakMemory
-    from kql.result import HeatmapResult
 
     start = time.perf_counter()
     model = plan.spec.module.to(plan.device).eval()
-    label, p_original, probs = reference(plan, model)
+    label, p_original, scores = reference(plan, model, score or probabilities)
     t_ref = time.perf_counter() - start
     stages = None
-    several = _labels(plan, probs)
-    names = plan.spec.class_names
+    several = plan.label_choice.classes(scores)
+    if several is None and score is not None:
+        several = [label]
     with PeakMemory(plan.device) as mem:
         if several is not None:
             import torch
             columns = torch.as_tensor(several, device=plan.device)
-            values, t_occ = _executor(plan.mode).occlusion_scores(
-                plan, model, lambda out: probabilities(out)[:, columns], progress)
+            values, t_occ = executor_for(plan.mode).occlusion_scores(
+                plan, model, lambda out: (score or probabilities)(out)[:, columns], progress)
         elif plan.drilldown is not None:
             from kql.executor import drilldown
-            values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, _executor, progress)
+            values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, executor_for, progress)
         else:
-            values, t_occ = _executor(plan.mode).occlusion_probabilities(plan, model, label, progress)
-    extra = {}
-    if several is not None:
-        extra = dict(maps=values.T.reshape(len(several), len(plan.ys), len(plan.xs)), labels=several,
-                     label_names=[names[i] if names and i < len(names) else None for i in several],
-                     originals=probs[several].float().cpu().numpy())
-        values = values[:, 0]
-    result = HeatmapResult(
-        heatmap=values.reshape(len(plan.ys), len(plan.xs)),
-        label=label,
-        label_name=names[label] if names and label < len(names) else None,
-        p_original=p_original,
-        ys=plan.ys, xs=plan.xs, patch=plan.patch, stride=plan.stride, region=plan.region,
-        image=plan.display, model=plan.spec.name, mode=plan.mode,
-        timings={"reference": t_ref, "occlusion": t_occ},
-        plan=plan, plan_text="", warnings=list(plan.warnings), output_path=None,
-        peak_memory=mem.peak, tau=plan.tau, **extra,
-    )
+            values, t_occ = executor_for(plan.mode).occlusion_probabilities(plan, model, label, progress)
+    rows, cols = len(plan.ys), len(plan.xs)
+    maps = None if several is None else values.T.reshape(len(several), rows, cols)
+    done = Execution(heatmap=values.reshape(rows, cols) if maps is None else maps[0], label=label,
+                     p_original=p_original, timings={"reference": t_ref, "occlusion": t_occ},
+                     peak_memory=mem.peak)
+    if maps is not None:
+        done.maps, done.labels = maps, several
+        done.originals = scores[several].float().cpu().numpy()
+        done.label, done.p_original = several[0], float(done.originals[0])
     if stages is not None:
-        result.timings.update({"stage one": stages["stage one"], "stage two": stages["stage two"]})
-        result.computed = stages["computed"]
-        result.stage_positions = stages["positions"]
-    if plan.query.into:
-        t0 = time.perf_counter()
-        result.save(plan.query.into)
-        result.timings["save"] = time.perf_counter() - t0
-    result.timings["total"] = time.perf_counter() - start
-
-    return result
-
-
-def _labels(plan, probs) -> "list[int] | None":
-    """The classes of LABEL a, b, ... / TOP k / ALL (PREDICTED and TOP
-    resolved with the unoccluded image's probabilities ``probs``), or None
-    for a query with one label."""
-    label = plan.query.label
-    K = probs.shape[0]
-    if label.kind == "all":
-        return list(range(K))
-    if label.kind == "top":
-        if label.value > K:
-            raise ExecutionError(f"LABEL TOP {label.value}: the model has {K} outputs")
-        import torch
-        return torch.argsort(probs, descending=True, stable=True)[:label.value].tolist()
-    if label.kind != "list":
-        return None
-    out = []
-    for index, _ in plan.labels:
-        index = int(probs.argmax()) if index is None else index
-        if index >= K:
-            raise ExecutionError(f"label {index} is out of range: the model has {K} outputs (0-{K - 1})")
-        if index not in out:
-            out.append(index)
-    return out
+        done.timings.update({"stage one": stages["stage one"], "stage two": stages["stage two"]})
+        done.computed = stages["computed"]
+        done.stage_positions = stages["positions"]
+    return done

@@ -88,8 +88,3 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[None]:
                 libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER)
                 libc.malloc_trim(0)
 
-
-def enabled_for(plan) -> bool:
-    """The plan's setting (``SET allocator``): 'reuse' unless set to 'system'."""
-    settings = getattr(plan, "settings", None)
-    return getattr(settings, "allocator", "reuse") != "system"

@@ -33,8 +33,9 @@ def probabilities(output) -> torch.Tensor:
     return torch.softmax(output, dim=1)
 
 
-def reference(plan, model) -> tuple[int, float, torch.Tensor]:
-    """Run the unoccluded image: ``(label, p_original, probabilities)``.
+def reference(plan, model, score: Optional[Callable] = None) -> tuple[int, float, torch.Tensor]:
+    """Run the unoccluded image: ``(label, p_original, probabilities)``
+    (or the scores ``score(output)`` gives, ``(1, K)`` for one image).
 
     Resolves ``LABEL PREDICTED`` to the top class; checks an explicit label
     against the model's real number of outputs.
@@ -46,7 +47,7 @@ def reference(plan, model) -> tuple[int, float, torch.Tensor]:
             raise
         except Exception as e:
             raise model_failed(plan, e, 0) from e
-        probs = probabilities(output)[0]
+        probs = (score or probabilities)(output)[0]
     k = probs.shape[0]
     label = plan.label if plan.label is not None else int(probs.argmax())
     if label >= k:

@@ -16,7 +16,13 @@ of three states:
 
 How each kind of layer updates (``planner.graph.Kind``):
 
-- point: the op runs on the patch values only, same origins.
+- point: the op runs on the patch values only, same origins. A patch keeps
+  its layer's layout (``Layer.out_axes``): inside a channels-last block
+  (ConvNeXt) it is ``(B, h, w, C)``, after a channel split ``(B, g, C/g, h, w)``;
+  the geometry is the same, only the axes differ. A reshape runs as a reshape
+  to the layer's shape with the patch's spatial sizes, and a value that is
+  not a tensor (the tuple of ``x.chunk(2, 1)``) is evaluated when a layer reads
+  it, on patches for a point layer, in full otherwise.
 - local: the output rectangle's read-in window (``geometry.read_region``) is
   gathered from the input's view with the input's patch superimposed and the
   layer's padding value outside the image (one ``kernels.gather`` call), and
@@ -43,18 +49,14 @@ from torch.fx.node import Node, map_arg
 from kql import kernels
 from kql.executor.common import patch_values, probabilities, run_batches
 from kql.planner.geometry import Rects, read_region, thresholded
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 
 
 @dataclass
 class Patch:
-    values: torch.Tensor      # (B, C, h, w)
+    values: torch.Tensor      # (B, C, h, w), or the layer's layout with h x w pixels
     oy: torch.Tensor          # (B,) int64, top row in the layer's output
     ox: torch.Tensor          # (B,) int64
-
-    @property
-    def hw(self) -> tuple[int, int]:
-        return tuple(self.values.shape[-2:])
 
 
 @dataclass
@@ -62,12 +64,9 @@ class Full:
     values: Any               # (B, ...) tensor
 
 
-def supports(plan) -> tuple[bool, str]:
-    """Whether exact incremental inference can run this plan, and if not, why.
-
-    Every traced graph is supported: what is not incremental runs in full.
-    """
-    return True, ""
+@dataclass
+class _Lazy:
+    node: Node                # a non-tensor value read from layers (a chunk's tuple), computed on use
 
 
 class IncrementalRunner:
@@ -91,7 +90,7 @@ class IncrementalRunner:
         # Computed in full (past the cutoff, or after a global layer), their
         # output outside the capped region is reset to the view, so the
         # heatmap does not depend on where the cost model put the cutoff.
-        tau = getattr(plan, "tau", None)
+        tau = plan.tau
         self.capped = frozenset(name for name, layer in self.layers.items()
                                 if tau is not None and tau < 1 and thresholded(layer))
         self._point_ok = {name: self._point_is_pixelwise(name) for name, layer in self.layers.items()
@@ -140,10 +139,19 @@ class IncrementalRunner:
         return views, consts
 
     def _last_use(self) -> dict[str, int]:
-        last = {}
-        for i, node in enumerate(self.gm.graph.nodes):
-            for arg in node.all_input_nodes:
-                last[arg.name] = i
+        """Index of the last node that reads each value. A layer reads its
+        ``inputs`` (looked through ``chunk`` tuples); a value that is not a
+        tensor is computed when read (``_Lazy``), so what it reads lives as long."""
+        nodes = list(self.gm.graph.nodes)
+        last: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            layer = self.layers.get(node.name)
+            for name in [a.name for a in node.all_input_nodes] + list(layer.inputs if layer else ()):
+                last[name] = max(last.get(name, -1), i)
+        for node in reversed(nodes):
+            if node.name not in self.layers and node.name in last:
+                for arg in node.all_input_nodes:
+                    last[arg.name] = max(last[arg.name], last[node.name])
         return last
 
     def _depends_on_input(self, node: Node) -> bool:
@@ -155,14 +163,20 @@ class IncrementalRunner:
 
     def _point_is_pixelwise(self, name: str) -> bool:
         """A point layer may run on a patch unless a constant operand has a
-        spatial extent (it would have to be cropped like the patch)."""
+        spatial extent (it would have to be cropped like the patch): broadcast
+        against the output, its axes along the output's spatial ones are 1."""
         node = self.graph.fx_node(name)
+        layer = self.layers[name]
+        rank = len(layer.out_shape) + 1
         for arg in node.all_input_nodes:
             if self._depends_on_input(arg):
                 continue
             meta = arg.meta.get("tensor_meta")
             shape = getattr(meta, "shape", None)
-            if shape is not None and len(shape) >= 2 and tuple(shape[-2:]) != (1, 1):
+            if shape is None:
+                continue
+            lead = rank - len(shape)  # right-aligned broadcasting
+            if any(a + 1 - lead >= 0 and shape[a + 1 - lead] != 1 for a in layer.out_axes):
                 return False
         return True
 
@@ -194,12 +208,22 @@ class IncrementalRunner:
                 continue
             if node.name in self.layers:
                 state[node.name] = self._step(self.layers[node.name], node, state, idx, B)
-            else:  # a non-tensor value computed from tensors (x.size(0), ...)
+            elif self._reads_pixels(node, state):  # the tuple of x.chunk(2, 1), ...
+                state[node.name] = _Lazy(node)
+            else:  # a non-tensor value computed from tensors' shapes (x.size(0), ...)
                 state[node.name] = self._call(node, lambda n: self._full(n, state, B, shape_only=True))
             for arg in node.all_input_nodes:
                 if last_use.get(arg.name) == i:
                     state.pop(arg.name, None)
         return out
+
+    def _reads_pixels(self, node: Node, state) -> bool:
+        """Whether a non-tensor node reads a layer's values, not just its shape."""
+        if node.op == "call_method" and node.target in _SHAPE_METHODS or \
+                node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr":
+            return False
+        return any(a.name in self.layers or isinstance(state.get(a.name), _Lazy)
+                   for a in node.all_input_nodes)
 
     def _step(self, layer, node, state, idx, B):
         ins = [state.get(name) for name in layer.inputs]
@@ -221,6 +245,11 @@ class IncrementalRunner:
             return Full(values)
         if layer.kind == Kind.POINT:
             (src,) = [s for s in ins if s is not None]
+            if layer.op == "reshape":  # to the layer's shape, with the patch's pixels
+                shape = list(layer.out_shape)
+                for a, n in zip(layer.out_axes, (src.values.shape[a + 1] for a in layer.input_axes(0))):
+                    shape[a] = n
+                return Patch(src.values.reshape(B, *shape), src.oy, src.ox)
             values = self._call(node, lambda n: self._value_patch(n, state, src))
             return Patch(values, src.oy, src.ox)
         placed = _place(region, h, w, layer.out_hw)
@@ -265,7 +294,7 @@ class IncrementalRunner:
         return self._apply_local(layer, window, oy, ox, h, w)
 
     def _backend(self, layer) -> str:
-        return getattr(self.plan, "layer_backends", {}).get(layer.name, self.backend)
+        return self.plan.layer_backends.get(layer.name, self.backend)
 
     def _apply_local(self, layer, window, oy, ox, h, w) -> torch.Tensor:
         op = layer.op
@@ -305,7 +334,10 @@ class IncrementalRunner:
         """Arguments of a point op running on ``src``'s patch."""
         if n.name in self.consts:
             return self.consts[n.name]
-        return state[n.name].values
+        s = state[n.name]
+        if isinstance(s, _Lazy):
+            return self._call(s.node, lambda m: self._value_patch(m, state, src))
+        return s.values if isinstance(s, Patch) else s
 
     def _value_over(self, n: Node, state, oy, ox, h, w, B):
         """An input of a merge gathered over the output rectangles."""
@@ -313,14 +345,20 @@ class IncrementalRunner:
             return self.consts[n.name]
         s = state.get(n.name)
         base = self.views.get(n.name)
-        if base is not None and base.dim() == 3 and tuple(base.shape[-2:]) == (1, 1):
+        layer = self.layers[n.name]
+        if base is not None and layer.spatial and layer.out_hw == (1, 1):
             return base.expand(B, *base.shape) if s is None else s.values  # a broadcast gate
         if isinstance(s, Full):
             return s.values
-        return kernels.gather(base, oy, ox, h, w,
-                              None if s is None else s.values,
-                              None if s is None else s.oy,
-                              None if s is None else s.ox, backend=self.backend)
+        axes = layer.out_axes
+        shape = [B, *layer.out_shape]
+        for a, n in zip(axes, (h, w)):
+            shape[a + 1] = n
+        values = kernels.gather(_channels_first(base, axes, 0), oy, ox, h, w,
+                                None if s is None else _channels_first(s.values, axes, 1),
+                                None if s is None else s.oy,
+                                None if s is None else s.ox, backend=self.backend)
+        return _in_layout(values, axes, shape)
 
     def _full(self, n, state, B, shape_only: bool = False):
         """The whole tensor of node ``n`` for the batch (pasting patches into views)."""
@@ -331,6 +369,8 @@ class IncrementalRunner:
         s = state.get(n.name)
         if isinstance(s, Full):
             return s.values
+        if isinstance(s, _Lazy):
+            return self._call(s.node, lambda m: self._full(m, state, B, shape_only))
         if n.name not in self.layers:  # a non-tensor value (an int from x.size(0) ...)
             return s
         if shape_only:
@@ -338,7 +378,10 @@ class IncrementalRunner:
         base = self.views[n.name]
         if s is None:
             return base.expand(B, *base.shape)
-        return kernels.paste(base, s.values, s.oy, s.ox, backend=self.backend)
+        axes = self.layers[n.name].out_axes
+        out = kernels.paste(_channels_first(base, axes, 0), _channels_first(s.values, axes, 1),
+                            s.oy, s.ox, backend=self.backend)
+        return _in_layout(out, axes, (B, *base.shape))
 
     # -- fx plumbing ----------------------------------------------------------
     def _call(self, node: Node, lookup):
@@ -358,6 +401,34 @@ class IncrementalRunner:
                 obj = getattr(obj, part)
             return obj
         raise NotImplementedError(node.op)
+
+
+def _channels_first(t: torch.Tensor, axes: tuple[int, ...], batch: int) -> torch.Tensor:
+    """A map (``batch`` leading axes, then the layer's shape, spatial ``axes``
+    among it) as ``(..., C, H, W)``: every per-pixel axis folded into one
+    channel axis before the spatial ones, as the kernels take it. A
+    channels-first ``(C, H, W)`` map is returned as it is."""
+    rank = t.dim() - batch
+    if tuple(axes) == tuple(range(rank - len(axes), rank)) and rank == len(axes) + 1:
+        return t
+    moved = t.movedim([a + batch for a in axes], list(range(t.dim() - len(axes), t.dim())))
+    return moved.reshape(*moved.shape[:batch], -1, *moved.shape[t.dim() - len(axes):]).contiguous()
+
+
+def _in_layout(t: torch.Tensor, axes: tuple[int, ...], shape) -> torch.Tensor:
+    """Inverse of :func:`_channels_first` for a batched ``(B, C, H, W)`` ``t``:
+    the batch of maps of ``shape`` (batch first) in the layer's layout."""
+    shape = tuple(shape)
+    rank = len(shape) - 1
+    if tuple(axes) == tuple(range(rank - len(axes), rank)) and rank == len(axes) + 1:
+        return t
+    spatial = [a + 1 for a in axes]
+    others = [d for d in range(len(shape)) if d not in spatial]
+    moved = t.reshape(*(shape[d] for d in others), *(shape[d] for d in spatial))
+    return moved.movedim(list(range(len(others), len(shape))), spatial)
+
+
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
 
 
 class _ShapeOnly:
@@ -394,57 +465,46 @@ def _index(a, device) -> torch.Tensor:
 
 
 def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
-                            positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+                            batches: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, float]:
     """Probability of ``label`` at every grid position (flat, row-major) by
     incremental inference, and the seconds it took (materialization included).
 
-    With ``positions`` (flat grid indices) only those run, batched by the
-    plan's partition restricted to them; the other entries are NaN.
+    The positions run in the plan's batches (``plan.batches()``), or in
+    ``batches`` = ``(order, bounds)`` when given (drill-down's stage two,
+    scheduled by the planner at run time); the positions not run are NaN.
     """
     values, seconds = occlusion_scores(plan, model, lambda out: probabilities(out)[:, [label]],
-                                       progress, positions)
+                                       progress, batches)
     return (values[:, 0] if values.shape[1] else np.full(len(values), np.nan, np.float32)), seconds
 
 
 def occlusion_scores(plan, model, reduce, progress: str = "auto",
-                     positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+                     batches: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, float]:
     """``reduce(raw model output)`` -- a ``(B, T)`` tensor, e.g. the
     probabilities of T labels -- at every grid position: ``(positions, T)``
     float32 (row-major grid order), and the seconds it took. One incremental
     run serves every column: the model's whole output is computed anyway.
 
-    With ``positions`` (flat grid indices) only those run, batched by the
-    plan's partition restricted to them; the other rows are NaN.
+    The positions run in the plan's batches, or in ``batches`` =
+    ``(order, bounds)``; the rows not run are NaN.
     """
     import time
-    from kql.planner.geometry import propagate
     start = time.perf_counter()
-    ys, xs = plan.positions()
-    regions = getattr(plan, "regions", None) or propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch),
-                                                          getattr(plan, "tau", None))
-    order = getattr(plan, "order", None)
-    if order is None:
-        order = np.arange(len(ys))
-    bounds = getattr(plan, "bounds", None)
-    if positions is not None:
-        from kql.planner.rules.mqo_batches import batches_for
-        order, bounds = batches_for(plan, positions)
-    full_layers = frozenset(getattr(plan, "full_layers", ()) or ())
-    backend = getattr(plan, "gather_backend", "auto")
+    n = plan.n_positions
+    order, bounds = plan.batches() if batches is None else batches
     out = None
     if len(order) == 0:
-        return np.full((len(ys), 0), np.nan, dtype=np.float32), time.perf_counter() - start
+        return np.full((n, 0), np.nan, dtype=np.float32), time.perf_counter() - start
     with torch.inference_mode():
-        runner = IncrementalRunner(plan, model, regions, full_layers, backend)
+        runner = IncrementalRunner(plan, model, plan.regions, plan.full_layers, plan.gather_backend)
 
         def step(sl: slice) -> None:
             nonlocal out
             idx = order[sl]
             values = reduce(runner.outputs(idx)).float().cpu().numpy()
             if out is None:
-                out = np.full((len(ys), values.shape[1]), np.nan, dtype=np.float32)
+                out = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
             out[idx] = values
 
-        run_batches(len(order), plan.batch_size if bounds is None else bounds, step, progress=progress,
-                    plan=plan)
+        run_batches(len(order), bounds, step, progress=progress, plan=plan)
     return out, time.perf_counter() - start

@@ -15,24 +15,25 @@ from kql.executor.common import occlude, probabilities, run_batches
 
 
 def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
-                            positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+                            batches: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, float]:
     """Probability of ``label`` at every position of the plan's grid
-    (row-major, flat) and the seconds it took. With ``positions`` (flat grid
-    indices) only those run; the other entries are NaN."""
+    (row-major, flat) and the seconds it took. The positions run in the
+    plan's batches, or in ``batches`` = ``(order, bounds)`` when given
+    (drill-down's stage two); the positions not run are NaN."""
     values, seconds = occlusion_scores(plan, model, lambda out: probabilities(out)[:, [label]],
-                                       progress, positions)
+                                       progress, batches)
     return (values[:, 0] if values.shape[1] else np.full(len(values), np.nan, np.float32)), seconds
 
 
 def occlusion_scores(plan, model, reduce, progress: str = "auto",
-                     positions: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+                     batches: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, float]:
     """``reduce(model output)`` -- a ``(B, T)`` tensor, e.g. the probabilities
     of T labels -- at every position: ``(positions, T)`` float32, row-major,
-    and the seconds it took. With ``positions`` only those run; the other
-    rows are NaN."""
+    and the seconds it took. The positions run in the plan's batches, or in
+    ``batches`` = ``(order, bounds)``; the rows not run are NaN."""
     ys, xs = plan.positions()
     out = np.full((len(ys), 0), np.nan, dtype=np.float32)
-    idx = np.arange(len(ys)) if positions is None else np.sort(np.asarray(positions, dtype=np.int64))
+    idx, bounds = plan.batches() if batches is None else batches
     x = plan.input.to(plan.device)
 
     def step(sl: slice) -> None:
@@ -45,6 +46,6 @@ def occlusion_scores(plan, model, reduce, progress: str = "auto",
         out[sel] = values
 
     with torch.inference_mode():
-        seconds = run_batches(len(idx), plan.batch_size, step, progress=progress, plan=plan)
+        seconds = run_batches(len(idx), bounds, step, progress=progress, plan=plan)
     return out, seconds
 

@@ -11,7 +11,7 @@ The pipeline, one stage per place: ``grammar/kql.lark`` -> ``kql.parser``
 (AST in ``kql.ast``) -> ``kql.planner`` (binder, CNN graph, geometry, cost,
 rules, optimizer, EXPLAIN) -> ``kql.executor`` -> ``kql.kernels``.
 """
-from kql.errors import ExecutionError, KqlError, ParseError, PlanError, QueryInterrupted
+from kql.errors import ExecutionError, KqlError, ParseError, PlanError, QueryInterrupted, SettingError
 
 __version__ = "0.1.0"
 
@@ -42,7 +42,7 @@ def __getattr__(name):  # lazy: `import kql` stays fast for the REPL's --help
         from kql.table import Table
         return Table
     if name == "BatchJob":
-        from kql.executor.batch import BatchJob
+        from kql.jobs.batch import BatchJob
         return BatchJob
     if name == "compat":
         import importlib
@@ -51,5 +51,5 @@ def __getattr__(name):  # lazy: `import kql` stays fast for the REPL's --help
 
 
 __all__ = ["connect", "Connection", "occlusion", "HeatmapResult", "Explanation", "Table", "BatchJob",
-           "KqlError", "ParseError", "PlanError", "ExecutionError",
+           "KqlError", "ParseError", "PlanError", "SettingError", "ExecutionError",
            "QueryInterrupted", "__version__"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from typing import Any, Optional, Union
 
 import torch
@@ -34,6 +33,13 @@ def connect(**settings: Any) -> "Connection":
 
     Returns:
         A :class:`Connection`.
+
+    Raises:
+        kql.SettingError: an unknown setting or a bad value (a ``ValueError``).
+
+    >>> connect(batch_size=-1)
+    Traceback (most recent call last):
+    kql.errors.SettingError: batch_size takes a whole number (0 = sized from memory_limit), got -1
     """
     return Connection(**settings)
 
@@ -56,7 +62,7 @@ class Connection:
         self.catalog = Catalog()
 
     # -- public calls -------------------------------------------------------
-    def execute(self, query: Query, **bindings: Any):
+    def execute(self, query: Query, /, **bindings: Any):
         """Run one statement.
 
         Args:
@@ -64,6 +70,7 @@ class Connection:
                 a parsed ``kql.ast`` statement.
             **bindings: names used in the query, bound for this query only:
                 images (array, PIL image, tensor, path) or models (nn.Module).
+                ``query`` is positional only, so a binding may be called ``query``.
 
         Returns:
             ``SELECT``: a :class:`kql.result.HeatmapResult`; ``EXPLAIN``: a
@@ -87,9 +94,9 @@ class Connection:
         handler = getattr(self, "_run_" + type(stmt).__name__.lower())
         return handler(stmt, bindings)
 
-    def executescript(self, text: str, **bindings: Any) -> list:
+    def executescript(self, text: str, /, **bindings: Any) -> list:
         """Run every statement of a script in order; returns their results."""
-        from kql.executor.batch import BatchJob
+        from kql.jobs.batch import BatchJob
         from kql.parser import parse_script
         results = []
         for stmt in parse_script(text):
@@ -99,7 +106,7 @@ class Connection:
             results.append(result)
         return results
 
-    def explain(self, query: Query, analyze: bool = False, **bindings: Any):
+    def explain(self, query: Query, /, analyze: bool = False, **bindings: Any):
         """The plan of a SELECT (or EXPLAIN) as an ``Explanation``: ``str()``
         gives the text, ``.plan`` the structure, ``.speedup`` the theoretical R.
         With ``analyze=True`` the query runs too and times are measured."""
@@ -140,22 +147,16 @@ class Connection:
         if not isinstance(select, ast.Select):
             shown = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", type(select).__name__).upper()
             raise PlanError(f"plan() takes a SELECT statement, not {shown}")
-        from kql.planner.binder import bind
-        from kql.planner.optimizer import optimize
-        t0 = time.perf_counter()
-        plan = bind(select, self.catalog, self.settings, bindings or {})
-        t1 = time.perf_counter()
-        plan = optimize(plan, settings=self.settings)
-        plan.timings = {"bind": t1 - t0, "optimize": time.perf_counter() - t1}
-        return plan
+        from kql.compiler import compile_select
+        return compile_select(select, self.catalog, self.settings, bindings)
 
     def close(self) -> None:
-        """Forget the session's names and caches; stop a Ray instance this
-        session started."""
+        """Forget the session's names and caches; stop the Ray instance KQL
+        started if no other open connection runs jobs on it."""
         self.catalog = Catalog()
         import sys
-        if "kql.executor.distributed" in sys.modules:
-            sys.modules["kql.executor.distributed"].shutdown()
+        if "kql.jobs.distributed" in sys.modules:
+            sys.modules["kql.jobs.distributed"].shutdown(self)
 
     def __enter__(self) -> "Connection":
         return self
@@ -181,7 +182,7 @@ class Connection:
 
         import numpy as np
 
-        from kql.executor.batch import BatchJob
+        from kql.jobs.batch import BatchJob
         root, files = sources.list_images(stmt.source.value)
         if stmt.into is not None:
             _check_output_folder(stmt.into, stmt.source.value, len(files))
@@ -193,11 +194,10 @@ class Connection:
             files = [f for f in files if not os.path.realpath(f).startswith(into + os.sep)]
             if not files:
                 raise PlanError(f"FROM '{stmt.source.value}' names no images outside INTO '{stmt.into}'")
-        device = (stmt.device or self.settings.device).lower()
-        if device == "cuda" and not torch.cuda.is_available():
-            raise PlanError("ON CUDA: CUDA is not available on this machine; use ON CPU")
+        from kql.planner.binder import check_device
+        check_device(stmt.device or self.settings.device)
         if self.settings.executor == "ray":
-            from kql.executor.distributed import require_ray
+            from kql.jobs.distributed import require_ray
             require_ray()
         spec = self.catalog.model(stmt.model, stmt.weights, bindings)
         sources.resolve_label(spec, stmt.label)
@@ -209,36 +209,34 @@ class Connection:
             self.plan(dataclasses.replace(stmt, source=ast.Source("name", probe), into=None),
                       {**bindings, probe: blank})
         return BatchJob(stmt, spec, self.settings, files, root, progress=self.settings.progress,
-                        graphs=self.catalog._graphs)
+                        graphs=self.catalog._graphs, owner=self)
 
     def _run_select(self, stmt: ast.Select, bindings: dict):
-        from kql.executor import execute
+        from kql.compiler import run
         if self._is_batch(stmt):
             return self._batch_job(stmt, bindings)
-        plan = self.plan(stmt, bindings)
-        result = execute(plan, progress=self.settings.progress)
-        result.timings = {**plan.timings, **result.timings}
-        return result
+        return run(self.plan(stmt, bindings), progress=self.settings.progress)
 
     def _run_explain(self, stmt: ast.Explain, bindings: dict):
-        from kql.executor import execute
+        from kql.compiler import run
         from kql.planner.explain import Explanation, explain_text
         if self._is_batch(stmt.select):
             return self._explain_batch(stmt, bindings)
         plan = self.plan(stmt.select, bindings)
         if not stmt.analyze:
             return Explanation(explain_text(plan), plan)
-        result = execute(plan, progress=self.settings.progress)
-        result.timings = {**plan.timings, **result.timings}
+        result = run(plan, progress=self.settings.progress)
         text = explain_text(plan, result.timings, result.peak_memory)
         result.plan_text = text
-        return Explanation(text, plan, result)
+        return Explanation(text, plan, result, result.timings)
 
     def _explain_batch(self, stmt: ast.Explain, bindings: dict):
         """EXPLAIN of a multi-image query: the images, the plan of the first
         readable one, the estimated total time; with ANALYZE the job runs."""
-        from kql.executor.batch import ImageExplainer
-        from kql.planner.explain import Explanation, batch_explain_text, forward_seconds
+        from kql.executor.profile import forward_seconds
+        from kql.jobs.batch import ImageExplainer
+        from kql.jobs.explain import batch_explain_text
+        from kql.planner.explain import Explanation
         job = self._batch_job(stmt.select, bindings)
         explainer = ImageExplainer(stmt.select, job.spec, self.settings, job.threads,
                                    graphs=self.catalog._graphs)
@@ -278,7 +276,11 @@ class Connection:
         if h < 1 or w < 1:
             raise PlanError(f"INPUT must be at least 1x1, got {h}x{w}")
         graph = self.catalog.graph(spec, (spec.channels, h, w))
-        return describe(spec, graph, stmt.patch, stmt.stride)
+        described = describe(spec, graph, stmt.patch, stmt.stride)
+        if isinstance(described, tuple):     # the layer table
+            columns, rows, title = described
+            return Table(columns, rows, title=title)
+        return described
 
     def _run_showmodels(self, stmt, bindings):
         rows = []

@@ -20,8 +20,9 @@ the curve and gives the SSIM predicted for any τ (EXPLAIN shows it).
 A calibration holds for one model with one set of weights, one input size
 and one patch size: the key is ``(model name, weights fingerprint, input
 h x w, patch h x w)``. The fingerprint is taken from the parameters
-themselves (:func:`weights_fingerprint`), so a calibration made with one
-checkpoint is never applied to another under the same name.
+themselves (:func:`kql.sources.models.weights_fingerprint`, the fingerprint
+multi-image jobs use too), so a calibration made with one checkpoint is never
+applied to another under the same name.
 
 Two stores are read, the user's first:
 
@@ -48,6 +49,7 @@ import numpy as np
 
 from kql import files
 from kql.errors import KqlError
+from kql.sources.models import weights_fingerprint  # noqa: F401  (the one rule; calibrations are keyed by it)
 
 #: Format version of the JSON files; bumped when a field changes meaning.
 FORMAT = 1
@@ -155,21 +157,6 @@ def fit(taus: Sequence[float], ssim: dict[str, Sequence[float]]) -> tuple[float,
         raise KqlError("a degree-2 fit needs at least 3 different thresholds (TAUS)")
     a, b, c = np.polyfit(xs, ys, 2)
     return float(a), float(b), float(c)
-
-
-def weights_fingerprint(module) -> str:
-    """A short hash of a model's parameters and buffers: their names and
-    shapes, and a strided sample of at most 256 values of each (fast even
-    for VGG16's 138M parameters, and different for any two real checkpoints)."""
-    h = hashlib.sha256()
-    for name, t in list(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel() and flat.is_floating_point():
-            sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy()
-            h.update(np.ascontiguousarray(sample).tobytes())
-    return h.hexdigest()[:16]
 
 
 def user_store() -> Path:

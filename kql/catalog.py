@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 
 from kql import sources
+from kql.sources.models import canonical_name
+from kql.sources.names import did_you_mean
 from kql.errors import PlanError
 
 
@@ -48,7 +50,7 @@ class Catalog:
                             f"FROM takes an image (array, PIL image, tensor or file path)")
         known = [n for n, v in bindings.items() if not isinstance(v, torch.nn.Module)]
         known += list(self.images) + list(sources.SAMPLE_IMAGES)
-        hint = sources._did_you_mean(name, known)
+        hint = did_you_mean(name, known)
         raise PlanError(f"unknown image '{name}': not a bound name, a LOAD IMAGE name or a sample "
                         f"image{hint} (SHOW IMAGES lists them; quote a file path: FROM '{name}.png')")
 
@@ -68,7 +70,7 @@ class Catalog:
             return self._no_weights(spec, weights, name)
         if name in self.models:
             return self._no_weights(self.models[name], weights, name)
-        if name in bindings and sources._canonical(name) not in sources.list_models():
+        if name in bindings and canonical_name(name) not in sources.list_models():
             # an image (or anything else) bound under the name USING gives
             raise PlanError(f"'{name}' is bound to an object of type {type(bound).__name__}, not a "
                             f"model: USING takes a torch.nn.Module")
@@ -90,7 +92,7 @@ class Catalog:
     # -- graphs -----------------------------------------------------------
     def graph(self, spec, input_shape: tuple[int, int, int]):
         """The traced, shape-annotated graph of a model for one input shape."""
-        from kql.planner.graph import trace
+        from kql.planner.tracer import trace
         key = (id(spec.module), tuple(input_shape))
         hit = self._graphs.get(key)
         if hit is None or hit[0] is not spec.module:

@@ -11,8 +11,27 @@ class KqlError(Exception):
     """Base of every error KQL raises on purpose."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an error's message (its type's name if it
+    has none): what a one-line report shows.
+
+    >>> first_line(RuntimeError("out of memory\\nmore detail")), first_line(ValueError())
+    ('out of memory', 'ValueError')
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 class ParseError(KqlError):
     """The query text does not follow the grammar.
+
+    ``str()`` gives the position and the message, then the offending line
+    with a ``^`` under the column:
+
+    >>> print(ParseError("unexpected 'FORM'", 1, 16, "SELECT HEATMAP FORM coffee"))
+    line 1, column 16: unexpected 'FORM'
+    SELECT HEATMAP FORM coffee
+                   ^
 
     Attributes:
         line, column: 1-based position of the offending token.
@@ -38,14 +57,18 @@ class ParseError(KqlError):
         return f"{self.source_line}\n{pad}^"
 
     def __str__(self) -> str:
-        if self.line:
-            return f"line {self.line}, column {self.column}: {self.message}"
-        return self.message
+        text = f"line {self.line}, column {self.column}: {self.message}" if self.line else self.message
+        return f"{text}\n{self.caret}" if self.caret else text
 
 
 class PlanError(KqlError):
     """The query is well formed but cannot be planned (unknown model or label,
     impossible patch/stride/region, untraceable model, bad weights...)."""
+
+
+class SettingError(PlanError, ValueError):
+    """A ``SET`` option or a ``kql.connect()`` argument is unknown or has a
+    bad value. A ``ValueError`` too, as Python code expects of a bad argument."""
 
 
 class ExecutionError(KqlError):

@@ -226,7 +226,7 @@ class _Shell:
         """Execute one statement and print its result (if not None)."""
         def execute() -> None:
             result = self.connection().execute(statement)
-            from kql.executor.batch import BatchJob
+            from kql.jobs.batch import BatchJob
             if isinstance(result, BatchJob):
                 try:     # a multi-image query: a line per image as it finishes
                     for item in result:
@@ -260,11 +260,7 @@ class _Shell:
         self.stdout.flush()
         if self.debug:
             traceback.print_exception(type(error), error, error.__traceback__, file=self.stderr)
-        if isinstance(error, ParseError):
-            text = f"error: {error}"
-            if error.caret:
-                text += f"\n{error.caret}"
-        elif isinstance(error, KqlError):
+        if isinstance(error, KqlError):     # a ParseError's text ends with the line and a caret
             text = f"error: {error}"
         else:
             text = f"internal error: {type(error).__name__}: {error}"

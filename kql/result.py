@@ -15,6 +15,7 @@ import numpy as np
 from kql import files
 from kql.ast import Region
 from kql.errors import ExecutionError, PlanError
+from kql.planner.plan import format_seconds
 
 __all__ = ["HeatmapResult", "check_output_path", "write_atomic"]
 
@@ -397,7 +398,7 @@ class HeatmapResult:
         if seconds is None and self.timings:
             seconds = sum(self.timings.values())
         if seconds is not None:
-            text += f" in {_seconds(seconds)} ({_per_position(seconds, n)})"
+            text += f" in {format_seconds(seconds)} ({_per_position(seconds, n)})"
         if self.output_path:
             text += f" -> {self.output_path}"
         for w in self.warnings:
@@ -410,10 +411,6 @@ class HeatmapResult:
 
 def _is_whole(region: Region, H: int, W: int) -> bool:
     return region.x0 <= 0 and region.y0 <= 0 and region.x1 >= W and region.y1 >= H
-
-
-def _seconds(s: float) -> str:
-    return f"{s:.1f} s" if s >= 1 else f"{s * 1000:.0f} ms"
 
 
 def _per_position(s: float, n: int) -> str:

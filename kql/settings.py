@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
-from .errors import PlanError
+from .errors import PlanError, SettingError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -19,60 +19,60 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
 def parse_size(value: Any) -> int:
     """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, 1000 -> 1000 (bytes)."""
     if isinstance(value, bool):
-        raise PlanError(f"memory_limit takes a size such as '2GB', got {value!r}")
+        raise SettingError(f"memory_limit takes a size such as '2GB', got {value!r}")
     if isinstance(value, (int, float)):
         n = float(value)
     else:
         m = _SIZE.match(str(value))
         if not m or (m.group(2) or "").lower() not in _UNITS:
-            raise PlanError(f"memory_limit takes a size such as '2GB' or '512MiB', got {value!r}")
+            raise SettingError(f"memory_limit takes a size such as '2GB' or '512MiB', got {value!r}")
         n = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
     if n < 1:
-        raise PlanError(f"memory_limit must be positive, got {value!r}")
+        raise SettingError(f"memory_limit must be positive, got {value!r}")
     return int(n)
 
 
 def _device(value: Any) -> str:
     v = str(value).lower()
     if v not in ("cpu", "cuda"):
-        raise PlanError(f"device takes 'cpu' or 'cuda', got {value!r}")
-    if v == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise PlanError("CUDA is not available on this machine: use device 'cpu'")
-    return v
+        raise SettingError(f"device takes 'cpu' or 'cuda', got {value!r}")
+    from kql.planner.binder import check_device
+    try:
+        return check_device(v, "CUDA is not available on this machine: use device 'cpu'")
+    except PlanError as e:
+        raise SettingError(str(e)) from None
 
 
 def _batch(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PlanError(f"batch_size takes a whole number (0 = sized from memory_limit), got {value!r}")
+        raise SettingError(f"batch_size takes a whole number (0 = sized from memory_limit), got {value!r}")
     return value
 
 
 def _progress(value: Any) -> str:
     v = {True: "on", False: "off"}.get(value, str(value).lower()) if isinstance(value, bool) else str(value).lower()
     if v not in ("on", "off", "auto"):
-        raise PlanError(f"progress takes on, off or auto, got {value!r}")
+        raise SettingError(f"progress takes on, off or auto, got {value!r}")
     return v
 
 
 def _mode(value: Any) -> str:
     v = str(value).lower()
     if v not in ("auto", "exact", "naive"):
-        raise PlanError(f"mode takes auto, exact or naive, got {value!r}")
+        raise SettingError(f"mode takes auto, exact or naive, got {value!r}")
     return v
 
 
 def _executor(value: Any) -> str:
     v = str(value).lower()
     if v not in ("local", "ray"):
-        raise PlanError(f"executor takes local or ray, got {value!r}")
+        raise SettingError(f"executor takes local or ray, got {value!r}")
     return v
 
 
 def _ray_address(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str):
-        raise PlanError(f"ray_address takes a quoted address such as 'auto', '10.0.0.5:6379' or "
+        raise SettingError(f"ray_address takes a quoted address such as 'auto', '10.0.0.5:6379' or "
                         f"'ray://head:10001' ('' starts a local Ray instance), got {value!r}")
     return value.strip()
 
@@ -80,7 +80,7 @@ def _ray_address(value: Any) -> str:
 def _count(option: str, zero: str) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise PlanError(f"{option} takes a whole number (0 = {zero}), got {value!r}")
+            raise SettingError(f"{option} takes a whole number (0 = {zero}), got {value!r}")
         return value
     return parse
 
@@ -88,14 +88,14 @@ def _count(option: str, zero: str) -> Callable[[Any], int]:
 def _allocator(value: Any) -> str:
     v = str(value).lower()
     if v not in ("reuse", "system"):
-        raise PlanError(f"allocator takes reuse or system, got {value!r}")
+        raise SettingError(f"allocator takes reuse or system, got {value!r}")
     return v
 
 
 def _gather_backend(value: Any) -> str:
     v = str(value).lower()
     if v not in ("auto", "torch", "numba", "cuda"):
-        raise PlanError(f"gather_backend takes auto, torch, numba or cuda, got {value!r}")
+        raise SettingError(f"gather_backend takes auto, torch, numba or cuda, got {value!r}")
     return v
 
 
@@ -139,11 +139,12 @@ class Settings:
     allocator: str = "reuse"
 
     def with_option(self, option: str, value: Any) -> "Settings":
-        """A copy with one option changed; unknown options and bad values raise PlanError."""
+        """A copy with one option changed; unknown options and bad values raise
+        :class:`~kql.errors.SettingError` (a PlanError and a ValueError)."""
         key = option.lower()
         if key not in _PARSERS:
             names = ", ".join(sorted(_PARSERS))
-            raise PlanError(f"unknown setting '{option}'; settings are {names}")
+            raise SettingError(f"unknown setting '{option}'; settings are {names}")
         return replace(self, **{key: _PARSERS[key](value)})
 
     def rows(self) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ The drop-ins ``kql.compat.captum`` and ``kql.compat.monai`` are built on it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 import time
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from kql import ast
-from kql.errors import KqlError, PlanError
+from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
 
 __all__ = ["occlusion", "as_module", "SCORES"]
 
@@ -88,7 +89,7 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
     Returns:
         A list of N :class:`kql.HeatmapResult`, one per input, each with a
         map per target (``maps``, ``labels``, ``originals``), its timings and
-        its plan (``kql.explain_plan(result.plan)`` prints it).
+        its plan (``result.plan``).
 
     Raises:
         TypeError: ``model`` or ``inputs`` of the wrong type.
@@ -131,61 +132,66 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
 
 # -- one input ---------------------------------------------------------------------
 def _one(select, spec, graph, x: torch.Tensor, fill, scorer, target, settings, grid: str, desc: str):
-    from kql.executor import _executor
-    from kql.executor.allocator import enabled_for, reuse_freed_memory
-    from kql.executor.memory import PeakMemory
-    from kql.result import HeatmapResult
+    from kql import compiler
 
     start = time.perf_counter()
-    plan = compile_tensor(select, spec, graph, x, fill, settings, grid, desc)
+    plan = compile_tensor(dataclasses.replace(select, label=_label(target)), spec, graph, x, fill, settings,
+                          grid, desc)
     t_plan = time.perf_counter() - start
-    model = spec.module.to(plan.device).eval()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        original = scorer.scores(model(x[None].to(plan.device)))[0]
-    labels = _resolve(target, original, desc)
-    t_ref = time.perf_counter() - t0
-    columns = torch.as_tensor(labels, device=plan.device)
-    with reuse_freed_memory(enabled_for(plan)), PeakMemory(plan.device) as mem:
-        values, t_occ = _executor(plan.mode).occlusion_scores(
-            plan, model, lambda out: scorer.scores(out)[:, columns], settings.progress)
-    rows, cols = len(plan.ys), len(plan.xs)
-    ys, xs = getattr(plan.fill, "window_ys", plan.ys), getattr(plan.fill, "window_xs", plan.xs)
-    return HeatmapResult(
-        heatmap=values[:, 0].reshape(rows, cols), label=labels[0], label_name=None,
-        p_original=float(original[labels[0]]), ys=ys, xs=xs, patch=plan.patch, stride=plan.stride,
-        region=plan.region, image=_display(x), model=spec.name, mode=plan.mode,
-        timings={"plan": t_plan, "reference": t_ref, "occlusion": t_occ,
-                 "total": time.perf_counter() - start},
-        plan=plan, warnings=list(plan.warnings), peak_memory=mem.peak, tau=plan.tau,
-        maps=values.T.reshape(len(labels), rows, cols), labels=labels, label_names=[None] * len(labels),
-        originals=original[columns].float().cpu().numpy(), score=scorer.name)
+    try:
+        result = compiler.run(plan, settings.progress, score=scorer.scores, score_name=scorer.name)
+    except ExecutionError as e:
+        if e.__cause__ is not None or isinstance(e, QueryInterrupted):  # the model failed, or Ctrl-C
+            raise
+        raise ValueError(f"target of {desc}: {e}") from None  # a class beyond the model's outputs
+    if isinstance(plan.fill, _ClippedFill):  # grid='clip': where each window starts
+        result.ys, result.xs = plan.fill.window_ys, plan.fill.window_xs
+    result.timings = {"plan": t_plan, **result.timings, "total": time.perf_counter() - start}
+    return result
+
+
+def _label(target) -> ast.Label:
+    """The LABEL clause of one input's targets (see :func:`_targets`)."""
+    if target[0] == "predicted":
+        return ast.Label("predicted")
+    if target[0] == "all":
+        return ast.Label("all")
+    if target[0] == "top":
+        return ast.Label("top", target[1])
+    if len(target) == 1:
+        return ast.Label("index", target[0])
+    return ast.Label("list", tuple(ast.Label("index", t) for t in target))
 
 
 def compile_tensor(select, spec, graph, x: torch.Tensor, fill, settings, grid: str = "edge",
                    desc: str = "input"):
     """Bind and optimize one model-space input ``x`` ``(C, H, W)``: the
-    query language's path (``bind_input`` then the optimizer's rules), with
-    ``fill`` the patch's content (``(C,)`` or a ``(C, H, W)`` baseline) and,
-    for ``grid='clip'``, the rule that clips the last windows at the edge."""
+    query language's path (``bind_input`` then the optimizer's rules,
+    ``kql.compiler.optimize_bound``), with ``fill`` the patch's content
+    (``(C,)``, a ``(C, H, W)`` baseline or a function) and, for
+    ``grid='clip'``, the rule that clips the last windows at the edge."""
+    from kql.compiler import optimize_bound
     from kql.planner.binder import bind_input
-    from kql.planner.optimizer import RULES, optimize
+    from kql.planner.optimizer import RULES
     C, H, W = x.shape
     if isinstance(fill, _PatchFill):
         fill.patch = select.patch
     shown = "baseline function" if isinstance(fill, _PatchFill) else "baseline tensor" if fill.dim() == 3 else \
         ("(" + ", ".join(f"{float(v):.3g}" for v in fill) + ")" if C <= 4 else f"{C} channel values")
+    t0 = time.perf_counter()
     plan = bind_input(select, spec, graph, x, _display(x), fill, settings, select.device,
-                      image_desc=f"tensor {desc}", original_hw=(H, W),
-                      preprocess=[("", f"{H}x{W}, in model space"), ("channels", str(C))], fill_text=shown)
+                      image_desc=f"tensor {desc}", original_hw=(H, W), fill_text=shown)
     rules = RULES
     if grid == "clip":
         i = RULES.index(next(r for r in RULES if r.__name__ == "resolve_region")) + 1
         rules = RULES[:i] + (clip_windows,) + RULES[i:]
+    t1 = time.perf_counter()
     try:
-        return optimize(plan, rules=rules, settings=settings)
+        plan = optimize_bound(plan, settings, rules)
     except PlanError as e:
         raise ValueError(str(e)) from None
+    plan.timings = {"bind": t1 - t0, "optimize": time.perf_counter() - t1}
+    return plan
 
 
 def clip_windows(plan):
@@ -311,23 +317,6 @@ def _class(v) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
         raise ValueError(f"a target must be a class index >= 0, got {v!r}")
     return int(v)
-
-
-def _resolve(target, original: torch.Tensor, desc: str) -> list[int]:
-    K = original.shape[0]
-    if target[0] == "predicted":
-        return [int(original.argmax())]
-    if target[0] == "all":
-        return list(range(K))
-    if target[0] == "top":
-        k = target[1]
-        if k > K:
-            raise ValueError(f"top {k}: the model has {K} outputs")
-        return torch.argsort(original, descending=True, stable=True)[:k].tolist()
-    for t in target:
-        if t >= K:
-            raise ValueError(f"target {t} of {desc} is out of range: the model has {K} outputs (0-{K - 1})")
-    return list(target)
 
 
 # -- checks --------------------------------------------------------------------------

@@ -26,7 +26,7 @@ What is compared (:func:`heatmap_ssim`):
 τ = 1 is exact inference: its SSIM is 1 by definition and is not recomputed.
 
 Every heatmap runs through the public query path: an ``ast.Select`` per run,
-planned by ``Connection.plan`` and run by ``kql.executor.execute``, with the
+planned by ``Connection.plan`` and run by ``kql.compiler.run``, with the
 sample image bound as a query binding (never pasted into query text).
 """
 from __future__ import annotations
@@ -256,8 +256,8 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
 
 
 def _heatmap(con, select: ast.Select, bindings: dict):
-    from kql.executor import execute
-    return execute(con.plan(select, bindings), progress="off")
+    from kql.compiler import run
+    return run(con.plan(select, bindings), progress="off")
 
 
 def _color_text(color: ast.Color) -> str:

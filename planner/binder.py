@@ -1,71 +1,61 @@
 """The binder: resolve a SELECT's names against the session catalog and build
-the initial plan tree (Scan -> Preprocess -> Occlude -> Infer -> Heatmap).
+the initial plan (the bound query, before any rule's decision).
 
 Binding loads the image and the model, preprocesses the image and traces the
 model once; the optimizer rules then decide everything else.
+
+The binder is handed what it resolves names with, and imports nothing of the
+front end: ``catalog`` answers ``image(source, bindings) -> (HxWx3 array,
+description)``, ``model(name, weights, bindings) -> spec`` and
+``graph(spec, input_shape) -> CNNGraph``; the model ``spec`` answers
+``preprocess(image) -> (input tensor, display image)`` and
+``fill_value(color, display) -> tensor`` (``kql.catalog.Catalog`` and
+``kql.sources.ModelSpec`` are the front end's).
 """
 from __future__ import annotations
 
-from kql import sources
 from kql.errors import PlanError
-from kql.result import check_output_path
-from kql.planner.plan import Plan, Step
+from kql.planner.plan import Plan
 
 
-def bind(select, catalog, settings, bindings=None) -> Plan:
-    """Build an unoptimized :class:`Plan` for ``select``."""
-    if select.into is not None:
-        check_output_path(select.into)  # fail before the work, not after
-    device = (select.device or settings.device).lower()
+def check_device(device: str, unavailable: str = "ON CUDA: CUDA is not available on this machine; use ON CPU") -> str:
+    """``device`` in lower case; ``cuda`` on a machine without CUDA raises
+    ``PlanError(unavailable)``. The one CUDA check of the query path."""
+    device = str(device).lower()
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():
-            raise PlanError("ON CUDA: CUDA is not available on this machine; use ON CPU")
+            raise PlanError(unavailable)
+    return device
+
+
+def bind(select, catalog, settings, bindings=None) -> Plan:
+    """Build an unoptimized :class:`Plan` for ``select`` (its INTO path is
+    the front end's to check, ``kql.compiler.compile_select``)."""
+    device = check_device(select.device or settings.device)
     image, image_desc = catalog.image(select.source, bindings)
     spec = catalog.model(select.model, select.weights, bindings)
-    x, display = sources.preprocess(image, spec)
+    x, display = spec.preprocess(image)
     graph = catalog.graph(spec, tuple(x.shape))
-    fill = sources.fill_value(select.color, display, spec)
-    H, W = image.shape[:2]
-    C, h, w = x.shape
-    color = select.color
-    shown = color.kind.upper() if color.value is None else (
-        str(color.value[0]) if color.kind == "value" else str(tuple(color.value)))
-    prep = [("", f"resize {H}x{W} -> {h}x{w}" if (H, W) != (h, w) else f"{h}x{w}, no resize"),
-            ("normalize", f"mean {_tup(spec.mean)} std {_tup(spec.std)}"), ("channels", str(C))]
+    fill = spec.fill_value(select.color, display)
     return bind_input(select, spec, graph, x, display, fill, settings, device,
-                      image_desc=image_desc, original_hw=(H, W), preprocess=prep, fill_text=shown)
+                      image_desc=image_desc, original_hw=tuple(image.shape[:2]))
 
 
 def bind_input(select, spec, graph, x, display, fill, settings, device: str, *, image_desc: str,
-               original_hw: tuple[int, int], preprocess: list, fill_text: str) -> Plan:
+               original_hw: tuple[int, int], fill_text: str = "") -> Plan:
     """The unoptimized :class:`Plan` of ``select`` over an input already in
     the model's space: ``x`` ``(C, H, W)``, its ``display`` image, the traced
-    ``graph`` and the patch ``fill`` (``(C,)``, or a ``(C, H, W)`` baseline).
-    :func:`bind` calls it after loading and preprocessing an image; the tensor
-    API (``kql.tensor_api``) with tensors the caller already normalised.
-    ``preprocess`` holds the Preprocess step's details."""
+    ``graph`` and the patch ``fill`` (``(C,)``, a ``(C, H, W)`` baseline or a
+    callable, see ``executor.common.patch_values``). :func:`bind` calls it
+    after loading and preprocessing an image; the tensor API
+    (``kql.tensor_api``) with tensors the caller already normalised, and
+    ``fill_text`` saying what its patch holds (EXPLAIN's ``color``)."""
     plan = Plan(query=select, spec=spec, graph=graph, image_desc=image_desc,
                 original_hw=tuple(original_hw), input=x, display=display,
-                settings=settings, fill=fill, device=device)
+                settings=settings, fill=fill, fill_text=fill_text, device=device,
+                allocator=settings.allocator)
     if spec.warning:
         plan.warnings.append(spec.warning)
-    H, W = original_hw
-    scan = Step("Scan", [("", f"{image_desc} ({H}x{W})")])
-    prep = Step("Preprocess", list(preprocess), [scan])
-    shown = fill_text
-    occlude = Step("Occlude", [("patch", f"{select.patch[0]}x{select.patch[1]}"),
-                               ("stride", f"{select.stride[0]}x{select.stride[1]}"),
-                               ("color", shown)], [prep])
-    infer = Step("Infer", [("model", f"{spec.name} ({spec.weights})"),
-                           ("device", device)], [occlude])
-    heatmap = Step("Heatmap", [], [infer])
-    if select.into:
-        heatmap.detail("into", select.into)
-    plan.root = heatmap
     return plan
-
-
-def _tup(v) -> str:
-    return "(" + ", ".join(f"{float(a):.3g}" for a in v) + ")"
 

@@ -33,9 +33,10 @@ import numpy as np
 
 from kql.errors import PlanError
 from kql.planner.geometry import Rects, propagate
-from kql.planner.graph import Kind, Layer
+from kql.planner.ir import Kind, Layer
+from kql.planner.plan import format_flops
 
-__all__ = ["incremental_flops", "LayerCost", "SpeedupReport", "theoretical_speedup", "format_flops"]
+__all__ = ["incremental_flops", "LayerCost", "SpeedupReport", "theoretical_speedup"]
 
 # Kinds whose work is proportional to the changed output area.
 _AREA_KINDS = (Kind.POINT, Kind.LOCAL, Kind.MERGE, Kind.OUTPUT)
@@ -69,14 +70,6 @@ def incremental_flops(graph, regions: Mapping[str, Rects]) -> dict[str, np.ndarr
         changed, 0 where nothing changed.
     """
     return {layer.name: _layer_inc(layer, regions[layer.name]) for layer in graph.layers()}
-
-
-def format_flops(x: float) -> str:
-    """Multiply-adds with an SI suffix: ``format_flops(15.5e9) == '15.5G'``."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}" if x else "0"
 
 
 @dataclass
@@ -151,10 +144,10 @@ class SpeedupReport:
             body.append((r.name, r.op, r.kind,
                          f"{r.in_hw[0]}x{r.in_hw[1]} -> {r.out_hw[0]}x{r.out_hw[1]}",
                          f"{r.map_hw[0]}x{r.map_hw[1]}",
-                         format_flops(r.full_flops), format_flops(r.inc_flops), format_flops(r.uniform_flops)))
+                         _cell(r.full_flops), _cell(r.inc_flops), _cell(r.uniform_flops)))
         mean_inc = float(self.inc_flops.mean()) if self.n_positions else 0.0
-        foot = ("total", "", "", "", "", format_flops(self.full_flops), format_flops(mean_inc),
-                format_flops(self.uniform_flops))
+        foot = ("total", "", "", "", "", _cell(self.full_flops), _cell(mean_inc),
+                _cell(self.uniform_flops))
         ratio = ("speedup R", "", "", "", "", "", f"{self.r_grid:.2f}x", f"{self.r_uniform:.2f}x")
         table = [head] + body + [foot, ratio]
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -196,7 +189,7 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
 
     Example (a 3x3 conv on an 8x8 image, one 2x2 patch in the middle)::
 
-        >>> from kql.planner.graph import Layer, Kind
+        >>> from kql.planner.ir import Layer, Kind
         >>> class G:  # the two things the cost model reads from a CNNGraph
         ...     input = "x"
         ...     def layers(self):
@@ -251,3 +244,8 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
                          r_grid=_ratio(n * full_total, float(inc_total.sum())),
                          r_uniform=_ratio(full_total, uniform_total), uniform_flops=uniform_total,
                          rows=rows, patch_hw=(ph, pw))
+
+
+def _cell(flops: float) -> str:
+    """A FLOPs cell of the cost table: '15.5G'."""
+    return format_flops(flops, sep="")

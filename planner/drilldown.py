@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from kql.errors import PlanError
+from kql.planner.plan import batch_bounds
 
 
 def stage_one_stride(s2: int, fraction: float, speedup: float) -> int:
@@ -69,6 +70,24 @@ def check(fraction: float, speedup: float) -> None:
 
 
 @dataclass
+class StageTwo:
+    """Drill-down's stage two, decided at run time (:meth:`DrilldownPlan.stage_two`).
+
+    Attributes:
+        estimate: float32 ``(rows, cols)``: stage one interpolated onto the
+            query's grid (its own positions exact).
+        positions: flat indices of the positions stage two runs.
+        order, bounds: the batches they run in (``Plan.batches`` form).
+        computed: boolean ``(rows, cols)``: positions computed by either stage.
+    """
+    estimate: np.ndarray
+    positions: np.ndarray
+    order: np.ndarray
+    bounds: np.ndarray
+    computed: np.ndarray
+
+
+@dataclass
 class DrilldownPlan:
     """The two stages of a drill-down plan.
 
@@ -91,6 +110,31 @@ class DrilldownPlan:
     n_fine: int
     n_select: int
     on_coarse: np.ndarray
+
+
+    def stage_two(self, fine, coarse: np.ndarray) -> "StageTwo":
+        """What stage two of the query's plan ``fine`` runs, decided from stage
+        one's probabilities ``coarse`` (flat, row-major over the coarse grid):
+        the executor calls this between the stages. Stage one's values are
+        interpolated onto the query's grid; the ``n_select`` positions with the largest drop,
+        less those stage one ran, are batched as the fine plan batches them."""
+        one = self.stage_one
+        coarse = np.asarray(coarse).reshape(len(one.ys), len(one.xs))
+        estimate = interpolate(one.ys, one.xs, coarse, fine.ys, fine.xs).astype(np.float32)
+        # Positions of the coarse grid are on the fine grid: keep their computed
+        # values exactly (interpolation at a node returns it, up to rounding).
+        estimate[self.on_coarse] = coarse.ravel()
+        chosen = select(estimate, self.n_select)
+        todo = chosen[~self.on_coarse.ravel()[chosen]]
+        if fine.incremental:
+            from kql.planner.rules.mqo_batches import batches_for
+            order, bounds = batches_for(fine, todo)
+        else:
+            order = np.sort(todo).astype(np.int64)
+            bounds = batch_bounds(len(order), fine.batch_size)
+        computed = self.on_coarse.ravel().copy()
+        computed[todo] = True
+        return StageTwo(estimate, todo, order, bounds, computed.reshape(self.on_coarse.shape))
 
     @property
     def n_coarse(self) -> int:
@@ -121,7 +165,6 @@ def plan_drilldown(bound, fine, optimize, **kwargs):
     stage one is optimized with the coarse stride; ``optimize`` is
     :func:`kql.planner.optimizer.optimize`.
     """
-    from kql.planner.plan import Step
     dd = fine.query.drilldown
     check(dd.fraction, dd.speedup)
     s2 = fine.stride
@@ -138,34 +181,11 @@ def plan_drilldown(bound, fine, optimize, **kwargs):
         fine.warnings.append(f"DRILLDOWN SPEEDUP {dd.speedup:g} with FRACTION {dd.fraction:g} gives a stage-one "
                              f"stride equal to the query's: stage one covers the whole grid")
 
-    # The step tree: both stages' Infer subtrees under one DrillDown step.
-    infer_two = fine.root.find("Infer")
-    infer_one = stage_one.root.find("Infer")
-    infer_one.details.insert(0, ("stage", f"one, stride {s1[0]}x{s1[1]}, {stage_one.n_positions} positions"))
-    infer_two.details.insert(0, ("stage", f"two, the {n_select} of {n_fine} positions (r = {dd.fraction:g}) "
-                                          f"with the largest drop, at stride {s2[0]}x{s2[1]}"))
-    drill = Step("DrillDown", [("S1", f"{s1[0]}x{s1[1]}"), ("r", f"{dd.fraction:g}"),
-                               ("expected speedup", f"{plan.expected_speedup:.2f}x (eq. 46; "
-                                                    f"≤{plan.max_positions} of {n_fine} positions)")],
-                 [infer_one, infer_two])
-    parent = _parent_of(fine.root, infer_two)
-    parent.children = [drill if c is infer_two else c for c in parent.children]
-    if infer_one.flops is not None and infer_two.flops is not None:
-        drill.flops = infer_one.flops + dd.fraction * infer_two.flops
-    occlude = stage_one.root.find("Occlude")
-    occlude.details = [(k, f"{s1[0]}x{s1[1]}" if k == "stride" else v) for k, v in occlude.details]
     fine.record("drilldown", f"stage one at stride {s1[0]}x{s1[1]} (eq. 47 for r = {dd.fraction:g}, "
                              f"t = {dd.speedup:g}, to a multiple of the stride): "
                              f"{stage_one.n_positions} positions, then ≤{n_select} of {n_fine} at "
                              f"stride {s2[0]}x{s2[1]}; expected speedup {plan.expected_speedup:.2f}x")
     return fine
-
-
-def _parent_of(root, step):
-    for s in root.walk():
-        if step in s.children:
-            return s
-    raise ValueError("step not in tree")
 
 
 def interpolate(ys1: np.ndarray, xs1: np.ndarray, coarse: np.ndarray,

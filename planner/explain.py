@@ -1,12 +1,18 @@
 """EXPLAIN: print a plan tree, its per-layer cost table and the optimizer's
-decisions. Every step prints its own line (``Step.lines``); this module only
-walks the tree and lays out columns."""
+decisions.
+
+The tree is rendered from the plan's typed records (:func:`plan_tree`): the
+rules decide, this module says what they decided. Every step prints its own
+line (``Step.lines``); the printer only walks the tree and lays out columns."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from kql.planner.plan import Plan, format_bytes, format_seconds
+import numpy as np
+
+from kql.planner.plan import Plan, Step, format_bytes, format_flops, format_seconds
+from kql.planner.rules.gather_backend import gather_summary
 from kql.planner.runtime import runtime_lines
 
 
@@ -16,18 +22,25 @@ class Explanation:
 
     Attributes:
         text: the printed plan.
-        plan: the optimized :class:`~kql.planner.plan.Plan` (step tree in
-            ``plan.root``, decisions in ``plan.rewrites``, cost in ``plan.cost``).
+        plan: the optimized :class:`~kql.planner.plan.Plan` (decisions in its
+            records and ``plan.rewrites``, cost in ``plan.cost``).
         result: the ``HeatmapResult`` when ``EXPLAIN ANALYZE`` ran the query.
+        timings: what ``EXPLAIN ANALYZE`` measured (seconds by stage), else None.
     """
     text: str
     plan: Plan
     result: Optional[Any] = None
+    timings: Optional[dict] = None
 
     @property
     def speedup(self) -> float:
         """Theoretical speedup of incremental over naive inference on this grid."""
         return self.plan.cost.r_grid
+
+    @property
+    def root(self) -> Step:
+        """The plan tree EXPLAIN prints (:func:`plan_tree`)."""
+        return plan_tree(self.plan, self.timings)
 
     @property
     def steps(self) -> list[dict]:
@@ -39,7 +52,7 @@ class Explanation:
                         "flops": step.flops, "seconds": step.seconds})
             for c in step.children:
                 visit(c, depth + 1)
-        visit(self.plan.root, 0)
+        visit(self.root, 0)
         return out
 
     def __str__(self) -> str:
@@ -52,6 +65,95 @@ class Explanation:
     def _repr_html_(self) -> str:
         import html
         return f"<pre>{html.escape(self.text)}</pre>"
+
+
+def plan_tree(plan: Plan, timings: Optional[dict] = None) -> Step:
+    """The plan as a tree of steps, read bottom-up: Scan -> Preprocess ->
+    Occlude -> Infer -> Heatmap; an incremental plan materializes the
+    unoccluded image's views first, and DRILLDOWN puts both stages' Infer
+    under one DrillDown step. With EXPLAIN ANALYZE's ``timings`` the first
+    Infer step carries the measured occlusion time."""
+    q, spec = plan.query, plan.spec
+    H, W = plan.original_hw
+    C, h, w = plan.input.shape
+    scan = Step("Scan", [("", f"{plan.image_desc} ({H}x{W})")])
+    prep = Step("Preprocess", [("", f"resize {H}x{W} -> {h}x{w}" if (H, W) != (h, w) else f"{h}x{w}, no resize"),
+                               ("normalize", f"mean {_tup(spec.mean)} std {_tup(spec.std)}"),
+                               ("channels", str(C))], [scan])
+    infer = _infer_step(plan, prep)
+    if plan.drilldown is not None:
+        dd = plan.drilldown
+        one = _infer_step(dd.stage_one, prep)
+        s1, s2 = dd.stride_one, dd.stride_two
+        one.details.insert(0, ("stage", f"one, stride {s1[0]}x{s1[1]}, {dd.stage_one.n_positions} positions"))
+        infer.details.insert(0, ("stage", f"two, the {dd.n_select} of {dd.n_fine} positions "
+                                          f"(r = {dd.fraction:g}) with the largest drop, at stride {s2[0]}x{s2[1]}"))
+        infer = Step("DrillDown", [("S1", f"{s1[0]}x{s1[1]}"), ("r", f"{dd.fraction:g}"),
+                                   ("expected speedup", f"{dd.expected_speedup:.2f}x (eq. 46; "
+                                                        f"≤{dd.max_positions} of {dd.n_fine} positions)")],
+                     [one, infer], flops=one.flops + dd.fraction * infer.flops)
+    heatmap = Step("Heatmap", [], [infer])
+    if q.into:
+        heatmap.detail("into", q.into)
+    choice = plan.label_choice
+    if choice.several == "list":
+        shown = ", ".join("PREDICTED" if one.index is None else
+                          (f"{one.index} '{one.name}'" if one.name else str(one.index)) for one in choice.listed)
+        heatmap.detail("labels", f"{shown} (one run, a map each)")
+    elif choice.several == "top":
+        heatmap.detail("labels", f"TOP {choice.top} (the most probable classes of the unoccluded image, "
+                                 f"resolved at run time; one run)")
+    elif choice.several == "all":
+        n = spec.num_classes
+        heatmap.detail("labels", f"ALL ({n} classes; one run)" if n else "ALL (every class; one run)")
+    elif plan.label is None:
+        heatmap.detail("label", "PREDICTED (top class of the unoccluded image, resolved at run time)")
+    else:
+        heatmap.detail("label", f"{plan.label} '{plan.label_name}'" if plan.label_name else str(plan.label))
+    if timings:
+        heatmap.find("Infer").seconds = timings.get("occlusion")
+    return heatmap
+
+
+def _infer_step(plan: Plan, prep: Step) -> Step:
+    """The Infer step of one plan (its Occlude and, incremental, Materialize under it)."""
+    q, spec = plan.query, plan.spec
+    color = q.color
+    shown = plan.fill_text or (color.kind.upper() if color.value is None else (
+        str(color.value[0]) if color.kind == "value" else str(tuple(color.value))))
+    region = plan.region
+    occlude = Step("Occlude", [("patch", f"{q.patch[0]}x{q.patch[1]}"), ("stride", f"{q.stride[0]}x{q.stride[1]}"),
+                               ("color", shown),
+                               ("grid", f"{len(plan.ys)}x{len(plan.xs)} = {plan.n_positions} positions"),
+                               ("region", f"({region.x0}, {region.y0}, {region.x1}, {region.y1})")])
+    infer = Step("Infer", [("model", f"{spec.name} ({spec.weights})"), ("device", plan.device)],
+                 flops=plan.estimates.infer_flops)
+    if plan.incremental:
+        layers = plan.graph.layers()
+        views = len([l for l in layers if l.spatial and l.name not in plan.full_layers])
+        infer.detail("mode", "exact (incremental)" if plan.tau is None else
+                     f"approximate (incremental, projective-field threshold τ = {plan.tau:g})")
+        infer.detail("views", f"{views} layers materialized, ≈{format_bytes(plan.schedule.view_bytes)}")
+        infer.detail("cutoff", plan.cutoff or "none")
+        sizes = np.diff(plan.bounds)
+        infer.detail("batch", f"≤{plan.batch_size} ({len(sizes)} batches grouped by patch size)")
+        if plan.layer_backends:
+            infer.detail("gather", gather_summary(plan.layer_backends))
+        materialize = Step("Materialize", [("", "every layer's output for the unoccluded image, once")], [prep])
+        infer.children = [materialize, occlude]
+    else:
+        per = max(int(plan.per_position_bytes), 1)
+        batches = -(-max(plan.n_positions, 1) // plan.batch_size)
+        infer.detail("mode", plan.mode)
+        infer.detail("batch", f"{plan.batch_size} ({batches} batches, ≈{format_bytes(plan.batch_size * per)} "
+                              f"per batch)")
+        occlude.children = [prep]
+        infer.children = [occlude]
+    return infer
+
+
+def _tup(v) -> str:
+    return "(" + ", ".join(f"{float(a):.3g}" for a in v) + ")"
 
 
 def tree_lines(step, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
@@ -70,7 +172,7 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     q = plan.query
     measured = measured_line(plan, timings, peak_memory) if timings else None
     lines = [f"Plan ({plan.mode}{', analyzed' if timings else ''})"]
-    lines += tree_lines(plan.root)
+    lines += tree_lines(plan_tree(plan, timings))
     if measured:
         lines.append(measured)
     lines += runtime_lines(plan, timings)
@@ -115,14 +217,15 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
 
 def _approx_lines(plan: Plan) -> list[str]:
     """τ, where it came from, what it buys and the SSIM it is predicted to keep."""
-    exact = getattr(plan, "cost_exact", None)
+    exact = plan.estimates.cost_exact
     gain = ""
     if exact is not None:
         gain = (f"; exact incremental would be R = {exact.r_grid:.2f}, so thresholding saves "
                 f"{plan.cost.r_grid / exact.r_grid:.2f}x more")
+    approx = plan.approximation
     ssim = ("no SSIM prediction (no TUNE calibration for this model, weights, input size and patch)"
-            if plan.predicted_ssim is None else f"predicted SSIM vs exact {plan.predicted_ssim:.3f}")
-    return [f"approximate: projective-field threshold τ = {plan.tau:g} from {plan.tau_source}; {ssim}{gain}"]
+            if approx.predicted_ssim is None else f"predicted SSIM vs exact {approx.predicted_ssim:.3f}")
+    return [f"approximate: projective-field threshold τ = {approx.tau:g} from {approx.source}; {ssim}{gain}"]
 
 
 def _drilldown_lines(plan: Plan) -> list[str]:
@@ -151,19 +254,17 @@ def _exact_lines(plan: Plan) -> list[str]:
     if plan.layer_backends:
         out.append(f"gather kernel: {plan.gather_backend} "
                    f"({', '.join(sorted(set(plan.layer_backends.values())))} in use)")
-    out.append(f"memory: views ≈{format_bytes(plan.view_bytes)} (kept once), "
+    out.append(f"memory: views ≈{format_bytes(plan.schedule.view_bytes)} (kept once), "
                f"≈{format_bytes(plan.per_position_bytes)} per position, batches of ≤{plan.batch_size}")
     return out
 
 
 def _g(flops: float) -> str:
-    return f"{flops / 1e9:.3g} GFLOPs"
+    return format_flops(flops, unit="G")
 
 
 def measured_line(plan: Plan, timings: dict, peak_memory: Optional[int] = None) -> str:
-    """One line of measured times for EXPLAIN ANALYZE (and the Infer step's time)."""
-    infer = plan.root.find("Infer")
-    infer.seconds = timings.get("occlusion")
+    """One line of measured times for EXPLAIN ANALYZE."""
     per = timings.get("occlusion", 0.0) / max(plan.n_positions, 1)
     parts = [f"{name} {format_seconds(timings[name])}" for name in
              ("bind", "optimize", "reference", "occlusion", "save", "total") if name in timings]
@@ -174,15 +275,15 @@ def measured_line(plan: Plan, timings: dict, peak_memory: Optional[int] = None) 
 
 
 def describe(spec, graph, patch=None, stride=None):
-    """DESCRIBE: the layer table of a model for one input size; with PATCH and
-    STRIDE also the incremental patch sizes and the theoretical speedup."""
+    """DESCRIBE: the layer table of a model for one input size, as
+    ``(columns, rows, title)`` (the front end lays it out); with PATCH and
+    STRIDE the text of the incremental patch sizes and the theoretical speedup."""
     from kql.errors import PlanError
     from kql.planner.geometry import grid
-    from kql.table import Table
 
     C, H, W = graph.input_shape
     title = (f"{spec.name}: input {C}x{H}x{W}, {len(graph)} layers, "
-             f"{graph.total_flops / 1e9:.3g} GFLOPs (multiply-adds) per image; weights: {spec.weights}")
+             f"{format_flops(graph.total_flops, unit='G')} (multiply-adds) per image; weights: {spec.weights}")
     if patch is None:
         rows = []
         for layer in graph.layers():
@@ -194,7 +295,7 @@ def describe(spec, graph, patch=None, stride=None):
                        + (f" g{layer.groups}" if layer.groups > 1 else ""))
             rows.append([layer.name, layer.op, str(layer.kind), geo,
                          "x".join(map(str, layer.out_shape)), f"{layer.flops:,}"])
-        return Table(["layer", "op", "kind", "geometry", "output", "FLOPs"], rows, title=title)
+        return ["layer", "op", "kind", "geometry", "output", "FLOPs"], rows, title
     if stride is None:
         raise PlanError("DESCRIBE ... PATCH needs STRIDE too (e.g. PATCH 16 STRIDE 4)")
     (ph, pw), (sy, sx) = patch, stride
@@ -213,31 +314,6 @@ def describe(spec, graph, patch=None, stride=None):
 
 # ---------------------------------------------------------------- multi-image queries
 
-def forward_seconds(plan: Plan, threads: int) -> float:
-    """Seconds one unoccluded inference of the plan's model takes here (the
-    second of two runs, with the job's thread count): the unit of the time
-    estimate until a calibrated model of seconds replaces it."""
-    import time
-
-    import torch
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model = plan.spec.module.to(plan.device).eval()
-        x = plan.input.to(plan.device)[None]
-        with torch.inference_mode():
-            model(x)
-            if plan.device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            if plan.device == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(previous)
-
-
 def estimate_job_seconds(plan: Plan, n_images: int, forward: float) -> tuple[float, float, str]:
     """``(seconds per image, seconds for n_images, how)`` for a multi-image query.
 
@@ -247,44 +323,14 @@ def estimate_job_seconds(plan: Plan, n_images: int, forward: float) -> tuple[flo
     of one measured unoccluded inference (``forward`` seconds for
     ``full_flops``): a lower bound for exact plans on the CPU, as it ignores
     gathering and per-call overhead."""
-    runtime = getattr(plan, "runtime", None)
-    if runtime is not None:
+    if plan.runtime is not None:
         try:
-            per_image = runtime.get().seconds
+            per_image = plan.runtime.get().seconds
             return per_image, per_image * n_images, "the plan's runtime estimate for one image"
         except Exception:  # noqa: BLE001 - a failed calibration falls back to the FLOPs rate
             pass
-    infer = plan.root.find("Infer")
     full = float(plan.cost.full_flops) or 1.0
-    ratio = float(infer.flops or 0.0) / full
+    ratio = float(plan.estimates.infer_flops) / full
     per_image = forward * (1.0 + ratio)
     return per_image, per_image * n_images, (f"1 + {ratio:.1f} full inferences' worth of FLOPs at "
                                              f"{format_seconds(forward)} each, measured on the first image")
-
-
-def batch_explain_text(job, plan: Plan, first: str, done: int, todo: int, forward: float,
-                       measured: bool = False) -> str:
-    """EXPLAIN of a multi-image query: the job, its estimated total time and
-    the plan of its first image (every image is planned alike)."""
-    into = f" -> '{job.into}'" if job.into else " (no INTO: results are streamed, not written)"
-    lines = [f"Batch ({len(job.files)} images from '{job.source}'{into}; executor {job.executor}, "
-             f"{job.threads} thread{'s' if job.threads != 1 else ''} per image)"]
-    counts = f"images: {len(job.files)}"
-    if job.into:
-        counts += f" · {done} done earlier (valid in the manifest) · {todo} to run"
-    lines.append("  " + counts)
-    per, total, how = estimate_job_seconds(plan, todo if job.into else len(job.files), forward)
-    n = todo if job.into else len(job.files)
-    workers = "; the ray executor divides it among its workers" if job.executor == "ray" else ""
-    lines.append(f"  estimated total: {n} x {format_seconds(per)} ≈ {format_seconds(total)} "
-                 f"(per image: {how}{workers})")
-    if measured:
-        c = job.counts
-        ran = c["ok"] + c["failed"]
-        lines.append(f"  measured: {c['ok']} explained, {c['skipped']} done earlier, {c['failed']} failed "
-                     f"in {format_seconds(job.seconds)}"
-                     + (f" ({format_seconds(job.seconds / ran)} per image run)" if ran else ""))
-    lines.append("")
-    lines.append(f"Plan of the first image, '{first}':")
-    lines.append(explain_text(plan))
-    return "\n".join(lines)

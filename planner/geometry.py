@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from kql.planner.graph import Kind, Layer
+from kql.planner.ir import Kind, Layer
 
 IntOrArray = Union[int, np.ndarray]
 
@@ -345,10 +345,10 @@ def _pad_mode(layer: Layer) -> str:
 
 
 def _input_hw(layer: Layer, i: int) -> tuple[int, int]:
-    """Spatial size of input i; ``(0, 0)`` when it is not a (C, H, W) map."""
+    """Spatial size of input i (in any layout, ``Layer.input_hw``); ``(0, 0)``
+    when it is not a feature map."""
     if i < len(layer.in_shapes):
-        s = layer.in_shapes[i]
-        return (s[1], s[2]) if len(s) == 3 else (0, 0)
+        return layer.input_hw(i) or (0, 0)
     return layer.out_hw if layer.spatial else (0, 0)  # unknown: assume same-shaped
 
 
@@ -385,7 +385,7 @@ def out_region(layer: Layer, in_rects: Sequence[Rects]) -> Rects:
       from ``layer.out_shape``, so ceil_mode needs nothing special); explicit
       padding (``op == "pad"``, mode in ``layer.extra["mode"]``, default
       constant) by :func:`pad_changed_out`.
-    - ``global``, and any layer whose output is not a (C, H, W) map: the whole
+    - ``global``, and any layer whose output is not a feature map: the whole
       output wherever some input changed.
 
     A non-spatial output counts as a 1x1 map, so its region is ``[0, 1) x [0, 1)``
@@ -508,7 +508,7 @@ def threshold(layer: Layer, r: Rects, tau: float) -> Rects:
     recomputing any larger rectangle around it, as a batch does, reproduces
     the view there: the result does not depend on how positions are batched.
 
-    >>> from kql.planner.graph import Layer, Kind
+    >>> from kql.planner.ir import Layer, Kind
     >>> conv = Layer("c", "conv2d", Kind.LOCAL, out_shape=(1, 10, 10))
     >>> threshold(conv, Rects(2, 0, 9, 4), 0.4)   # cap 4: 7 rows -> rows 3..6
     Rects(n=1: [3:7, 0:4])

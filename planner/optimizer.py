@@ -48,7 +48,7 @@ def optimize(plan, rules=RULES, **kwargs):
     for rule in rules:
         params = inspect.signature(rule).parameters
         plan = rule(plan, **{k: v for k, v in kwargs.items() if k in params})
-    if getattr(plan.query, "drilldown", None) is not None:
+    if plan.query.drilldown is not None:
         # Stage one is the same query at a coarser stride, optimized from the
         # bound plan by the same rules.
         plan = plan_drilldown(bound, plan, lambda p, **kw: optimize(p, rules, **kw), **kwargs)

@@ -1,7 +1,7 @@
 """Suite-wide fixtures.
 
 EXPLAIN prints a runtime estimate calibrated by timing the plan's own layers
-(planner/runtime.py). Outside tests/test_runtime.py, which tests that, the
+(planner/runtime.py, executor/timing_cache.py). Outside tests/test_runtime.py, which tests that, the
 estimate comes from a fixed calibration: the suite neither spends seconds
 timing large models in doc examples nor depends on the machine's speed, and
 nothing is written to the user's cache (``KQL_CACHE_DIR`` points at a
@@ -34,12 +34,22 @@ def _calibration_store(tmp_path_factory):
 def _fixed_runtime_calibration(request, monkeypatch):
     if request.module.__name__.rpartition(".")[2] == "test_runtime":
         return
-    from kql.planner import runtime
-    monkeypatch.setattr(runtime, "calibration_for", lambda plan: runtime.Calibration.fixed(plan))
-    monkeypatch.setattr(runtime, "is_calibrated", lambda plan: True)  # the fixed one measures nothing
+    from kql.executor import timing_cache
+    from kql.planner.runtime import LayerTimings
+    monkeypatch.setattr(timing_cache, "layer_timings", lambda plan: LayerTimings.fixed(plan))
+    monkeypatch.setattr(timing_cache, "is_profiled", lambda plan: True)  # the fixed one measures nothing
 
 
 # -- A CNN really trained on Fashion-MNIST (kql.zoo), for tests of heatmap quality ----------
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs the trained net (directly or through another fixture)
+    is ``slow``: the first one in a run trains it (``make test-fast`` leaves them out)."""
+    for item in items:
+        if "fmnist_net" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
 
 
 @pytest.fixture(scope="session")

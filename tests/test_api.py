@@ -17,14 +17,15 @@ from PIL import Image
 from torch import nn
 
 import kql
-from kql.planner.explain import Explanation
+from kql.planner.explain import Explanation, plan_tree
 from kql.planner.plan import Plan
 from kql.result import HeatmapResult
 from kql.settings import Settings
 from kql.table import Table
+from helpers import rand_pixels
 
 H, W = 12, 16
-PIXELS = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+PIXELS = rand_pixels(H, W)
 LABELS = ["cat", "dog", "bird"]
 
 
@@ -88,7 +89,7 @@ def test_bindings_win_over_session_names(con):
     r = con.execute(QUERY.format("img"), img=flipped)
     assert r.p_original == pytest.approx(float(probabilities(con.catalog.models["net"].module, flipped).max()),
                                          abs=1e-6)
-    assert "bound image 'img'" in r.plan.root.find("Scan").lines()[0]
+    assert "bound image 'img'" in plan_tree(r.plan).find("Scan").lines()[0]
 
 
 def test_register_image_and_model():
@@ -328,5 +329,68 @@ def test_into_writes_the_file(con, tmp_path, ext):
 
 def test_sample_images_by_name_in_any_case(con):
     e = con.explain("SELECT HEATMAP FROM Coffee USING net PATCH 200 STRIDE 200 NAIVE")
-    assert e.plan.root.find("Scan").lines()[0] == "Scan  sample image 'coffee' (400x600)"
+    assert e.root.find("Scan").lines()[0] == "Scan  sample image 'coffee' (400x600)"
     assert e.plan.n_positions == 2 * 3
+
+
+# ---------------------------------------------------------------- small API promises
+
+def test_a_binding_may_be_called_query():
+    con = kql.connect(progress="off")
+    r = con.execute("SELECT HEATMAP FROM query USING net PATCH 4 STRIDE 4 LABEL 1", query=PIXELS, net=tiny())
+    assert r.heatmap.shape == (3, 4)
+    e = con.explain("SELECT HEATMAP FROM query USING net PATCH 4 STRIDE 4", query=PIXELS, net=tiny())
+    assert "bound image 'query'" in e.text
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"batch_size": -1}, "batch_size takes a whole number (0 = sized from memory_limit), got -1"),
+    ({"colour": "red"}, "unknown setting 'colour'; settings are "),
+])
+def test_a_bad_connect_argument_is_a_value_error(settings, message):
+    with pytest.raises(ValueError) as info:
+        kql.connect(**settings)
+    assert isinstance(info.value, kql.SettingError) and isinstance(info.value, kql.PlanError)
+    assert str(info.value).startswith(message)
+
+
+def test_str_of_a_parse_error_shows_the_line_and_a_caret():
+    with pytest.raises(kql.ParseError) as info:
+        kql.connect().execute("SELECT HEATMAP FORM coffee USING vgg16 PATCH 16 STRIDE 4")
+    assert str(info.value).splitlines()[1:] == ["SELECT HEATMAP FORM coffee USING vgg16 PATCH 16 STRIDE 4",
+                                                " " * 15 + "^"]
+    assert str(info.value).startswith("line 1, column 16: ")
+
+
+class _FakeRay:
+    """What kql.jobs.distributed asks of the ray module."""
+
+    def __init__(self):
+        self.running = False
+
+    def is_initialized(self):
+        return self.running
+
+    def init(self, **kwargs):
+        self.running = True
+
+    def shutdown(self):
+        self.running = False
+
+
+def test_close_stops_a_ray_instance_only_when_no_other_connection_uses_it(monkeypatch):
+    from kql.jobs import distributed
+    fake = _FakeRay()
+    monkeypatch.setattr(distributed, "require_ray", lambda: fake)
+    monkeypatch.setitem(__import__("sys").modules, "ray", fake)
+    monkeypatch.setattr(distributed, "_started_here", False)
+    monkeypatch.setattr(distributed, "_users", __import__("weakref").WeakSet())
+    one, two, bystander = kql.connect(), kql.connect(), kql.connect()
+    distributed.connect("", one)          # one's job starts the instance
+    distributed.connect("", two)          # two's job reuses it
+    bystander.close()                     # never ran a job on it
+    assert fake.running
+    one.close()
+    assert fake.running                   # two still uses it
+    two.close()
+    assert not fake.running

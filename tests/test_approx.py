@@ -124,6 +124,7 @@ def _reference(plan, net):
     return torch.softmax(torch.stack(out), 1)
 
 
+@pytest.mark.slow  # a naive reference per position
 @pytest.mark.parametrize("tau", [0.3, 0.6])
 def test_approx_matches_its_definition(con, tau):
     net, img = _net(1), _image(1)
@@ -137,6 +138,7 @@ def test_approx_matches_its_definition(con, tau):
     assert np.abs(result.heatmap - exact).max() > 1e-4, "thresholding changed nothing: a vacuous test"
 
 
+@pytest.mark.slow  # several full runs
 def test_approx_does_not_depend_on_batching(con):
     net, img = _net(2), _image(2)
     runs = [con.execute(f"{Q} APPROX TAU 0.4{b}", img=img, net=net).heatmap for b in ("", " BATCH 1", " BATCH 7")]

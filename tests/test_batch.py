@@ -25,9 +25,10 @@ from PIL import Image
 from torch import nn
 
 import kql
-from kql.executor import batch
-from kql.executor.batch import BatchJob, ImageResult
-from kql.executor.manifest import sha256_file
+from kql.jobs import batch
+from kql.jobs.batch import BatchJob, ImageResult
+from kql.jobs.manifest import sha256_file
+from helpers import small_cnn
 
 H, W = 24, 32
 QUERY = "SELECT HEATMAP FROM '{src}' USING net PATCH 8 STRIDE 8 {extra} INTO '{out}'"
@@ -35,10 +36,7 @@ GOOD = ["a.png", "b.png", "c.jpg", "d.png"]
 
 
 def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    return small_cnn()
 
 
 def make_images(folder: Path, bad: bool = True) -> Path:
@@ -173,7 +171,7 @@ import sys, time
 import torch
 from torch import nn
 import kql
-from kql.executor import batch
+from kql.jobs import batch
 
 def net():
     torch.manual_seed(0)
@@ -217,6 +215,7 @@ def run_until(script: Path, query: str, oks: int | None) -> list[str]:
     return seen
 
 
+@pytest.mark.slow  # subprocesses, killed and rerun
 def test_sigkill_mid_job_then_rerun_does_every_image_exactly_once(tmp_path):
     images = make_images(tmp_path / "scans", bad=False)
     for i in range(4):      # eight images in all
@@ -422,14 +421,16 @@ def test_output_names_keep_folders_and_extensions(con, tmp_path):
 
 def test_model_fingerprint_covers_buffers_and_scalars():
     from kql import sources
-    from kql.executor.batch import model_fingerprint
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()    # a 0-dim num_batches_tracked
-    before = model_fingerprint(sources.spec_from_module("m", bn))
-    assert before == model_fingerprint(sources.spec_from_module("m", bn))
+    before = sources.spec_from_module("m", bn).fingerprint()
+    assert before == sources.spec_from_module("m", bn).fingerprint()
     bn[1].running_mean += 1
-    assert model_fingerprint(sources.spec_from_module("m", bn)) != before
-    assert model_fingerprint(sources.spec_from_module("m", bn, mean=0.5)) != \
-        model_fingerprint(sources.spec_from_module("m", bn))
+    assert sources.spec_from_module("m", bn).fingerprint() != before
+    assert sources.spec_from_module("m", bn, mean=0.5).fingerprint() != \
+        sources.spec_from_module("m", bn).fingerprint()
+    after = sources.spec_from_module("m", bn).fingerprint()
+    bn[0].weight.data.mul_(2)      # through .data: no version bump, but the sampled values change
+    assert sources.spec_from_module("m", bn).fingerprint() != after
 
 
 def test_job_estimate_falls_back_to_the_flops_rate_without_a_runtime_estimate():
@@ -443,6 +444,6 @@ def test_job_estimate_falls_back_to_the_flops_rate_without_a_runtime_estimate():
 
     plan.runtime = Broken()
     per, total, how = estimate_job_seconds(plan, 4, 0.5)
-    ratio = plan.root.find("Infer").flops / plan.cost.full_flops
+    ratio = plan.estimates.infer_flops / plan.cost.full_flops
     assert per == pytest.approx(0.5 * (1 + ratio)) and total == pytest.approx(4 * per)
     assert how.startswith("1 + ") and how.endswith("measured on the first image")

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 import kql
 from kql.executor.common import batch_hook, run_batches
+from helpers import rand_pixels, small_cnn
 
-PIXELS = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+PIXELS = rand_pixels(32, 32)
 
 
 def tiny_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return small_cnn(widths=(4, 4), classes=2)
 
 
 QUERY = "SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 4 LABEL 1 BATCH 8 {mode}"

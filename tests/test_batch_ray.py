@@ -14,8 +14,11 @@ import pytest
 import ray
 
 import kql
-from kql.executor.manifest import sha256_file
-from test_batch import GOOD, QUERY, make_images, net  # the same images, model and query
+from kql.jobs.manifest import sha256_file
+from helpers import small_cnn as net
+from test_batch import GOOD, QUERY, make_images  # the same images and query
+
+pytestmark = pytest.mark.slow  # starts a local Ray cluster
 
 
 @pytest.fixture(scope="module")

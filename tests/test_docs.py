@@ -97,6 +97,7 @@ def test_every_kql_block_parses():
                 pytest.fail(f"{path.name}, ```kql block at line {line}: {e}\n{e.caret}")
 
 
+@pytest.mark.slow  # every query of docs/language.md, real models
 def test_language_examples_run(workspace, monkeypatch):
     results = run_kql_blocks(LANGUAGE, workspace, monkeypatch)
     heatmaps = [r for r in results if isinstance(r, HeatmapResult)]
@@ -108,6 +109,7 @@ def test_language_examples_run(workspace, monkeypatch):
     assert any(r.label_name == "tabby cat" for r in heatmaps)
 
 
+@pytest.mark.slow  # real models
 def test_readme_examples_run(workspace, monkeypatch):
     run_kql_blocks(README, workspace, monkeypatch)
 
@@ -124,6 +126,7 @@ def run_python_blocks(path: Path) -> None:
             pytest.fail(f"{path.name}, ```python block at line {line} failed: {type(e).__name__}: {e}\n{text}")
 
 
+@pytest.mark.slow  # real models
 def test_api_examples_run(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     run_python_blocks(API)

@@ -29,11 +29,12 @@ import torchvision
 from torch import nn
 
 import kql
-from kql.errors import ExecutionError, KqlError, ParseError, PlanError
+from kql.errors import ExecutionError, KqlError, ParseError, PlanError, SettingError
 from kql.repl import main
 from kql.settings import Settings
+from helpers import rand_image
 
-IMAGE = np.random.default_rng(0).random((16, 20, 3)).astype(np.float32)
+IMAGE = rand_image(16, 20)
 WELCOME_END = "quit leaves.\n"
 
 
@@ -319,18 +320,18 @@ CASES = {
         "LOAD MODEL 'nothere.pt' AS m", PlanError, "model file not found: 'nothere.pt'"),
     # ---- SET
     "unknown setting": Case(
-        "SET nosuch = 1", PlanError, f"unknown setting 'nosuch'; settings are {', '.join(SETTINGS)}"),
+        "SET nosuch = 1", SettingError, f"unknown setting 'nosuch'; settings are {', '.join(SETTINGS)}"),
     "negative batch_size": Case(
-        "SET batch_size = -1", PlanError, "batch_size takes a whole number (0 = sized from memory_limit), got -1"),
+        "SET batch_size = -1", SettingError, "batch_size takes a whole number (0 = sized from memory_limit), got -1"),
     "text batch_size": Case(
-        "SET batch_size = 'big'", PlanError,
+        "SET batch_size = 'big'", SettingError,
         "batch_size takes a whole number (0 = sized from memory_limit), got 'big'"),
     "bad memory_limit": Case(
-        "SET memory_limit = 'lots'", PlanError, "memory_limit takes a size such as '2GB' or '512MiB', got 'lots'"),
-    "zero memory_limit": Case("SET memory_limit = 0", PlanError, "memory_limit must be positive, got 0"),
-    "bad progress": Case("SET progress = maybe", PlanError, "progress takes on, off or auto, got 'maybe'"),
-    "bad mode": Case("SET mode = fast", PlanError, "mode takes auto, exact or naive, got 'fast'"),
-    "bad device": Case("SET device = tpu", PlanError, "device takes 'cpu' or 'cuda', got 'tpu'"),
+        "SET memory_limit = 'lots'", SettingError, "memory_limit takes a size such as '2GB' or '512MiB', got 'lots'"),
+    "zero memory_limit": Case("SET memory_limit = 0", SettingError, "memory_limit must be positive, got 0"),
+    "bad progress": Case("SET progress = maybe", SettingError, "progress takes on, off or auto, got 'maybe'"),
+    "bad mode": Case("SET mode = fast", SettingError, "mode takes auto, exact or naive, got 'fast'"),
+    "bad device": Case("SET device = tpu", SettingError, "device takes 'cpu' or 'cuda', got 'tpu'"),
     # ---- output paths
     "INTO .jpg": Case(
         select("PATCH 4 STRIDE 4 INTO 'out.jpg'"), PlanError, "cannot write 'out.jpg': INTO takes a .png or .npy file"),
@@ -376,7 +377,8 @@ def test_api_error(con, case):
     with pytest.raises(KqlError) as info:
         con.execute(case.query)
     assert type(info.value) is case.error
-    assert str(info.value) == case.message
+    # a ParseError's str() is the shell's text: the message, the line and the caret
+    assert str(info.value) == case.message + (f"\n{case.caret}" if case.caret else "")
     if case.caret is not None:
         assert info.value.caret == case.caret
 
@@ -421,7 +423,7 @@ def test_parse_error_position_caret_and_expected(con):
                           "PATCH", "REGION", "STRIDE", "WEIGHTS", "','", "';'", "end of input")
     assert e.message == ("unexpected 'COLOUR' (did you mean COLOR?); expected one of APPROX, BATCH, COLOR, "
                          "DRILLDOWN, EXACT, INTO, LABEL, NAIVE, ..., ',', ';' or end of input")
-    assert str(e) == "line 3, column 14: " + e.message
+    assert str(e) == f"line 3, column 14: {e.message}\n{e.caret}"     # str() shows where, as the shell does
 
 
 def test_missing_clause_lists_expected(con):

@@ -16,18 +16,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kql
+from helpers import rand_image
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "explain"
 UPDATE = os.environ.get("KQL_UPDATE_SNAPSHOTS") == "1"
 
-IMAGE = np.random.default_rng(0).random((12, 16, 3)).astype(np.float32)
+IMAGE = rand_image(12, 16)
 
 
 class Counted(nn.Module):
@@ -77,8 +77,9 @@ class Upsampling(Counted):
 @pytest.fixture(autouse=True)
 def fixed_runtime(monkeypatch):
     """Runtime estimates from a fixed calibration: no timing, same text everywhere."""
-    from kql.planner import runtime
-    monkeypatch.setattr(runtime, "calibration_for", lambda plan: runtime.Calibration.fixed(plan))
+    from kql.executor import timing_cache
+    from kql.planner.runtime import LayerTimings
+    monkeypatch.setattr(timing_cache, "layer_timings", lambda plan: LayerTimings.fixed(plan))
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +170,21 @@ def test_mode_without_a_clause(con):
     text = naive.execute(query, img=IMAGE, net=Net()).text
     assert text.startswith("Plan (naive)\n")
     assert "  choose_mode     NAIVE: batched full re-inference" in text.splitlines()
+
+
+def test_the_tree_is_rendered_from_the_plans_records(con):
+    """The rules decide in typed records; EXPLAIN only says what they hold."""
+    import dataclasses
+
+    from kql.planner.explain import explain_text, plan_tree
+    from kql.planner.plan import LabelChoice
+    plan = con.plan("SELECT HEATMAP FROM img USING net PATCH 5x3 STRIDE 2x3 LABEL 'dog' EXACT BATCH 6")
+    infer = plan_tree(plan).find("Infer")
+    assert dict(infer.details)["cutoff"] == plan.schedule.cutoff
+    assert dict(infer.details)["gather"] == f"torch for {len(plan.schedule.layer_backends)} layers"
+    assert infer.flops == plan.estimates.infer_flops
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a rule replaces a record, never edits a shared one
+        plan.schedule.cutoff = None
+    other = dataclasses.replace(plan, label_choice=LabelChoice(2, "bird"))
+    assert "Heatmap  label: 2 'bird'" in explain_text(other).splitlines()[1]
+    assert "Heatmap  label: 1 'dog'" in explain_text(plan).splitlines()[1]

@@ -8,7 +8,6 @@ images. Through the public API, as a 1-channel model registered with
 """
 from __future__ import annotations
 
-import doctest
 import gzip
 import threading
 import time
@@ -192,9 +191,3 @@ def test_label_by_class_name(con, test_set):
     r = con.execute("SELECT HEATMAP FROM img USING fmnist PATCH 4 STRIDE 4 LABEL 'ankle boot'",
                     img=images[0])
     assert r.label_name == "Ankle boot" and r.heatmap.shape == (7, 7)
-
-
-@pytest.mark.parametrize("module", [datasets, zoo])
-def test_doctests(module):
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0

@@ -10,7 +10,6 @@ adaptive pooling rewritten as a window, whose sum runs in another order).
 from __future__ import annotations
 
 import dataclasses
-import doctest
 import functools
 import warnings
 from collections import Counter, defaultdict
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 import torchvision
 
 from kql.errors import PlanError
-from kql.planner import graph as graph_module
 from kql.planner.graph import CNNGraph, Kind, Layer, trace
 
 M = torchvision.models
@@ -48,6 +46,8 @@ MODELS = {
     "mobilenet_v3_small": (lambda: M.mobilenet_v3_small(weights=None), 224),
     "efficientnet_b0": (lambda: M.efficientnet_b0(weights=None), 224),
     "efficientnet_lite0": (_lite0, 224),
+    "convnext_tiny": (lambda: M.convnext_tiny(weights=None), 224),
+    "shufflenet_v2_x1_0": (lambda: M.shufflenet_v2_x1_0(weights=None), 224),
 }
 
 # Layers per kind, per model: the classification table the planner relies on.
@@ -61,6 +61,9 @@ KINDS = {
     "mobilenet_v3_small": dict(input=1, local=62, point=77, global_=3, merge=15, output=1),
     "efficientnet_b0": dict(input=1, local=98, point=124, global_=2, merge=25, output=1),
     "efficientnet_lite0": dict(input=1, local=67, point=83, global_=2, merge=9, output=1),
+    # Pointwise although they look global: channels-last blocks, channel split and shuffle.
+    "convnext_tiny": dict(input=1, local=23, point=159, global_=2, merge=18, output=1),
+    "shufflenet_v2_x1_0": dict(input=1, local=57, point=183, global_=2, merge=16, output=1),
 }
 
 
@@ -235,6 +238,47 @@ def check_efficientnet_lite0(model, g):
     assert (view.op, view.kind, view.inputs) == ("flatten", Kind.GLOBAL, ("_avg_pooling",))
 
 
+def check_convnext_tiny(model, g):
+    """Every block runs channels-last between two permutes: depthwise 7x7 conv,
+    permute, LayerNorm over C, Linear, GELU, Linear, permute back; all of it per
+    pixel. Only the classifier's flatten and Linear are global."""
+    assert [(layer.name, layer.op) for layer in g if layer.kind is Kind.GLOBAL] == \
+        [("classifier_1", "flatten"), ("classifier_2", "linear")]
+    block = [g[n] for n in ("permute_2", "features_1_0_block_2", "features_1_0_block_3",
+                            "features_1_0_block_4", "features_1_0_block_5", "permute_3")]
+    assert [(b.op, b.kind, b.out_shape, b.out_axes) for b in block] == [
+        ("permute", Kind.POINT, (56, 56, 96), (0, 1)), ("layer_norm", Kind.POINT, (56, 56, 96), (0, 1)),
+        ("linear", Kind.POINT, (56, 56, 384), (0, 1)), ("gelu", Kind.POINT, (56, 56, 384), (0, 1)),
+        ("linear", Kind.POINT, (56, 56, 96), (0, 1)), ("permute", Kind.POINT, (96, 56, 56), (1, 2))]
+    assert g["features_1_0_block_0"].kind is Kind.LOCAL and g["features_1_0_block_0"].groups == 96
+    assert [b.input_axes(0) for b in block] == [(1, 2)] + [(0, 1)] * 5
+    assert block[0].spatial_axes == (0, 1) and block[-1].spatial_axes is None  # None: channels first
+    assert block[2].flops == 56 * 56 * 96 * 384 and block[0].flops == 0
+    assert all(b.out_hw == (56, 56) and b.channels == b.out_shape[-1] for b in block[:-1])
+    # LayerNorm2d of the stem and the downsamplings: permute -> F.layer_norm -> permute.
+    norms = [layer for layer in g if layer.target == "torch.nn.functional.layer_norm"]
+    assert len(norms) == 5 and all(n.kind is Kind.POINT and n.extra["normalized_shape"] == (n.out_shape[-1],)
+                                   for n in norms)
+    assert count(g, op="linear", kind=Kind.POINT) == 36 and count(g, op="permute", kind=Kind.POINT) == 46
+
+
+def check_shufflenet_v2_x1_0(model, g):
+    """Channel split (``x.chunk(2, dim=1)``) and channel shuffle (``view`` to
+    (groups, C/groups, H, W), ``transpose(1, 2)``, ``view`` back) are per pixel."""
+    assert [(layer.name, layer.op) for layer in g if layer.kind is Kind.GLOBAL] == \
+        [("mean", "mean"), ("fc", "linear")]
+    shuffle = [g[n] for n in ("view", "transpose", "contiguous", "view_1")]
+    assert [(s.op, s.kind, s.out_shape, s.out_axes) for s in shuffle] == [
+        ("reshape", Kind.POINT, (2, 58, 28, 28), (2, 3)), ("permute", Kind.POINT, (58, 2, 28, 28), (2, 3)),
+        ("contiguous", Kind.POINT, (58, 2, 28, 28), (2, 3)), ("reshape", Kind.POINT, (116, 28, 28), (1, 2))]
+    assert shuffle[0].inputs == ("cat",) and all(s.channels == 116 for s in shuffle)
+    # x1, x2 = x.chunk(2, dim=1): two point layers reading the shuffled map, the halves of its channels.
+    halves = [g[n] for n in g.consumers("view_1")]
+    assert [(h.op, h.kind, h.out_shape, h.extra["start"]) for h in halves] == \
+        [("chunk", Kind.POINT, (58, 28, 28), 0), ("chunk", Kind.POINT, (58, 28, 28), 58)]
+    assert count(g, op="chunk", kind=Kind.POINT) == 26 and count(g, op="reshape", kind=Kind.POINT) == 32
+
+
 # ---------------------------------------------------------------------------
 # Shapes against the eager model, and local params against the functional op
 # ---------------------------------------------------------------------------
@@ -323,8 +367,9 @@ SPECIFIC = {
     "squeezenet1_0": check_squeezenet1_0, "densenet121": check_densenet121,
     "inception_v3": check_inception_v3, "mobilenet_v3_small": check_squeeze_excitation,
     "efficientnet_b0": check_efficientnet_b0, "efficientnet_lite0": check_efficientnet_lite0,
+    "convnext_tiny": check_convnext_tiny, "shufflenet_v2_x1_0": check_shufflenet_v2_x1_0,
 }
-EAGER_SHAPES = {"resnet18", "squeezenet1_0", "efficientnet_lite0"}
+EAGER_SHAPES = {"resnet18", "squeezenet1_0", "efficientnet_lite0", "convnext_tiny", "shufflenet_v2_x1_0"}
 LOCALS_CHECKED = {  # local layers re-run from their params, by op
     "squeezenet1_0": {"conv2d": 26, "max_pool2d": 3, "avg_pool2d": 1},
     "mobilenet_v2": {"conv2d": 52, "avg_pool2d": 1},
@@ -332,6 +377,7 @@ LOCALS_CHECKED = {  # local layers re-run from their params, by op
 }  # inception's functional F.max_pool2d / F.avg_pool2d are re-run in the Zoo: cheaper
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_architecture(name):
     model, g = traced(name)
@@ -499,6 +545,59 @@ class Unknowns(nn.Module):
 
     def forward(self, x):
         return self.up(self.shift(self.conv(x)).flip(2))
+
+
+class _After(nn.Module):
+    """A 3x3 conv to a (1, 8, 6, 10) map, then ``f``; the layer under test is ``f``'s last."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.conv, self.f, self.fc = nn.Conv2d(3, 8, 3, padding=1), f, nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.f(self, self.conv(x))
+
+
+LAYOUTS = [
+    # what, f, op, kind, out_shape, out_axes, reason
+    ("channels-last", lambda m, x: x.permute(0, 2, 3, 1), "permute", "point", (6, 10, 8), (0, 1), None),
+    ("and back", lambda m, x: x.permute(0, 2, 3, 1).permute(0, 3, 1, 2), "permute", "point", (8, 6, 10),
+     (1, 2), None),
+    ("swap H and W", lambda m, x: x.transpose(2, 3), "permute", "point", (8, 10, 6), (2, 1), None),
+    ("batch moves", lambda m, x: x.permute(1, 0, 2, 3), "permute", "global", (1, 6, 10), (1, 2), None),
+    ("layer norm over C", lambda m, x: F.layer_norm(x.permute(0, 2, 3, 1), (8,)), "layer_norm", "point",
+     (6, 10, 8), (0, 1), None),
+    ("layer norm over the map", lambda m, x: F.layer_norm(x, (8, 6, 10)), "layer_norm", "global",
+     (8, 6, 10), (1, 2), "layer_norm over the last 3 axes of (8, 6, 10) spans the pixels"),
+    ("linear over C", lambda m, x: m.fc(x.permute(0, 2, 3, 1)), "linear", "point", (6, 10, 16), (0, 1), None),
+    ("linear over W", lambda m, x: F.linear(x, torch.ones(3, 10)), "linear", "global", (8, 6, 3), (1, 2), None),
+    ("channel groups", lambda m, x: x.view(x.size(0), 2, 4, 6, 10), "reshape", "point", (2, 4, 6, 10),
+     (2, 3), None),
+    ("mean over a group axis", lambda m, x: x.reshape(1, 2, 4, 6, 10).mean(1), "mean", "point", (4, 6, 10),
+     (1, 2), None),
+    ("softmax over C, channels-last", lambda m, x: x.permute(0, 2, 3, 1).softmax(-1), "softmax", "point",
+     (6, 10, 8), (0, 1), None),
+    ("flatten the pixels", lambda m, x: x.flatten(2), "reshape", "global", (8, 60), (), None),
+    ("shape of another image tensor", lambda m, x: x.view_as(x + 1), "reshape", "global", (8, 6, 10), (1, 2),
+     "reshape reads 2 image tensors"),
+    ("split channels", lambda m, x: x.split([3, 5], dim=1)[1], "chunk", "point", (5, 6, 10), (1, 2), None),
+    ("split rows", lambda m, x: x.chunk(2, dim=2)[0], "getitem", "global", (8, 3, 10), (1, 2),
+     "element of the tuple returned by Tensor.chunk"),
+    ("add across layouts", lambda m, x: x.permute(0, 2, 3, 1) + x.permute(0, 2, 3, 1).transpose(1, 2).reshape(
+        1, 6, 10, 8), "add", "global", (6, 10, 8), (1, 2),
+     "add of maps whose pixels lie along different axes [(0, 1), (1, 2)]"),
+]
+
+
+@pytest.mark.parametrize("row", LAYOUTS, ids=[r[0] for r in LAYOUTS])
+def test_layouts(row):
+    """Ops that only move or regroup the per-pixel values are point layers with a layout."""
+    what, f, op, kind, out_shape, axes, reason = row
+    g = trace(_After(f), (3, 6, 10))
+    g.lint()
+    last = g[g.producers(g.output)[0]]
+    assert (last.op, str(last.kind), last.out_shape, last.out_axes, last.reason) == \
+        (op, kind, out_shape, axes, reason)
 
 
 def test_unknown_ops_are_global_with_a_reason():
@@ -670,8 +769,3 @@ def test_lint_reports_duplicate_names():
     layers.insert(2, dataclasses.replace(layers[1]))
     with pytest.raises(AssertionError, match=r"^layer names are not unique: \['_0'\]"):
         CNNGraph(g.module, layers, g.input_shape).lint()
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(graph_module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 3 and result.failed == 0

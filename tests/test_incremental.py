@@ -9,6 +9,8 @@ that the patch really moves the outputs by far more than the tolerance.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,22 +20,11 @@ import torchvision
 
 import kql
 from kql.executor.incremental import IncrementalRunner
+from kql.planner.graph import Kind
 from kql.parser import parse
+from helpers import naive_outputs, rand_image, trained_like
 
 M = torchvision.models
-
-
-def _naive_outputs(plan, model):
-    """Independent reference: a plain loop over positions, one image each."""
-    ys, xs = plan.positions()
-    ph, pw = plan.patch
-    outs = []
-    with torch.inference_mode():
-        for y, x in zip(ys.tolist(), xs.tolist()):
-            img = plan.input.clone()
-            img[:, y:y + ph, x:x + pw] = plan.fill.view(-1, 1, 1)
-            outs.append(model(img[None]).reshape(-1))
-    return torch.stack(outs)
 
 
 def check_exact(model, image, query, *, batch_sizes=(None,), full_path=True):
@@ -46,7 +37,7 @@ def check_exact(model, image, query, *, batch_sizes=(None,), full_path=True):
     con = kql.connect(progress="off")
     model = model.eval()
     plan = con.plan(parse(f"{query} EXACT"), {"img": image, "net": model})
-    ref = _naive_outputs(plan, model)
+    ref = naive_outputs(plan, model)
     with torch.inference_mode():
         runner = IncrementalRunner(plan, model, plan.regions, plan.full_layers)
         idx = np.arange(plan.n_positions)
@@ -72,35 +63,6 @@ def check_exact(model, image, query, *, batch_sizes=(None,), full_path=True):
     return plan
 
 
-def trained_like(model):
-    """Give a randomly initialised net the statistics of a trained one.
-
-    Fresh torchvision nets have identity BatchNorm statistics and tiny
-    classifier weights, so some (MobileNetV2) output ~1e-10 whatever the
-    input, and any executor would "match". Random BN statistics and a
-    fan-in scaled weights make the outputs depend on the patch.
-    """
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-            elif isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
-            elif isinstance(m, nn.Conv2d):  # variance-preserving (fan-in) so the signal survives depth
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-    return model.eval()
-
-
-def rand_image(h, w, seed=0):
-    return np.random.RandomState(seed).rand(h, w, 3).astype(np.float32)
-
-
 # -- architectures ----------------------------------------------------------------
 
 def _tv(name, **kw):
@@ -118,10 +80,16 @@ ARCHS = [
     ("mobilenet_v3_small", lambda: _tv("mobilenet_v3_small"), (64, 64), "PATCH 16 STRIDE 16"),
     ("efficientnet_b0", lambda: _tv("efficientnet_b0"), (64, 64), "PATCH 16 STRIDE 16"),
     ("alexnet", lambda: _tv("alexnet"), (96, 96), "PATCH 24 STRIDE 24"),
+    # channel split and shuffle as point layers
+    ("shufflenet_v2_x1_0", lambda: _tv("shufflenet_v2_x1_0"), (64, 64), "PATCH 12 STRIDE 13"),
+    # channels-last blocks between permutes, LayerNorm and Linear per pixel
+    ("convnext_tiny", lambda: _tv("convnext_tiny"), (64, 64), "PATCH 16 STRIDE 16"),
 ]
+SLOW_ARCHS = {"vgg16", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny"}  # -m "not slow" leaves them out
 
 
-@pytest.mark.parametrize("name,make,size,tail", ARCHS, ids=[a[0] for a in ARCHS])
+@pytest.mark.parametrize("name,make,size,tail", [
+    pytest.param(*a, id=a[0], marks=[pytest.mark.slow] if a[0] in SLOW_ARCHS else []) for a in ARCHS])
 def test_architecture_exact_over_whole_grid(name, make, size, tail):
     check_exact(make(), rand_image(*size), f"SELECT HEATMAP FROM img USING net {tail}", full_path=False)
 
@@ -138,6 +106,7 @@ def test_inception_v3_at_299_corners():
                     full_path=False)
 
 
+@pytest.mark.slow  # the real model on a photo, naive and exact
 def test_efficientnet_lite0_real_weights_on_a_photo():
     """The real model: probabilities themselves vary, so 1e-5 is a real bound."""
     con = kql.connect(progress="off")
@@ -175,11 +144,11 @@ class SmallNet(nn.Module):
     ((24, 24), "PATCH 1 STRIDE 5"),
 ])
 def test_grid_shapes_and_regions(size, tail):
-    check_exact(SmallNet(), rand_image(*size), f"SELECT HEATMAP FROM img USING net {tail}")
+    check_exact(trained_like(SmallNet()), rand_image(*size), f"SELECT HEATMAP FROM img USING net {tail}")
 
 
 def test_batch_sizes_give_the_same_heatmap():
-    check_exact(SmallNet(), rand_image(33, 31), "SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 3",
+    check_exact(trained_like(SmallNet()), rand_image(33, 31), "SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 3",
                 batch_sizes=(1, 7, 64))
 
 
@@ -262,7 +231,93 @@ def test_a_layer_in_full_mode_past_the_cutoff_still_exact():
     plan = con.plan(parse("SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 5 EXACT"), {"img": img, "net": net})
     first_conv = next(layer.name for layer in plan.graph.layers() if layer.op == "conv2d")
     names = [layer.name for layer in plan.graph.layers()]
-    plan.full_layers = frozenset(names[names.index(first_conv) + 1:])
+    plan.schedule = dataclasses.replace(plan.schedule, full_layers=frozenset(names[names.index(first_conv) + 1:]))
     got, _ = occlusion_probabilities(plan, net, 2, progress="off")
     ref, _ = naive_probs(plan, net, 2, progress="off")
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+
+
+# -- layouts: channels-last blocks, channel split and shuffle -----------------------
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt in miniature: LayerNorm and Linear between permutes to and from
+    channels-last, a merge of two channels-last maps, a LayerNorm2d
+    (permute -> F.layer_norm -> permute) and a downsampling conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.up, self.down = nn.Linear(8, 24), nn.Linear(24, 8)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.ds = nn.Conv2d(8, 12, 2, stride=2)
+        self.norm2 = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.down(F.gelu(self.up(self.norm(y))))
+        y = y + 0.5 * y.softmax(-1)
+        x = x + self.scale * y.permute(0, 3, 1, 2)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
+        x = self.ds(x)
+        x = self.norm2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNetV2 in miniature: channel split, a branch, cat, channel shuffle,
+    and a map whose rows and columns are swapped and swapped back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.c3 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat((a, F.relu(self.bn(self.c2(b)))), 1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        x = self.c3(x)
+        x = x + 0.5 * x.transpose(2, 3).sigmoid().transpose(2, 3)
+        return self.fc(x.amax((2, 3)))
+
+
+def check_every_cutoff(model, image, query):
+    """Exact against naive with the IVM cutoff before every layer that reads or
+    writes a map in another layout than channels first: each such layer runs once
+    on patches in its own layout and once from its input pasted into its view."""
+    con = kql.connect(progress="off")
+    plan = con.plan(parse(f"{query} EXACT"), {"img": image, "net": model})
+    ref = naive_outputs(plan, model)
+    layers = plan.graph.layers()
+    names = [layer.name for layer in layers]
+    idx = np.arange(plan.n_positions)
+    cuts = [i for i, layer in enumerate(layers) if layer.spatial_axes is not None or layer.in_spatial_axes]
+    assert cuts
+    for cut in cuts:
+        with torch.inference_mode():
+            runner = IncrementalRunner(plan, model, plan.regions, frozenset(names[cut:]))
+            got = runner.outputs(idx).reshape(len(idx), -1)
+        err = (got - ref).abs().max().item()
+        assert err <= 1e-4 * max(ref.abs().max().item(), 1.0), f"cutoff before {names[cut]}: {err:.3g}"
+
+
+@pytest.mark.parametrize("make", [ChannelsLast, ChannelShuffle])
+def test_layouts_exact_at_every_cutoff(make):
+    net = trained_like(make())
+    plan = check_exact(net, rand_image(23, 29), "SELECT HEATMAP FROM img USING net PATCH 5x7 STRIDE 3x4",
+                       batch_sizes=(None, 5))
+    moved = [layer for layer in plan.graph.layers() if layer.op in ("permute", "reshape", "chunk")]
+    assert moved and all(layer.kind == Kind.POINT for layer in moved)
+    assert any(layer.spatial_axes is not None for layer in moved)  # a layout other than channels first
+    check_every_cutoff(net, rand_image(20, 17), "SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 5")

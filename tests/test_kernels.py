@@ -6,7 +6,6 @@ front door, and must match it exactly (these are copies: no rounding is allowed)
 """
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -343,11 +342,3 @@ def test_paste_rejects(change, message):
     with pytest.raises(ValueError) as err:
         K.paste(**{**a, **change})
     assert str(err.value) == message
-
-
-# ---------------------------------------------------------------- docs
-
-@pytest.mark.parametrize("module", [K, reference, gather_cpu], ids=lambda m: m.__name__)
-def test_docstring_examples_run(module):
-    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and (module is gather_cpu or result.attempted > 0)

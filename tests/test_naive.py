@@ -25,9 +25,10 @@ from torch import nn
 import kql
 from kql.errors import ExecutionError, QueryInterrupted
 from kql.repl import main
+from helpers import rand_image
 
 H, W = 14, 19
-IMAGE = np.random.default_rng(0).random((H, W, 3)).astype(np.float32)
+IMAGE = rand_image(H, W)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

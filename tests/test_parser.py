@@ -3,8 +3,8 @@
 A fixture file is a list of entries separated by blank lines; lines starting
 with ``#`` are notes. In an AST fixture an entry is a query followed by the
 repr of the result on one line ending in ``;``. In an error fixture it is a
-query followed by ``str(err)`` and ``err.caret``, exactly as the shell prints
-them. To add a case, add an entry; the tests below do not change.
+query followed by ``str(err)`` (position, message, the line and a caret), as the shell prints
+it. To add a case, add an entry; the tests below do not change.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def entries(name: str) -> list:
 def error_text(parse_function, query: str) -> str:
     with pytest.raises(ParseError) as info:
         parse_function(query)
-    return f"{info.value}\n{info.value.caret}"
+    return str(info.value)
 
 
 @pytest.mark.parametrize("query, expected", entries("select.txt"))
@@ -83,7 +83,7 @@ def test_empty_script_is_empty_list(text):
 def test_parse_needs_a_statement(text):
     with pytest.raises(ParseError) as info:
         parse(text)
-    assert str(info.value) == "line 1, column 1: empty query; expected a statement (e.g. HELP)"
+    assert str(info.value).splitlines()[0] == "line 1, column 1: empty query; expected a statement (e.g. HELP)"
 
 
 def test_error_fields():

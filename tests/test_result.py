@@ -92,11 +92,11 @@ def test_str_summary():
     res = make(heatmap=np.zeros((27, 27)), ys=np.arange(27), xs=np.arange(27), timings={"total": 12.3},
                image=np.zeros((40, 40, 3)))
     assert str(res) == ("heatmap 27x27 of 'espresso' (label 967, p=0.908) by efficientnet_lite0, naive: "
-                        "729 positions in 12.3 s (16.9 ms/position)")
+                        "729 positions in 12.30 s (16.9 ms/position)")
     res.output_path = "out/x.png"
     res.warnings = ["no weights given", "batch reduced"]
     assert str(res) == ("heatmap 27x27 of 'espresso' (label 967, p=0.908) by efficientnet_lite0, naive: "
-                        "729 positions in 12.3 s (16.9 ms/position) -> out/x.png\n"
+                        "729 positions in 12.30 s (16.9 ms/position) -> out/x.png\n"
                         "warning: no weights given\nwarning: batch reduced")
     assert repr(res).startswith("<HeatmapResult heatmap 27x27")
 
@@ -106,7 +106,7 @@ def test_str_without_name_or_timings():
                mode="exact", model="m")
     assert str(res) == "heatmap 1x2 of label 3 (p=0.500) by m, exact: 2 positions"
     res.timings = {"total": 0.25}
-    assert str(res) == "heatmap 1x2 of label 3 (p=0.500) by m, exact: 2 positions in 250 ms (125.0 ms/position)"
+    assert str(res) == "heatmap 1x2 of label 3 (p=0.500) by m, exact: 2 positions in 250.0 ms (125.0 ms/position)"
 
 
 # ---------------------------------------------------------------------------

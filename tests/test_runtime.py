@@ -1,5 +1,5 @@
-"""Runtime estimates (planner/runtime.py): the per-layer model with a fixed
-calibration, the prediction of what the executor runs, the on-disk cache, and
+"""Runtime estimates (planner/runtime.py, executor/profile.py, executor/timing_cache.py):
+the per-layer model with a fixed calibration, the prediction of what the executor runs, the on-disk cache, and
 the EXPLAIN / EXPLAIN ANALYZE lines.
 
 No test asserts on measured times (the machine is shared and noisy); how close
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,12 +17,14 @@ from torch import nn
 
 import kql
 from kql.parser import parse
+from kql.executor import profile, timing_cache
 from kql.planner import runtime
-from kql.planner.rules.incremental import batch_bounds
+from kql.planner.plan import batch_bounds
 from kql.planner.plan import format_seconds
-from kql.planner.runtime import Calibration
+from kql.planner.runtime import LayerTimings
+from helpers import rand_image
 
-IMAGE = np.random.default_rng(0).random((20, 24, 3)).astype(np.float32)
+IMAGE = rand_image(20, 24)
 
 
 class Net(nn.Module):
@@ -64,8 +65,8 @@ class Residual(nn.Module):
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     """Every test gets an empty cache directory and no in-process memo."""
-    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(runtime, "_MEMO", {})
+    monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(timing_cache, "_MEMO", {})
     return tmp_path / "cache"
 
 
@@ -86,7 +87,7 @@ def plan_of(con, query):
 def test_naive_estimate_is_reference_plus_a_line_per_batch(con):
     plan = plan_of(con, "SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 2 NAIVE BATCH 8")
     n = plan.n_positions
-    cal = Calibration.fixed(plan, per_batch=0.5, per_position=0.01, reference=2.0)
+    cal = LayerTimings.fixed(plan, per_batch=0.5, per_position=0.01, reference=2.0)
     est = runtime.estimate(plan, cal)
     batches = -(-n // 8)
     assert est.batches == batches
@@ -97,10 +98,10 @@ def test_naive_estimate_is_reference_plus_a_line_per_batch(con):
 def test_exact_estimate_sums_the_layer_lines_over_the_predicted_runs(con):
     plan = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 3 EXACT BATCH 4")
     order, bounds = plan.order, plan.bounds
-    runs = runtime._predict(plan, order, bounds)
+    runs = runtime.predict_runs(plan, order, bounds)
     units = sum(u for batch in runs for _, _, u in batch)
     calls = sum(len(batch) for batch in runs)
-    cal = Calibration.fixed(plan, per_call=1e-3, per_pixel=1e-6, per_batch=0.1, per_position=0.01,
+    cal = LayerTimings.fixed(plan, per_call=1e-3, per_pixel=1e-6, per_batch=0.1, per_position=0.01,
                             reference=0.5)
     est = runtime.estimate(plan, cal)
     nb = len(bounds) - 1
@@ -113,10 +114,10 @@ def test_exact_estimate_sums_the_layer_lines_over_the_predicted_runs(con):
 def test_drilldown_estimate_is_stage_one_plus_the_selected_share(con, monkeypatch, mode):
     plan = plan_of(con, f"SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 1 {mode} DRILLDOWN FRACTION 0.2")
     dd = plan.drilldown
-    monkeypatch.setattr(runtime, "calibration_for", lambda p: Calibration.fixed(p))
-    one = runtime.estimate(dd.stage_one, Calibration.fixed(dd.stage_one))
-    whole = runtime._estimate_grid(plan, Calibration.fixed(plan))
-    est = runtime.estimate(plan, Calibration.fixed(plan))
+    monkeypatch.setattr(timing_cache, "layer_timings", lambda p: LayerTimings.fixed(p))
+    one = runtime.estimate(dd.stage_one, LayerTimings.fixed(dd.stage_one))
+    whole = runtime._estimate_grid(plan, LayerTimings.fixed(plan))
+    est = runtime.estimate(plan, LayerTimings.fixed(plan), LayerTimings.fixed)
     share = dd.n_select / dd.n_fine
     assert 0 < share < 0.25
     assert est.parts["batches"] == pytest.approx(one.parts["batches"] + share * whole.parts["batches"])
@@ -129,8 +130,8 @@ def test_a_smaller_region_is_estimated_cheaper(con):
     big = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 2 EXACT BATCH 4")
     small = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 2 REGION (0, 0, 12, 10) "
                          "EXACT BATCH 4")
-    assert runtime.estimate(small, Calibration.fixed(small)).seconds < \
-        runtime.estimate(big, Calibration.fixed(big)).seconds
+    assert runtime.estimate(small, LayerTimings.fixed(small)).seconds < \
+        runtime.estimate(big, LayerTimings.fixed(big)).seconds
 
 
 @pytest.mark.parametrize("model,query", [
@@ -144,8 +145,8 @@ def test_prediction_matches_what_the_executor_runs(con, model, query):
     the incremental executor really runs (recorded by the timing runner)."""
     plan = plan_of(con, f"SELECT HEATMAP FROM img USING {model} {query}")
     bounds = batch_bounds(plan.n_positions, plan.bounds)
-    predicted = runtime._predict(plan, plan.order, bounds)
-    runner = runtime.timing_runner()(plan, plan.spec.module, plan.regions, plan.full_layers, plan.gather_backend)
+    predicted = runtime.predict_runs(plan, plan.order, bounds)
+    runner = profile.timing_runner()(plan, plan.spec.module, plan.regions, plan.full_layers, plan.gather_backend)
     states = set()
     with torch.inference_mode():
         for i, runs in enumerate(predicted):
@@ -157,36 +158,36 @@ def test_prediction_matches_what_the_executor_runs(con, model, query):
 
 
 def test_fit():
-    assert runtime._fit([(10, 2.0), (20, 3.0)]) == pytest.approx([1.0, 0.1])
-    assert runtime._fit([(10, 2.0)]) == pytest.approx([0.0, 0.2])        # one size: all per unit
-    assert runtime._fit([(10, 3.0), (20, 2.0)]) == pytest.approx([2.0, 0.0])  # noise: no negative slope
-    assert runtime._fit([(10, 1.0), (20, 3.0)])[0] == 0.0                  # nor a negative intercept
+    assert profile.fit_line([(10, 2.0), (20, 3.0)]) == pytest.approx([1.0, 0.1])
+    assert profile.fit_line([(10, 2.0)]) == pytest.approx([0.0, 0.2])        # one size: all per unit
+    assert profile.fit_line([(10, 3.0), (20, 2.0)]) == pytest.approx([2.0, 0.0])  # noise: no negative slope
+    assert profile.fit_line([(10, 1.0), (20, 3.0)])[0] == 0.0                  # nor a negative intercept
 
 
 # ----------------------------------------------------------------------------- the cache
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "x"))
-    assert runtime.cache_dir() == tmp_path / "x"
-    monkeypatch.delenv(runtime.CACHE_ENV)
+    monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path / "x"))
+    assert timing_cache.cache_dir() == tmp_path / "x"
+    monkeypatch.delenv(timing_cache.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert runtime.cache_dir() == tmp_path / "xdg" / "kql"
+    assert timing_cache.cache_dir() == tmp_path / "xdg" / "kql"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert runtime.cache_dir() == tmp_path / "home" / ".cache" / "kql"
+    assert timing_cache.cache_dir() == tmp_path / "home" / ".cache" / "kql"
 
 
 def test_write_atomic_replaces_whole_files_and_leaves_no_temporaries(tmp_path, monkeypatch):
     path = tmp_path / "d" / "f.json"
-    runtime.write_atomic(path, "one")
-    runtime.write_atomic(path, "two")
+    timing_cache.write_atomic(path, "one")
+    timing_cache.write_atomic(path, "two")
     assert path.read_text() == "two"
     assert os.listdir(path.parent) == ["f.json"]
 
     def fail(src, dst):
         raise OSError("disk full")
-    monkeypatch.setattr(runtime.os, "replace", fail)
+    monkeypatch.setattr(timing_cache.os, "replace", fail)
     with pytest.raises(OSError):
-        runtime.write_atomic(path, "three")
+        timing_cache.write_atomic(path, "three")
     assert path.read_text() == "two"                   # the old file is intact
     assert os.listdir(path.parent) == ["f.json"]       # and the temporary is gone
 
@@ -198,29 +199,29 @@ def counted(monkeypatch):
 
     def fake(plan, need=None):
         calls.append(need)
-        cal = Calibration.fixed(plan)
-        cal.key = runtime.calibration_key(plan)
+        cal = LayerTimings.fixed(plan)
+        cal.key = profile.timings_key(plan)
         cal.source = "measured"
         return cal
-    monkeypatch.setattr(runtime, "calibrate", fake)
+    monkeypatch.setattr(profile, "measure", fake)
     return calls
 
 
 def test_calibration_is_cached_on_disk(con, counted, cache):
     plan = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 3 EXACT BATCH 4")
-    assert runtime.calibration_for(plan).source == "measured"
+    assert timing_cache.layer_timings(plan).source == "measured"
     assert len(counted) == 1
     files = list((cache / "runtime").iterdir())
     assert len(files) == 1 and files[0].name.startswith("res-incremental-")
-    assert json.loads(files[0].read_text())["version"] == runtime.CACHE_VERSION
+    assert json.loads(files[0].read_text())["version"] == timing_cache.CACHE_VERSION
     # Same session: from memory; a new session: from the file. Neither measures.
-    assert runtime.calibration_for(plan).source == "cache"
-    runtime._MEMO.clear()
-    assert runtime.calibration_for(plan).source == "cache"
+    assert timing_cache.layer_timings(plan).source == "cache"
+    timing_cache._MEMO.clear()
+    assert timing_cache.layer_timings(plan).source == "cache"
     assert len(counted) == 1
     # Another mode family is another calibration.
     naive = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 3 NAIVE BATCH 4")
-    runtime.calibration_for(naive)
+    timing_cache.layer_timings(naive)
     assert len(counted) == 2 and len(list((cache / "runtime").iterdir())) == 2
 
 
@@ -228,60 +229,61 @@ def test_calibration_is_cached_on_disk(con, counted, cache):
                                      '{"version": 999, "key": {}}'])
 def test_a_corrupt_cache_file_is_ignored_and_rebuilt(con, counted, cache, garbage):
     plan = plan_of(con, "SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 2 EXACT BATCH 4")
-    path = runtime._cache_path(runtime.calibration_key(plan))
+    path = timing_cache._cache_path(profile.timings_key(plan))
     path.parent.mkdir(parents=True)
     path.write_text(garbage)
-    assert runtime.calibration_for(plan).source == "measured"
+    assert timing_cache.layer_timings(plan).source == "measured"
     assert len(counted) == 1
-    assert Calibration.from_json(path.read_text(), runtime.calibration_key(plan)) is not None
+    assert LayerTimings.from_json(path.read_text(), profile.timings_key(plan), timing_cache.CACHE_VERSION) is not None
 
 
 def test_a_calibration_for_another_machine_is_not_used(con, counted, cache):
     plan = plan_of(con, "SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 2 EXACT BATCH 4")
-    runtime.calibration_for(plan)
-    path = runtime._cache_path(runtime.calibration_key(plan))
+    timing_cache.layer_timings(plan)
+    path = timing_cache._cache_path(profile.timings_key(plan))
     d = json.loads(path.read_text())
-    assert Calibration.from_json(json.dumps(d), dict(d["key"], threads=d["key"]["threads"] + 1)) is None
+    assert LayerTimings.from_json(json.dumps(d), dict(d["key"], threads=d["key"]["threads"] + 1),
+                                  timing_cache.CACHE_VERSION) is None
 
 
 def test_missing_states_are_calibrated_and_added(con, counted, cache):
     plan = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 3 EXACT BATCH 4")
-    runtime.calibration_for(plan)
-    path = runtime._cache_path(runtime.calibration_key(plan))
+    timing_cache.layer_timings(plan)
+    path = timing_cache._cache_path(profile.timings_key(plan))
     d = json.loads(path.read_text())
-    runs = runtime._predict(plan, plan.order, plan.bounds)
+    runs = runtime.predict_runs(plan, plan.order, plan.bounds)
     dropped = next(n for batch in runs for n, s, _ in batch if s == "full")
     del d["layers"][dropped]["full"]
     path.write_text(json.dumps(d))
-    runtime._MEMO.clear()
-    runtime.calibration_for(plan)
+    timing_cache._MEMO.clear()
+    timing_cache.layer_timings(plan)
     assert len(counted) == 2 and (dropped, "full") in counted[1]
     assert "full" in json.loads(path.read_text())["layers"][dropped]
 
 
 def test_is_calibrated_says_whether_an_estimate_would_measure(con, counted, cache, monkeypatch):
     plan = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 3 EXACT BATCH 4")
-    assert not runtime.is_calibrated(plan)
-    runtime.calibration_for(plan)
-    assert runtime.is_calibrated(plan)
-    runtime._MEMO.clear()
-    assert runtime.is_calibrated(plan)            # from the file
+    assert not timing_cache.is_profiled(plan)
+    timing_cache.layer_timings(plan)
+    assert timing_cache.is_profiled(plan)
+    timing_cache._MEMO.clear()
+    assert timing_cache.is_profiled(plan)            # from the file
     assert len(counted) == 1                      # asking measures nothing
     # a cached file that lacks a state this plan needs would be extended: not calibrated
-    path = runtime._cache_path(runtime.calibration_key(plan))
+    path = timing_cache._cache_path(profile.timings_key(plan))
     d = json.loads(path.read_text())
-    dropped = next(n for batch in runtime._predict(plan, plan.order, plan.bounds) for n, s, _ in batch if s == "full")
+    dropped = next(n for batch in runtime.predict_runs(plan, plan.order, plan.bounds) for n, s, _ in batch if s == "full")
     del d["layers"][dropped]["full"]
     path.write_text(json.dumps(d))
-    runtime._MEMO.clear()
-    assert not runtime.is_calibrated(plan)
+    timing_cache._MEMO.clear()
+    assert not timing_cache.is_profiled(plan)
     # DRILLDOWN: stage one is a plan of its own, with its own batches; both are asked for
     dd = plan_of(con, "SELECT HEATMAP FROM img USING res PATCH 5 STRIDE 3 EXACT BATCH 4 DRILLDOWN")
-    runtime.estimate(dd, runtime.calibration_for(dd))
+    runtime.estimate(dd, timing_cache.layer_timings(dd), timing_cache.layer_timings)
     asked = []
-    key = runtime.calibration_key
-    monkeypatch.setattr(runtime, "calibration_key", lambda p: asked.append(p) or key(p))
-    assert runtime.is_calibrated(dd)
+    key = profile.timings_key
+    monkeypatch.setattr(profile, "timings_key", lambda p: asked.append(p) or key(p))
+    assert timing_cache.is_profiled(dd)
     assert asked == [dd, dd.drilldown.stage_one]
 
 
@@ -290,9 +292,9 @@ def test_real_calibration_of_a_tiny_model(con):
     the result and the cache it leaves)."""
     for query in ("PATCH 5 STRIDE 3 EXACT BATCH 4", "PATCH 4 STRIDE 4 NAIVE BATCH 4"):
         plan = plan_of(con, f"SELECT HEATMAP FROM img USING res {query}")
-        cal = runtime.calibration_for(plan)
+        cal = timing_cache.layer_timings(plan)
         assert cal.source == "measured" and cal.reference > 0 and cal.seconds > 0
-        assert not runtime._missing(plan, cal) if plan.mode != "naive" else cal.layers == {}
+        assert not runtime.missing_states(plan, cal) if plan.mode != "naive" else cal.layers == {}
         est = plan.runtime.get()
         assert est.seconds > 0 and "calibration cached" in est.line()  # read after the calibration above
 
@@ -300,7 +302,7 @@ def test_real_calibration_of_a_tiny_model(con):
 # ----------------------------------------------------------------------------- EXPLAIN
 @pytest.fixture
 def fixed(monkeypatch):
-    monkeypatch.setattr(runtime, "calibration_for", lambda plan: Calibration.fixed(plan))
+    monkeypatch.setattr(timing_cache, "layer_timings", lambda plan: LayerTimings.fixed(plan))
 
 
 def test_explain_shows_the_estimate(con, fixed):
@@ -340,13 +342,13 @@ def test_explain_analyze_compares_estimate_and_actual(con, fixed):
 def test_select_never_calibrates(con, monkeypatch):
     def boom(plan, need=None):
         raise AssertionError("SELECT calibrated")
-    monkeypatch.setattr(runtime, "calibrate", boom)
+    monkeypatch.setattr(profile, "measure", boom)
     con.execute("SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 2")
 
 
 def test_a_failed_calibration_does_not_fail_explain(con, monkeypatch):
     def boom(plan, need=None):
         raise RuntimeError("out of memory\nmore")
-    monkeypatch.setattr(runtime, "calibrate", boom)
+    monkeypatch.setattr(profile, "measure", boom)
     text = con.execute("EXPLAIN SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 2").text
     assert "estimated time: unavailable (calibration failed: RuntimeError: out of memory)" in text.splitlines()

@@ -23,6 +23,7 @@ from kql import sources
 from kql.ast import Color, Label
 from kql.errors import PlanError
 from kql.sources import ModelSpec
+from kql.sources.labels import imagenet_labels
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 def fake_spec(name="vgg16", classes=1000, names=True, channels=3, mean=None, std=None, input_size=(224, 224)):
     """A spec with a dummy module, for label/preprocess/fill tests that need no real model."""
-    class_names, aliases = (sources._imagenet_labels(classes) if names else (None, None))
+    class_names, aliases = (imagenet_labels(classes) if names else (None, None))
     return ModelSpec(name=name, module=nn.Identity(), input_size=input_size,
                      mean=mean or (0.0,) * channels, std=std or (1.0,) * channels, channels=channels,
                      class_names=class_names, weights="test", warning=None, num_classes=classes,

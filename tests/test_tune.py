@@ -121,7 +121,7 @@ def test_approx_ssim_takes_tau_from_the_calibration(con, tuned_store, test_image
     assert 0.4 <= tau < 1
     plan = con.plan(select(), {"img": test_images[50]})
     assert (plan.mode, plan.tau) == ("approx", tau)
-    assert plan.predicted_ssim == pytest.approx(cal.predict(tau))
+    assert plan.approximation.predicted_ssim == pytest.approx(cal.predict(tau))
     text = str(con.explain(select(), img=test_images[50]))
     assert f"τ = {tau:g} from APPROX SSIM 0.9 via user calibration of {cal.created[:10]}" in text
     assert f"predicted SSIM {cal.predict(tau):.3f}" in text
@@ -196,7 +196,7 @@ def test_corrupt_store_is_a_clear_error(con, empty_store, test_images):
             run()
     # APPROX TAU needs the store only for the SSIM it predicts: it runs, and says so
     plan = con.plan(select("APPROX TAU 0.5"), {"img": test_images[0]})
-    assert plan.tau == 0.5 and plan.predicted_ssim is None
+    assert plan.tau == 0.5 and plan.approximation.predicted_ssim is None
     assert any(w.startswith("no SSIM prediction: cannot read the calibration store") for w in plan.warnings)
 
 

@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from kql import sources
 from kql.web import create_app
 from kql.web.engine import RunRequest, approximate_support
+from helpers import rand_pixels
 
 LITE = "efficientnet_lite0"
 SMALL = {"image": "sample-coffee", "model": LITE, "patch": 32, "stride": 16, "mode": "exact",
@@ -42,7 +43,7 @@ def png(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
 
 
 def rgb(h: int = 48, w: int = 64) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return rand_pixels(h, w)
 
 
 def crafted_png(width: int, height: int) -> bytes:
@@ -462,15 +463,16 @@ def test_estimate_never_runs_a_model_while_a_job_holds_the_engine(monkeypatch):
     a job (it may be tracing: torch.fx patches nn.Module.__call__ for the whole
     process). While a job holds the engine, a plan whose calibration is cached
     is explained; one that would calibrate is answered 503 without running."""
-    from kql.planner import runtime
+    from kql.executor import timing_cache
+    from kql.planner.runtime import LayerTimings
     with TestClient(create_app()) as c:
         engine = c.app.state.engine
         first = c.post("/api/explain", json=SMALL).json()   # traces the model
         assert first["estimated_seconds"] > 0
         assert first["estimate_basis"] == "per-layer timings of this model on this machine"
         measured = []
-        monkeypatch.setattr(runtime, "calibration_for",
-                            lambda plan: measured.append(plan) or runtime.Calibration.fixed(plan))
+        monkeypatch.setattr(timing_cache, "layer_timings",
+                            lambda plan: measured.append(plan) or LayerTimings.fixed(plan))
         engine.busy = True
         with engine.lock:  # what a running job holds; the request thread cannot take it
             import threading
@@ -478,12 +480,12 @@ def test_estimate_never_runs_a_model_while_a_job_holds_the_engine(monkeypatch):
             def ask(answers):
                 r = c.post("/api/explain", json=SMALL)
                 answers.update(r.json(), status=r.status_code)
-            monkeypatch.setattr(runtime, "is_calibrated", lambda plan: False)
+            monkeypatch.setattr(timing_cache, "is_profiled", lambda plan: False)
             uncached = {}
             t = threading.Thread(target=ask, args=(uncached,))
             t.start()
             t.join(120)
-            monkeypatch.setattr(runtime, "is_calibrated", lambda plan: True)
+            monkeypatch.setattr(timing_cache, "is_profiled", lambda plan: True)
             cached = {}
             t = threading.Thread(target=ask, args=(cached,))
             t.start()
@@ -496,11 +498,12 @@ def test_estimate_never_runs_a_model_while_a_job_holds_the_engine(monkeypatch):
 
 
 def test_an_estimate_that_cannot_be_calibrated_says_why(client, monkeypatch):
-    from kql.planner import runtime
+    from kql.executor import timing_cache
+    from kql.planner.runtime import LayerTimings
 
     def broken(plan):
         raise RuntimeError("the model failed on a batch of 8\nmore detail")
-    monkeypatch.setattr(runtime, "calibration_for", broken)
+    monkeypatch.setattr(timing_cache, "layer_timings", broken)
     e = client.post("/api/explain", json=SMALL).json()
     assert e["estimated_seconds"] is None
     assert e["estimate_basis"] == "no estimate: calibrating failed (the model failed on a batch of 8)"

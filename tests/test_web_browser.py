@@ -25,6 +25,8 @@ from playwright.sync_api import expect, sync_playwright
 
 from kql.planner.geometry import grid_positions
 
+pytestmark = pytest.mark.slow  # drives Chromium
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 # Flags this closed network needs: no sandbox as root, no GPU, nothing phoned home.

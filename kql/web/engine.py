@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from kql.errors import KqlError
+from kql.errors import KqlError, first_line
 from kql.web.errors import WebError
 from kql.web.uploads import ImageStore
 
@@ -84,7 +84,7 @@ def approximate_support(con, model: str, patch: int) -> dict:
         found = [c for c in calibration.load_all()
                  if c.model == model and tuple(c.patch) == (patch, patch)]
     except KqlError as e:
-        return {"available": False, "ssim": [], "tau": {}, "reason": f"no calibrations: {_first_line(e)}"}
+        return {"available": False, "ssim": [], "tau": {}, "reason": f"no calibrations: {first_line(e)}"}
     if not found:
         return {"available": False, "ssim": [], "tau": {},
                 "reason": f"{model} is not calibrated for patch {patch} (TUNE {model} ON ... PATCH {patch})"}
@@ -226,12 +226,12 @@ class Engine:
         when it calibrates the runtime estimate (first plan of a model, mode
         family and batch size): both wait for the lock. A plan that needs
         neither is explained while a job runs."""
-        from kql.planner import runtime
+        from kql.executor import timing_cache
         from kql.planner.explain import explain_text
         pixels = self.pixels(request.image)
         # planning a traced model runs nothing; the estimate in the text may calibrate
         plan = self.con.plan(request.query, {"img": pixels}) if request.model in self._traced else None
-        if plan is not None and runtime.is_calibrated(plan):
+        if plan is not None and timing_cache.is_profiled(plan):
             text = explain_text(plan)
         else:
             # Another estimate holding the lock takes seconds: wait for it.
@@ -310,7 +310,7 @@ def _estimate(plan) -> tuple[Optional[float], str]:
     try:
         est = plan.runtime.get()
     except Exception as e:  # a model that cannot run a calibration batch: the run will say why
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         return None, f"no estimate: calibrating failed ({first})"
     return round(float(est.seconds), 3), "per-layer timings of this model on this machine"
 
@@ -342,8 +342,3 @@ def _choice(what: str, value: Any, allowed: tuple) -> int:
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

@@ -56,9 +56,6 @@ def batch_size(plan, settings=None):
         size = int(min(asked, n))
         why = f"BATCH {asked}"
     plan.batch_size = size
-    batches = -(-n // size)
-    plan.root.find("Infer").detail("batch", f"{size} ({batches} batches, "
-                                              f"≈{format_bytes(size * per)} per batch)")
     plan.record("batch_size", f"batch {size}: {why}")
     return plan
 

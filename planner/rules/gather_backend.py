@@ -17,20 +17,21 @@ and the size of the layer's windows for a full batch, so EXPLAIN can name it.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from kql.errors import PlanError
 from kql.planner.geometry import window_size
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 
 
 def gather_backend(plan, settings=None):
-    """Set ``plan.layer_backends`` and the summary ``plan.gather_backend``
+    """Set the schedule's ``layer_backends`` and its summary ``gather_backend``
     (changes the plan in place; a no-op for naive plans)."""
     if not plan.incremental:
         return plan
     from kql import kernels
-    forced = getattr(settings, "gather_backend", "auto") if settings is not None else "auto"
+    forced = settings.gather_backend if settings is not None else "auto"
     available = kernels.available_backends()
     cuda = plan.device == "cuda"
     if forced != "auto":
@@ -51,19 +52,22 @@ def gather_backend(plan, settings=None):
             cells = plan.batch_size * layer.in_shapes[0][0] * _window_cells(plan, layer)
             choice[layer.name] = ("numba" if "numba" in available and cells >= kernels.NUMBA_MIN_CELLS
                                   else "torch")
-    plan.layer_backends = choice
     counts = Counter(choice.values())
-    plan.gather_backend = forced if forced != "auto" else (
-        max(counts, key=counts.get) if counts else "torch")
-    summary = ", ".join(f"{name} for {n} layer{'s' * (n != 1)}" for name, n in counts.most_common())
+    plan.schedule = dataclasses.replace(plan.schedule, layer_backends=choice, gather_backend=(
+        forced if forced != "auto" else (max(counts, key=counts.get) if counts else "torch")))
+    summary = gather_summary(choice)
     why = ("forced by SET gather_backend" if forced != "auto" else
            "CUDA device" if cuda else
            f"numba from {kernels.NUMBA_MIN_CELLS} window cells per batch, torch below"
            + ("" if "numba" in available else " (numba not installed)"))
     if choice:
-        plan.root.find("Infer").detail("gather", summary)
         plan.record("gather_backend", f"{summary} ({why})")
     return plan
+
+
+def gather_summary(choice: dict) -> str:
+    """'numba for 9 layers, torch for 4 layers': the kernels in use, most used first."""
+    return ", ".join(f"{name} for {n} layer{'s' * (n != 1)}" for name, n in Counter(choice.values()).most_common())
 
 
 def _window_cells(plan, layer) -> int:

@@ -3,19 +3,20 @@
 For incremental plans (``plan.mode`` 'exact' or 'approx') this rule decides everything the incremental
 executor (``executor/incremental.py``) needs, once for the whole grid:
 
-- ``plan.regions``: each layer's changed region for every position
+- ``regions``: each layer's changed region for every position
   (``geometry.propagate``): exact, or capped by the projective-field
   threshold ``plan.tau`` in approximate plans.
-- ``plan.order``: the order positions are batched in (MQO). A batch tensor
+- ``order``: the order positions are batched in (MQO). A batch tensor
   has one patch size per layer, the largest in the batch, so positions whose
   regions are cut by the border (cheaper) are batched with each other rather
   than with central ones: positions are sorted by their incremental cost.
-- ``plan.full_layers``: the cost-based IVM cutoff. Past some depth the
+- ``full_layers``: the cost-based IVM cutoff. Past some depth the
   changed region covers so much of a layer that gathering windows and running
   a conv on them costs more than recomputing the layer in full; from the
   cheapest cut on, every layer runs in full.
 
-It also replaces the Infer step's details with the incremental ones and sets
+They go into ``plan.schedule`` (an :class:`~kql.planner.plan.IncrementalSchedule`,
+completed by the batch and kernel rules); the rule also sets
 ``plan.per_position_bytes`` for the batch-size rule.
 """
 from __future__ import annotations
@@ -23,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from kql.planner.geometry import Rects, propagate, read_region, window_size
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 from kql.planner.memory import BYTES_PER_ELEMENT, numel, peak_elements
-from kql.planner.plan import Step, format_bytes
+from kql.planner.plan import IncrementalSchedule, batch_bounds  # noqa: F401  (batch_bounds: re-exported)
 
 #: Cost of gathering one element into a window, in multiply-add equivalents.
 #: A conv output pixel costs C_in*k*k multiply-adds at ~100-150 GFLOP/s on this
@@ -90,18 +91,10 @@ def gathered_channels(layer) -> int:
     """Channels the incremental executor gathers per window cell: a local
     layer's input, every spatial input of a merge, none for point layers."""
     if layer.kind == Kind.LOCAL:
-        return layer.in_shapes[0][0]
+        return layer.in_channels(0)
     if layer.kind == Kind.MERGE:
-        return sum(s[0] for s in layer.in_shapes if len(s) == 3)
+        return sum(layer.in_channels(i) for i in range(len(layer.in_shapes)) if layer.input_hw(i))
     return 0
-
-
-def batch_bounds(n: int, batch) -> np.ndarray:
-    """Batch bounds as an array: starts, then ``n``. ``batch`` is a size or
-    already such an array."""
-    if np.ndim(batch) == 0:
-        return np.append(np.arange(0, n, max(1, int(batch))), n).astype(np.int64)
-    return np.asarray(batch, dtype=np.int64)
 
 
 def choose_cutoff(graph, inc, gathered, full):
@@ -138,42 +131,29 @@ def incremental(plan, settings=None):
     graph = plan.graph
     ys, xs = plan.positions()
     regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch), plan.tau)
-    plan.regions = regions
-    plan.order = sort_positions(graph, regions)
+    order = sort_positions(graph, regions)
 
     # Cutoff with a provisional batch (the batch rule runs next; the choice
     # hardly depends on it beyond the call overhead).
     provisional = max(1, min(64, plan.n_positions))
-    inc, gathered, full = layer_costs(graph, regions, plan.order, provisional)
+    inc, gathered, full = layer_costs(graph, regions, order, provisional)
     cut, _ = choose_cutoff(graph, inc, gathered, full)
     layers = graph.layers()
-    plan.full_layers = frozenset(l.name for l in layers[cut:] if l.kind != Kind.OUTPUT)
+    full_layers = frozenset(l.name for l in layers[cut:] if l.kind != Kind.OUTPUT)
     first_global = next((l for l in layers if l.kind == Kind.GLOBAL), None)
     if cut < len(layers) and layers[cut].kind not in (Kind.GLOBAL, Kind.OUTPUT):
-        plan.cutoff = layers[cut].name
+        cutoff = layers[cut].name
         plan.record("incremental", f"IVM cutoff at {layers[cut].name} ({layers[cut].op}): from there "
                                    f"on full recompute is cheaper than incremental")
     else:
-        plan.cutoff = None
+        cutoff = None
         where = f"the first global layer {first_global.name} ({first_global.op})" if first_global else "the output"
         plan.record("incremental", f"incremental up to {where}; no earlier cutoff pays off")
 
-    plan.per_position_bytes = BYTES_PER_ELEMENT * _peak_patch_elements(graph, regions, plan.full_layers)
-    plan.view_bytes = BYTES_PER_ELEMENT * sum(numel(l.out_shape) for l in layers
-                                              if l.kind != Kind.GLOBAL and l.spatial
-                                              and l.name not in plan.full_layers)
-
-    infer = plan.root.find("Infer")
-    infer.detail("mode", "exact (incremental)" if plan.tau is None else
-                 f"approximate (incremental, projective-field threshold τ = {plan.tau:g})")
-    infer.detail("views", f"{len([l for l in layers if l.spatial and l.name not in plan.full_layers])} "
-                          f"layers materialized, ≈{format_bytes(plan.view_bytes)}")
-    infer.detail("cutoff", plan.cutoff or "none")
-    occlude = plan.root.find("Occlude")
-    materialize = Step("Materialize", [("", "every layer's output for the unoccluded image, once")],
-                       list(occlude.children))
-    occlude.children = []
-    infer.children = [materialize, occlude]
+    plan.per_position_bytes = BYTES_PER_ELEMENT * _peak_patch_elements(graph, regions, full_layers)
+    view_bytes = BYTES_PER_ELEMENT * sum(numel(l.out_shape) for l in layers
+                                         if l.kind != Kind.GLOBAL and l.spatial and l.name not in full_layers)
+    plan.schedule = IncrementalSchedule(regions, order, full_layers, cutoff, view_bytes)
     return plan
 
 
@@ -184,13 +164,13 @@ def _peak_patch_elements(graph, regions, full_layers) -> int:
         if layer.name in full_layers or not layer.spatial or layer.kind in (Kind.GLOBAL, Kind.OUTPUT):
             return numel(layer.out_shape)
         r = regions[layer.name]
-        return int(layer.out_shape[0] * r.h.max() * r.w.max())
+        return int(layer.channels * r.h.max() * r.w.max())
 
     def transient(layer):
         if layer.kind != Kind.LOCAL or layer.name in full_layers or not layer.spatial:
             return 0
         r = regions[layer.name]
         rr = read_region(layer, Rects(0, 0, r.h.max(), r.w.max()))
-        return int(layer.in_shapes[0][0] * rr.h[0] * rr.w[0])
+        return int(layer.in_channels(0) * rr.h[0] * rr.w[0])
 
     return peak_elements(graph, size, transient)

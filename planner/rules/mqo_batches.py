@@ -22,21 +22,23 @@ Two observations make the best batching cheap to find:
   themselves.
 
 The rule tries the (row, column) order and the order by descending cost and
-keeps the cheaper; ``plan.order`` and ``plan.bounds`` (batch start offsets into
-``plan.order``, with ``len(order)`` appended) describe the result.
+keeps the cheaper; the schedule's ``order`` and ``bounds`` (batch start offsets
+into ``order``, with ``len(order)`` appended) describe the result.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from kql.planner.graph import Kind
+from kql.planner.ir import Kind
 from kql.planner.geometry import window_extent
 from kql.planner.rules.incremental import GATHER_COST, batch_overhead, gathered_channels
 
 
 def mqo_batches(plan):
-    """Choose ``plan.order`` and ``plan.bounds`` (changes the plan in place;
-    a no-op for naive plans)."""
+    """Choose the schedule's ``order`` and ``bounds`` (changes the plan in
+    place; a no-op for naive plans)."""
     if not plan.incremental:
         return plan
     n = plan.n_positions
@@ -50,14 +52,12 @@ def mqo_batches(plan):
         if best is None or total < best[2] - 1e-9 * total:
             best = (name, order, total, bounds)
     name, order, total, bounds = best
-    plan.order, plan.bounds = order, bounds
+    plan.schedule = dataclasses.replace(plan.schedule, order=order, bounds=bounds)
     sizes = np.diff(bounds)
     uniform = -(-n // cap)
     plan.record("mqo_batches", f"{len(sizes)} batches of {sizes.min()}..{sizes.max()} positions in {name} "
                                f"(vs {uniform} uniform batches of {cap}): each batch is one call per layer "
                                f"at its own largest patch size")
-    infer = plan.root.find("Infer")
-    infer.detail("batch", f"≤{cap} ({len(sizes)} batches grouped by patch size)")
     return plan
 
 

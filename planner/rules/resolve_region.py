@@ -1,16 +1,15 @@
 """Rule: validate patch, stride and region, and lay out the grid of positions."""
 from __future__ import annotations
 
-import numpy as np
-
 from kql.ast import Region
 from kql.errors import PlanError
 from kql.planner.geometry import grid_positions  # noqa: F401  (re-exported: the grid rule lives here)
+from kql.planner.plan import Grid
 
 
 def resolve_region(plan):
-    """Check PATCH/STRIDE/REGION against the model input and set ``plan.ys``,
-    ``plan.xs`` and ``plan.region`` (changes the plan in place).
+    """Check PATCH/STRIDE/REGION against the model input and set ``plan.grid``
+    (changes the plan in place).
 
     Coordinates are pixels of the model's input (after resizing).
     """
@@ -39,12 +38,8 @@ def resolve_region(plan):
     if ph > rh or pw > rw:
         where = f"image {H}x{W}" if q.region is None else f"region {rh}x{rw}"
         raise PlanError(f"patch {ph}x{pw} does not fit {where}")
-    plan.region = region
-    plan.ys = grid_positions(region.y0, region.y1, ph, sy)
-    plan.xs = grid_positions(region.x0, region.x1, pw, sx)
-    occlude = plan.root.find("Occlude")
-    occlude.detail("grid", f"{len(plan.ys)}x{len(plan.xs)} = {plan.n_positions} positions")
-    occlude.detail("region", f"({region.x0}, {region.y0}, {region.x1}, {region.y1})")
+    plan.grid = Grid(region, grid_positions(region.y0, region.y1, ph, sy),
+                     grid_positions(region.x0, region.x1, pw, sx))
     uneven = []
     if (rh - ph) % sy:
         uneven.append("last row")

@@ -33,17 +33,21 @@ Design:
 
 Without ``SET ray_address``, a Ray instance already initialised in this
 process is used, else ``ray.init()`` starts a local one (or joins the cluster
-``RAY_ADDRESS`` names); :func:`shutdown` stops one that KQL started.
+``RAY_ADDRESS`` names). A Ray instance KQL started is shared by the
+connections that ran jobs on it: ``Connection.close()`` (:func:`shutdown`)
+stops it when no other open connection uses it.
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterable, Iterator, Union
 
 from kql.errors import PlanError
-from kql.executor.batch import ImageExplainer, ImageResult, Outcome, Work
+from kql.jobs.batch import ImageExplainer, ImageResult, Outcome, Work
 
 _started_here = False
+_users: "weakref.WeakSet" = weakref.WeakSet()   # connections whose jobs ran on the instance KQL started
 IN_FLIGHT_PER_ACTOR = 2
 
 
@@ -57,12 +61,15 @@ def require_ray():
     return ray
 
 
-def connect(address: str = ""):
+def connect(address: str = "", user=None):
     """The ray module, initialised: joins ``address`` or, without one, reuses
-    this process's Ray or starts a local instance (no dashboard)."""
+    this process's Ray or starts a local instance (no dashboard). ``user``
+    (a ``Connection``) is recorded as using the instance if KQL started it."""
     global _started_here
     ray = require_ray()
     if ray.is_initialized():
+        if _started_here and user is not None:
+            _users.add(user)
         return ray
     try:
         ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING,
@@ -71,13 +78,18 @@ def connect(address: str = ""):
         where = f"the Ray cluster at '{address}'" if address else "Ray"
         raise PlanError(f"cannot start or join {where}: {e}") from None
     _started_here = not address
+    if _started_here and user is not None:
+        _users.add(user)
     return ray
 
 
-def shutdown() -> None:
-    """Stop the Ray instance KQL started in this process (if it did)."""
+def shutdown(user=None) -> None:
+    """``user`` no longer uses Ray; stop the instance KQL started in this
+    process (if it did) when no other open connection uses it."""
     global _started_here
-    if _started_here:
+    if user is not None:
+        _users.discard(user)
+    if _started_here and not _users:
         import ray
         ray.shutdown()
         _started_here = False
@@ -115,7 +127,7 @@ def workers_for(ray, job) -> int:
 def run_ray(job, explainer_args: tuple, items: Iterable[Union[Work, ImageResult, Outcome]]
             ) -> Iterator[Union[ImageResult, Outcome]]:
     """Explain the ``Work`` items on Ray actors; pass everything else through."""
-    ray = connect(job.settings.ray_address)
+    ray = connect(job.settings.ray_address, job.owner)
     select, spec, settings, threads, render = explainer_args
     options = {"num_cpus": threads, "max_concurrency": 1}
     if job.device == "cuda":
@@ -145,14 +157,14 @@ def run_ray(job, explainer_args: tuple, items: Iterable[Union[Work, ImageResult,
                 outcome = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 outcome = Outcome(work.name, work.path, work.sha256, "failed",
-                                  error=f"the Ray worker died: {_first_line(e)}")
+                                  error=f"the Ray worker died: {_last_line(e)}")
                 if actor not in replaced:       # its other in-flight images fail the same way
                     replaced[actor] = new = start()
                     actors.append(new)
                     free[:] = [new if a is actor else a for a in free]
             except ray.exceptions.RayTaskError as e:
                 outcome = Outcome(work.name, work.path, work.sha256, "failed",
-                                  error=f"internal error on a Ray worker: {_first_line(e)}")
+                                  error=f"internal error on a Ray worker: {_last_line(e)}")
             free.append(live(actor))
             yield outcome
 
@@ -176,6 +188,8 @@ def run_ray(job, explainer_args: tuple, items: Iterable[Union[Work, ImageResult,
                 pass
 
 
-def _first_line(error: BaseException) -> str:
+def _last_line(error: BaseException) -> str:
+    """The last non-blank line: Ray wraps a worker's exception in its traceback,
+    whose last line is the exception itself."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__

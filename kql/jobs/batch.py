@@ -8,7 +8,7 @@ the job is iterated.
 
 Per image, the driver (this process) reads the file once, hashes it and
 either skips it (the manifest holds a valid result for this query and this
-content, :func:`kql.executor.manifest.valid`) or hands the bytes to an
+content, :func:`kql.jobs.manifest.valid`) or hands the bytes to an
 executor. An executor runs :class:`ImageExplainer` on them (decode, plan,
 execute, render the overlay) and returns an :class:`Outcome`; the driver
 writes the ``.npy`` and ``.png`` atomically, then appends the manifest line.
@@ -17,7 +17,7 @@ neither the input files nor the output folder (a Ray cluster without a
 shared file system works).
 
 Executors: ``local`` (:func:`run_local`, in this process, the model built
-and traced once) and ``ray`` (``kql.executor.distributed``). Both run the
+and traced once) and ``ray`` (``kql.jobs.distributed``). Both run the
 same :class:`ImageExplainer` with the same torch thread count, so their
 heatmaps are equal bit for bit.
 """
@@ -36,11 +36,10 @@ import numpy as np
 
 from kql import ast, sources
 from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
-from kql.executor.manifest import MANIFEST, OutputFolder, read_records, sha256_bytes, valid
-from kql.result import _seconds
+from kql.jobs.manifest import MANIFEST, OutputFolder, read_records, sha256_bytes, valid
+from kql.planner.plan import format_seconds
 
-__all__ = ["BatchJob", "ImageResult", "ImageExplainer", "Work", "Outcome", "query_key",
-           "model_fingerprint", "output_name"]
+__all__ = ["BatchJob", "ImageResult", "ImageExplainer", "Work", "Outcome", "query_key", "output_name"]
 
 
 # ---------------------------------------------------------------- records
@@ -111,7 +110,7 @@ class ImageResult:
         what = f"'{r['label_name']}' (label {r['label']}, " if r.get("label_name") else f"label {r['label']} ("
         text = f"{self.status:<7} {self.path}: {what}p={r['p']:.3f})"
         if self.status == "ok":
-            text += f" in {_seconds(r['timings'].get('total', 0.0))}"
+            text += f" in {format_seconds(r['timings'].get('total', 0.0))}"
         else:
             text += ", done earlier"
         return text
@@ -122,37 +121,15 @@ class ImageResult:
 
 # ---------------------------------------------------------------- keys
 
-def model_fingerprint(spec) -> str:
-    """SHA-256 over what makes a model compute what it computes: its class,
-    every parameter and buffer (names, dtypes, shapes, values) and the input
-    size and normalisation KQL applies. A retrained model under the same name
-    gets a new fingerprint, so its old results are not trusted."""
-    import hashlib
-    import torch
-    h = hashlib.sha256()
-    module = spec.module
-    h.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
-    h.update(repr((spec.input_size, tuple(spec.mean), tuple(spec.std), spec.channels)).encode())
-    for key, value in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        else:
-            h.update(repr(value).encode())
-    return h.hexdigest()
-
-
 def query_key(select: ast.Select, spec, mode: str, device: str) -> str:
     """The key a result is valid for: every clause of the query except FROM and
     INTO (the repr of the statement, so clauses added to the language later are
-    covered too), the model's fingerprint, the requested mode and the device.
+    covered too), the model's fingerprint (``ModelSpec.fingerprint``), the requested mode and the device.
 
     Batch size, gather kernel and thread count are left out: they change how
     the floats are summed, not what is computed."""
     stmt = dataclasses.replace(select, source=None, into=None)
-    return sha256_bytes(repr((stmt, model_fingerprint(spec), mode, device)).encode())
+    return sha256_bytes(repr((stmt, spec.fingerprint(), mode, device)).encode())
 
 
 def output_name(path: str, root: str) -> str:
@@ -201,16 +178,11 @@ class ImageExplainer:
 
     def plan(self, path: str, image: np.ndarray):
         """The optimized plan of the query for one decoded image."""
-        from kql.planner.binder import bind
-        from kql.planner.optimizer import optimize
+        from kql.compiler import compile_select
         select = dataclasses.replace(self.select, source=ast.Source("path", path))
         self.catalog.files = {path: image}
         try:
-            t0 = time.perf_counter()
-            plan = bind(select, self.catalog, self.settings, {})
-            t1 = time.perf_counter()
-            plan = optimize(plan, settings=self.settings)
-            plan.timings = {"bind": t1 - t0, "optimize": time.perf_counter() - t1}
+            plan = compile_select(select, self.catalog, self.settings, {})
         finally:
             self.catalog.files = {}
         return plan
@@ -219,7 +191,7 @@ class ImageExplainer:
         """Decode, plan, run and render one image. A failure of this image
         (unreadable, too small for the patch, the model raising...) becomes a
         failed :class:`Outcome` with the reason; Ctrl-C propagates."""
-        from kql.executor import execute
+        from kql.compiler import run
         out = Outcome(work.name, work.path, work.sha256, "failed", worker=self.worker)
         start = time.perf_counter()
         restore = set_threads(self.threads)
@@ -227,7 +199,7 @@ class ImageExplainer:
             image = sources.decode_image(work.data, work.path)
             t_decode = time.perf_counter() - start
             plan = self.plan(work.path, image)
-            result = execute(plan, progress="off")
+            result = run(plan, progress="off")
             t0 = time.perf_counter()
             out.png = result.to_bytes(".png") if self.render else None
             t_render = time.perf_counter() - t0
@@ -245,12 +217,10 @@ class ImageExplainer:
             restore()
         out.status = "ok"
         out.mode = plan.mode
-        tau = getattr(plan, "tau", None)
-        out.tau = None if tau is None else float(tau)
+        out.tau = None if plan.tau is None else float(plan.tau)
         result.plan = None          # the plan holds the model and the graph: not shipped, not kept
         out.result = result
-        out.timings = {"decode": t_decode, **plan.timings,
-                       **{k: v for k, v in result.timings.items() if k != "total"},
+        out.timings = {"decode": t_decode, **{k: v for k, v in result.timings.items() if k != "total"},
                        "render": t_render, "total": time.perf_counter() - start}
         return out
 
@@ -310,8 +280,9 @@ class BatchJob:
     """
 
     def __init__(self, select: ast.Select, spec, settings, files: list[str], root: str,
-                 progress: str = "auto", graphs: Optional[dict] = None):
+                 progress: str = "auto", graphs: Optional[dict] = None, owner=None):
         self.select = select
+        self.owner = owner          # the Connection that made the job (it shares a Ray instance KQL started)
         self.spec = spec
         self.settings = settings
         self.source = select.source.value
@@ -409,9 +380,10 @@ class BatchJob:
         skipped = sum(1 for item in self._scan(done) if isinstance(item, ImageResult))
         return skipped, len(self.files) - skipped
 
-    def _executor(self, explainer_args: tuple):
+    def _runner(self, explainer_args: tuple):
+        """The image runner the executor setting names: local or ray."""
         if self.executor == "ray":
-            from kql.executor.distributed import run_ray
+            from kql.jobs.distributed import run_ray
             return lambda items: run_ray(self, explainer_args, items)
         explainer = ImageExplainer(*explainer_args, graphs=self._graphs)
         return lambda items: run_local(explainer, items)
@@ -430,7 +402,7 @@ class BatchJob:
             done = self._done()
             bar = stack.enter_context(tqdm(total=n, desc="images", unit="img", disable=disable,
                                            leave=False, file=sys.stderr, dynamic_ncols=True))
-            run = self._executor((self.select, self.spec, self.settings, self.threads, bool(self.into)))
+            run = self._runner((self.select, self.spec, self.settings, self.threads, bool(self.into)))
             try:
                 for item in run(self._scan(done)):
                     if isinstance(item, Outcome):
@@ -494,7 +466,7 @@ class BatchJob:
                 f"({self.executor}): {', '.join(parts)}")
         if total < len(self.files):
             text += f", {len(self.files) - total} not run"
-        text += f" in {_seconds(self.seconds)}"
+        text += f" in {format_seconds(self.seconds)}"
         if self.into:
             text += f" -> {self.into} (manifest {MANIFEST})"
         return text
