@@ -212,3 +212,11 @@ def test_top_k_larger_than_the_outputs_of_a_model_without_known_classes():
     with pytest.raises(ExecutionError, match="TOP 5: the model has 4 outputs"):
         con.execute("SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 4 LABEL TOP 5",
                     img=np.zeros((12, 12, 3)), net=net)
+
+
+def test_explain_renders_a_tensor_plan_from_its_records():
+    from kql.planner.explain import plan_tree, tree_lines
+    r = kql.occlusion(NET, X[:1], 4, 4, target=[[1, 3]], baseline=0.5)[0]
+    text = "\n".join(tree_lines(plan_tree(r.plan)))
+    assert "color: (0.5, 0.5, 0.5)" in text and "labels: 1, 3 (one run, a map each)" in text
+    assert r.plan.label_choice.classes(torch.zeros(6)) == [1, 3]
