@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from kql.executor.common import reference
+from kql.executor.common import probabilities, reference
 
 
 @dataclass
@@ -35,6 +35,10 @@ class Execution:
             run-time check estimated when it stopped.
         refine_stages: adaptive refinement only: per stage ``{"stage",
             "positions", "computed", "estimated_ssim"}``.
+        maps, labels, originals: several labels (or a ``score``): float32
+            ``(labels, rows, cols)``, the class of each map and its score on
+            the unoccluded input; ``heatmap``, ``label`` and ``p_original``
+            are the first's.
     """
     heatmap: np.ndarray
     label: int
@@ -45,6 +49,9 @@ class Execution:
     stage_positions: Optional[tuple[int, int]] = None
     estimated_ssim: Optional[float] = None
     refine_stages: Optional[list] = None
+    maps: Optional[np.ndarray] = None
+    labels: Optional[list[int]] = None
+    originals: Optional[np.ndarray] = None
 
 
 def executor_for(mode: str):
@@ -56,32 +63,56 @@ def executor_for(mode: str):
     return incremental
 
 
-def execute(plan, progress: str = "auto") -> Execution:
-    """Run ``plan``: the reference inference, then every position of its grid."""
+def execute(plan, progress: str = "auto", score: Optional[Callable] = None) -> Execution:
+    """Run ``plan``: the reference inference, then every position of its grid.
+
+    ``score(raw model output) -> (B, K)`` tensor is what the maps hold
+    (default: the probabilities, :func:`~kql.executor.common.probabilities`;
+    the tensor API passes its ``score``). With several labels (LABEL a, b /
+    TOP k / ALL) or a ``score``, one run yields every class's map
+    (``Execution.maps``).
+    """
     from kql.executor.allocator import reuse_freed_memory
     with reuse_freed_memory(plan.allocator == "reuse"):
-        return _run(plan, progress)
+        return _run(plan, progress, score)
 
 
-def _run(plan, progress) -> Execution:
+def _run(plan, progress, score) -> Execution:
     from kql.executor.memory import PeakMemory
 
     start = time.perf_counter()
     model = plan.spec.module.to(plan.device).eval()
-    label, p_original, _ = reference(plan, model)
+    label, p_original, scores = reference(plan, model, score or probabilities)
     t_ref = time.perf_counter() - start
     stages = refined = None
+    several = plan.label_choice.classes(scores)
+    if several is None and score is not None:
+        several = [label]
     with PeakMemory(plan.device) as mem:
-        if plan.refine is not None:
+        if plan.refine is not None and several is None:
             from kql.executor import refine
             values, t_occ, refined = refine.occlusion_probabilities(plan, model, label, progress)
+        elif several is not None:
+            # several maps: every position is computed (refinement and
+            # drill-down choose positions for one map)
+            import torch
+            columns = torch.as_tensor(several, device=plan.device)
+            values, t_occ = executor_for(plan.mode).occlusion_scores(
+                plan, model, lambda out: (score or probabilities)(out)[:, columns], progress)
         elif plan.drilldown is not None:
             from kql.executor import drilldown
             values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, executor_for, progress)
         else:
             values, t_occ = executor_for(plan.mode).occlusion_probabilities(plan, model, label, progress)
-    done = Execution(heatmap=values.reshape(len(plan.ys), len(plan.xs)), label=label, p_original=p_original,
-                     timings={"reference": t_ref, "occlusion": t_occ}, peak_memory=mem.peak)
+    rows, cols = len(plan.ys), len(plan.xs)
+    maps = None if several is None else values.T.reshape(len(several), rows, cols)
+    done = Execution(heatmap=values.reshape(rows, cols) if maps is None else maps[0], label=label,
+                     p_original=p_original, timings={"reference": t_ref, "occlusion": t_occ},
+                     peak_memory=mem.peak)
+    if maps is not None:
+        done.maps, done.labels = maps, several
+        done.originals = scores[several].float().cpu().numpy()
+        done.label, done.p_original = several[0], float(done.originals[0])
     if stages is not None:
         done.timings.update({"stage one": stages["stage one"], "stage two": stages["stage two"]})
         done.computed = stages["computed"]

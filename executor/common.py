@@ -33,8 +33,9 @@ def probabilities(output) -> torch.Tensor:
     return torch.softmax(output, dim=1)
 
 
-def reference(plan, model) -> tuple[int, float, torch.Tensor]:
-    """Run the unoccluded image: ``(label, p_original, probabilities)``.
+def reference(plan, model, score: Optional[Callable] = None) -> tuple[int, float, torch.Tensor]:
+    """Run the unoccluded image: ``(label, p_original, probabilities)``
+    (or the scores ``score(output)`` gives, ``(1, K)`` for one image).
 
     Resolves ``LABEL PREDICTED`` to the top class; checks an explicit label
     against the model's real number of outputs.
@@ -46,7 +47,7 @@ def reference(plan, model) -> tuple[int, float, torch.Tensor]:
             raise
         except Exception as e:
             raise model_failed(plan, e, 0) from e
-        probs = probabilities(output)[0]
+        probs = (score or probabilities)(output)[0]
     k = probs.shape[0]
     label = plan.label if plan.label is not None else int(probs.argmax())
     if label >= k:
@@ -139,16 +140,38 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
     return time.perf_counter() - start
 
 
-def occlude(x: torch.Tensor, fill: torch.Tensor, ys: np.ndarray, xs: np.ndarray,
+def occlude(x: torch.Tensor, fill, ys: np.ndarray, xs: np.ndarray,
             patch: tuple[int, int]) -> torch.Tensor:
     """A batch of copies of ``x`` (C, H, W), each with its patch filled:
-    ``(len(ys), C, H, W)``. Krypton eq. 5."""
+    ``(len(ys), C, H, W)``. Krypton eq. 5. ``fill`` as :func:`patch_values`
+    takes it."""
     ph, pw = patch
     out = x.unsqueeze(0).repeat(len(ys), 1, 1, 1)
-    fill = fill.to(x.device, x.dtype).view(-1, 1, 1)
+    values = patch_values(fill, ys, xs, patch, x.shape[0], x.device).to(x.dtype)
     for b, (y, x0) in enumerate(zip(ys.tolist(), xs.tolist())):
-        out[b, :, y:y + ph, x0:x0 + pw] = fill
+        out[b, :, y:y + ph, x0:x0 + pw] = values[b]
     return out
+
+
+def patch_values(fill, ys: np.ndarray, xs: np.ndarray, patch: tuple[int, int], channels: int,
+                 device) -> torch.Tensor:
+    """What each position's patch holds: float32 ``(len(ys), C, ph, pw)``.
+
+    ``fill`` is one value per channel ``(C,)`` (every patch alike), a
+    baseline image ``(C, H, W)`` (each patch takes the part of it under the
+    patch) or a callable ``fill(ys, xs) -> (B, C, ph, pw)`` tensor (the
+    tensor API's windows clipped at the border, ``kql.tensor_api``).
+    """
+    ph, pw = patch
+    B = len(ys)
+    if callable(fill) and not isinstance(fill, torch.Tensor):
+        return fill(np.asarray(ys), np.asarray(xs)).to(device, torch.float32)
+    fill = fill.to(device, torch.float32)
+    if fill.dim() == 3:
+        from kql import kernels
+        return kernels.gather(fill.contiguous(), torch.as_tensor(np.asarray(ys, dtype=np.int64), device=device),
+                              torch.as_tensor(np.asarray(xs, dtype=np.int64), device=device), ph, pw)
+    return fill.view(1, channels, 1, 1).expand(B, channels, ph, pw).contiguous()
 
 
 def model_failed(plan, error: Exception, batch: int) -> ExecutionError:

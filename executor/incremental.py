@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
 from kql import kernels
-from kql.executor.common import probabilities, run_batches
+from kql.executor.common import patch_values, probabilities, run_batches
 from kql.planner.geometry import Rects, read_region, thresholded
 from kql.planner.ir import Kind
 
@@ -200,8 +200,8 @@ class IncrementalRunner:
         ox = _index(xs[idx], self.device)
         ph, pw = self.plan.patch
         C = self.plan.input.shape[0]
-        fill = self.plan.fill.to(self.device, torch.float32).view(1, C, 1, 1)
-        state: dict[str, Any] = {self.graph.input: Patch(fill.expand(B, C, ph, pw).contiguous(), oy, ox)}
+        patch = patch_values(self.plan.fill, ys[idx], xs[idx], (ph, pw), C, self.device)
+        state: dict[str, Any] = {self.graph.input: Patch(patch, oy, ox)}
         last_use = self.last_use
         out = None
         for i, node in enumerate(self.gm.graph.nodes):
@@ -533,18 +533,38 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
     ``batches`` = ``(order, bounds)`` when given (drill-down's stage two,
     scheduled by the planner at run time); the positions not run are NaN.
     """
+    values, seconds = occlusion_scores(plan, model, lambda out: probabilities(out)[:, [label]],
+                                       progress, batches)
+    return (values[:, 0] if values.shape[1] else np.full(len(values), np.nan, np.float32)), seconds
+
+
+def occlusion_scores(plan, model, reduce, progress: str = "auto",
+                     batches: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, float]:
+    """``reduce(raw model output)`` -- a ``(B, T)`` tensor, e.g. the
+    probabilities of T labels -- at every grid position: ``(positions, T)``
+    float32 (row-major grid order), and the seconds it took. One incremental
+    run serves every column: the model's whole output is computed anyway.
+
+    The positions run in the plan's batches, or in ``batches`` =
+    ``(order, bounds)``; the rows not run are NaN.
+    """
     import time
     start = time.perf_counter()
+    n = plan.n_positions
     order, bounds = plan.batches() if batches is None else batches
-    out = np.full(plan.n_positions, np.nan, dtype=np.float32)
+    out = None
     if len(order) == 0:
-        return out, time.perf_counter() - start
+        return np.full((n, 0), np.nan, dtype=np.float32), time.perf_counter() - start
     with torch.inference_mode():
         runner = IncrementalRunner(plan, model, plan.regions, plan.full_layers, plan.gather_backend)
 
         def step(sl: slice) -> None:
+            nonlocal out
             idx = order[sl]
-            out[idx] = runner.run(idx, label)
+            values = reduce(runner.outputs(idx)).float().cpu().numpy()
+            if out is None:
+                out = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
+            out[idx] = values
 
         run_batches(len(order), bounds, step, progress=progress, plan=plan)
     return out, time.perf_counter() - start

@@ -20,15 +20,30 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto",
     (row-major, flat) and the seconds it took. The positions run in the
     plan's batches, or in ``batches`` = ``(order, bounds)`` when given
     (drill-down's stage two); the positions not run are NaN."""
+    values, seconds = occlusion_scores(plan, model, lambda out: probabilities(out)[:, [label]],
+                                       progress, batches)
+    return (values[:, 0] if values.shape[1] else np.full(len(values), np.nan, np.float32)), seconds
+
+
+def occlusion_scores(plan, model, reduce, progress: str = "auto",
+                     batches: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, float]:
+    """``reduce(model output)`` -- a ``(B, T)`` tensor, e.g. the probabilities
+    of T labels -- at every position: ``(positions, T)`` float32, row-major,
+    and the seconds it took. The positions run in the plan's batches, or in
+    ``batches`` = ``(order, bounds)``; the rows not run are NaN."""
     ys, xs = plan.positions()
-    out = np.full(len(ys), np.nan, dtype=np.float32)
+    out = np.full((len(ys), 0), np.nan, dtype=np.float32)
     idx, bounds = plan.batches() if batches is None else batches
     x = plan.input.to(plan.device)
 
     def step(sl: slice) -> None:
+        nonlocal out
         sel = idx[sl]
         batch = occlude(x, plan.fill, ys[sel], xs[sel], plan.patch)
-        out[sel] = probabilities(model(batch))[:, label].cpu().numpy()
+        values = reduce(model(batch)).float().cpu().numpy()
+        if out.shape[1] != values.shape[1]:
+            out = np.full((len(ys), values.shape[1]), np.nan, dtype=np.float32)
+        out[sel] = values
 
     with torch.inference_mode():
         seconds = run_batches(len(idx), bounds, step, progress=progress, plan=plan)

@@ -22,12 +22,34 @@ def connect(**settings):
     return _connect(**settings)
 
 
+def occlusion(model, inputs, patch, stride, **options):
+    """Occlusion maps of tensors in the model's space; see :func:`kql.tensor_api.occlusion`."""
+    from kql.tensor_api import occlusion as _occlusion
+    return _occlusion(model, inputs, patch, stride, **options)
+
+
 def __getattr__(name):  # lazy: `import kql` stays fast for the REPL's --help
     if name == "Connection":
         from kql.api import Connection
         return Connection
+    if name == "HeatmapResult":
+        from kql.result import HeatmapResult
+        return HeatmapResult
+    if name == "Explanation":
+        from kql.planner.explain import Explanation
+        return Explanation
+    if name == "Table":
+        from kql.table import Table
+        return Table
+    if name == "BatchJob":
+        from kql.jobs.batch import BatchJob
+        return BatchJob
+    if name == "compat":
+        import importlib
+        return importlib.import_module("kql.compat")
     raise AttributeError(f"module 'kql' has no attribute {name!r}")
 
 
-__all__ = ["connect", "Connection", "KqlError", "ParseError", "PlanError", "SettingError", "ExecutionError",
+__all__ = ["connect", "Connection", "occlusion", "HeatmapResult", "Explanation", "Table", "BatchJob",
+           "KqlError", "ParseError", "PlanError", "SettingError", "ExecutionError",
            "QueryInterrupted", "__version__"]

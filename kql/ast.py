@@ -41,7 +41,10 @@ class Label:
     """Which class probability the heatmap shows.
 
     kind: ``"predicted"`` (the top class of the unoccluded image), ``"index"``
-    or ``"name"`` (a class name, matched case-insensitively).
+    or ``"name"`` (a class name, matched case-insensitively); for several
+    maps from one run, ``"list"`` (value: a tuple of single labels),
+    ``"top"`` (value: k, the k most probable classes of the unoccluded
+    image) or ``"all"`` (every class).
     """
     kind: str = "predicted"
     value: Union[int, str, None] = None
@@ -99,6 +102,21 @@ class Select:
     into: Optional[str] = None          # output .png or .npy path
 
 
+def label_text(label: Label) -> str:
+    """A LABEL clause's value as the query writes it.
+
+    >>> label_text(Label("list", (Label("index", 3), Label("name", "cat"))))
+    "3, 'cat'"
+    """
+    if label.kind == "list":
+        return ", ".join(label_text(one) for one in label.value)
+    if label.kind == "top":
+        return f"TOP {label.value}"
+    if label.kind in ("all", "predicted"):
+        return label.kind.upper()
+    return _quote(label.value) if label.kind == "name" else str(label.value)
+
+
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -141,8 +159,7 @@ def select_text(select: Select, *, source: bool = True, into: bool = True) -> st
         else:
             parts.append(f"COLOR {c.kind.upper()}")
     if select.label != Label():
-        value = select.label.value
-        parts.append(f"LABEL {_quote(value) if select.label.kind == 'name' else value}")
+        parts.append(f"LABEL {label_text(select.label)}")
     if select.region is not None:
         r = select.region
         parts.append(f"REGION ({r.x0}, {r.y0}, {r.x1}, {r.y1})")

@@ -18,11 +18,11 @@ and the approximate rule the SSIM calibrations TUNE stored (:mod:`kql.calibratio
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from kql.result import HeatmapResult, check_output_path
 
-__all__ = ["compile_select", "run"]
+__all__ = ["compile_select", "optimize_bound", "run"]
 
 
 def compile_select(select, catalog, settings, bindings: Optional[dict] = None):
@@ -38,17 +38,26 @@ def compile_select(select, catalog, settings, bindings: Optional[dict] = None):
     Raises:
         kql.PlanError: anything the query gets wrong (names, INTO, PATCH...).
     """
-    from kql import calibration
     from kql.planner.binder import bind
-    from kql.planner.optimizer import optimize
     if select.into is not None:
         check_output_path(select.into)  # fail before the work, not after
     t0 = time.perf_counter()
     plan = bind(select, catalog, settings, bindings or {})
     t1 = time.perf_counter()
-    plan = optimize(plan, settings=settings, timings=_layer_timings, calibrations=calibration.lookup)
+    plan = optimize_bound(plan, settings)
     plan.timings = {"bind": t1 - t0, "optimize": time.perf_counter() - t1}
     return plan
+
+
+def optimize_bound(plan, settings, rules=None):
+    """Optimize a bound plan by the optimizer's ``RULES`` (or ``rules``),
+    handing the planner the executor's profiler and the SSIM calibrations.
+    :func:`compile_select` calls it after binding, the tensor API
+    (``kql.tensor_api``) after ``planner.binder.bind_input``."""
+    from kql import calibration
+    from kql.planner.optimizer import RULES, optimize
+    return optimize(plan, RULES if rules is None else rules, settings=settings, timings=_layer_timings,
+                    calibrations=calibration.lookup)
 
 
 def _layer_timings(plan):
@@ -58,23 +67,33 @@ def _layer_timings(plan):
     return timing_cache.layer_timings(plan)
 
 
-def run(plan, progress: str = "auto") -> HeatmapResult:
+def run(plan, progress: str = "auto", *, score: Optional[Callable] = None,
+        score_name: str = "probability") -> HeatmapResult:
     """Execute ``plan`` and return its :class:`~kql.result.HeatmapResult`,
-    saved when the query says ``INTO`` (atomically, after the work)."""
+    saved when the query says ``INTO`` (atomically, after the work).
+
+    ``score(raw model output) -> (B, K)`` tensor, named ``score_name``, is
+    what the maps hold (default: the probabilities); the tensor API passes
+    its own. Several labels give a map each (``HeatmapResult.maps``)."""
     from kql.executor import execute
     start = time.perf_counter()
-    done = execute(plan, progress=progress)
+    done = execute(plan, progress=progress, score=score)
     names = plan.spec.class_names
-    label = done.label
+
+    def name(label):
+        return names[label] if names and label < len(names) else None
+
+    several = {} if done.maps is None else dict(
+        maps=done.maps, labels=done.labels, label_names=[name(i) for i in done.labels],
+        originals=done.originals)
     result = HeatmapResult(
-        heatmap=done.heatmap, label=label,
-        label_name=names[label] if names and label < len(names) else None,
+        heatmap=done.heatmap, label=done.label, label_name=name(done.label),
         p_original=done.p_original,
         ys=plan.ys, xs=plan.xs, patch=plan.patch, stride=plan.stride, region=plan.region,
         image=plan.display, model=plan.spec.name, mode=plan.mode,
         timings={**plan.timings, **done.timings},
         plan=plan, plan_text="", warnings=list(plan.warnings), output_path=None,
-        peak_memory=done.peak_memory, tau=plan.tau,
+        peak_memory=done.peak_memory, tau=plan.tau, score=score_name, **several,
     )
     if done.computed is not None:
         result.computed = done.computed

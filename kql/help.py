@@ -43,7 +43,7 @@ _SELECT = """\
 SELECT HEATMAP FROM <image> USING <model> [WEIGHTS '<file>']
     PATCH <n>[x<m>] STRIDE <n>[x<m>]
     [COLOR BLACK | GRAY | GREY | MEAN | <number> | (<r>, <g>, <b>)]
-    [LABEL <index> | '<class name>' | PREDICTED]
+    [LABEL <index> | '<class name>' | PREDICTED | <label>, ... | TOP <k> | ALL]
     [REGION (<x0>, <y0>, <x1>, <y1>)]
     [NAIVE | EXACT | APPROX TAU <t> | APPROX SSIM <s>]
     [DRILLDOWN [FRACTION <r>] [SPEEDUP <t>]] [GATES EXACT | LOCAL | FROZEN]
@@ -196,12 +196,15 @@ Example:
 
 _LABEL = """\
 LABEL <index> | '<class name>' | PREDICTED
+LABEL <label>, <label>, ... | LABEL TOP <k> | LABEL ALL
 
 Which class probability the heatmap shows: a class index, a class name
 (matched case-insensitively), or the class the model predicts for the
-unoccluded image (the default).
-Example:
-  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 LABEL 'tabby';"""
+unoccluded image (the default). Several classes -- a list, the k most
+probable, or every class -- come from one run, a map each.
+Examples:
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 LABEL 'tabby';
+  SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 LABEL TOP 5;"""
 
 _REGION = """\
 REGION (<x0>, <y0>, <x1>, <y1>)

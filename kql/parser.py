@@ -385,6 +385,16 @@ class _ToAst(Transformer):
 
     label_predicted = _constant(ast.Label("predicted"))
 
+    def label_list(self, children):
+        if len(children) == 1:
+            return children[0]
+        return ast.Label("list", tuple(children))
+
+    def label_top(self, children):
+        return ast.Label("top", children[0])
+
+    label_all = _constant(ast.Label("all"))
+
     # -- EXPLAIN, DESCRIBE, SHOW, LOAD
 
     def explain(self, children):

@@ -20,6 +20,7 @@ from kql.planner.plan import format_seconds
 __all__ = ["HeatmapResult", "check_output_path", "write_atomic"]
 
 _FORMATS = (".png", ".npy")
+MAX_PANELS = 12  # labels a PNG shows (the first ones); the .npy holds them all
 
 
 def check_output_path(path: str | os.PathLike) -> str:
@@ -68,7 +69,7 @@ class HeatmapResult:
 
     Attributes:
         heatmap: float32 ``(rows, cols)``: the label's probability with the
-            patch at each grid position.
+            patch at each grid position (with several labels: the first's).
         label: the class index the heatmap is for.
         label_name: its display name, or ``None`` when the model has no names.
         p_original: the label's probability on the unoccluded image.
@@ -104,6 +105,16 @@ class HeatmapResult:
             (``computed`` is then the mask of positions it computed exactly).
         refine_stages: with adaptive refinement, per stage: ``{"stage",
             "positions", "computed", "estimated_ssim"}``.
+        maps: float32 ``(labels, rows, cols)``, one grid per label of
+            ``labels`` (``LABEL TOP k``, ``LABEL ALL``, a list; the tensor
+            API's targets); ``heatmap``, ``label``, ``label_name`` and
+            ``p_original`` are the first label's. Given one label, built from
+            ``heatmap``.
+        labels, label_names, originals: per map, the class index, its name
+            (or None) and its score on the unoccluded input.
+        score: what the maps hold: ``"probability"`` (the language), or the
+            tensor API's ``"softmax"``, ``"sigmoid"``, ``"logits"``,
+            ``"custom"``.
     """
     heatmap: np.ndarray
     label: int
@@ -128,8 +139,29 @@ class HeatmapResult:
     stage_positions: Optional[tuple[int, int]] = None
     estimated_ssim: Optional[float] = None
     refine_stages: Optional[list] = None
+    maps: Optional[np.ndarray] = None
+    labels: Optional[list[int]] = None
+    label_names: Optional[list[Optional[str]]] = None
+    originals: Optional[np.ndarray] = None
+    score: str = "probability"
 
     def __post_init__(self) -> None:
+        if self.maps is None:  # one label: its map is the heatmap
+            self.maps = np.asarray(self.heatmap, dtype=np.float32)[None]
+            self.labels, self.label_names = [self.label], [self.label_name]
+            self.originals = np.array([self.p_original], dtype=np.float32)
+        else:                  # several labels: the first one's map is the heatmap
+            self.maps = np.asarray(self.maps, dtype=np.float32)
+            self.labels = [int(v) for v in self.labels]
+            self.label_names = list(self.label_names) if self.label_names is not None \
+                else [None] * len(self.labels)
+            self.originals = np.asarray(self.originals, dtype=np.float32).reshape(-1)
+            if self.maps.ndim != 3 or not (len(self.maps) == len(self.labels) == len(self.label_names)
+                                           == len(self.originals)) or not len(self.labels):
+                raise ValueError(f"HeatmapResult: maps {self.maps.shape} must be (labels, rows, cols) with "
+                                 f"one entry of labels, label_names and originals per map")
+            self.heatmap, self.label = self.maps[0], self.labels[0]
+            self.label_name, self.p_original = self.label_names[0], float(self.originals[0])
         self.heatmap = np.asarray(self.heatmap, dtype=np.float32)
         self.ys = np.asarray(self.ys, dtype=np.int64).reshape(-1)
         self.xs = np.asarray(self.xs, dtype=np.int64).reshape(-1)
@@ -142,6 +174,47 @@ class HeatmapResult:
                              f"grid of {len(self.ys)} rows x {len(self.xs)} columns (len(ys) x len(xs))")
         if np.asarray(self.image).ndim != 3:
             raise ValueError(f"HeatmapResult: image must be HxWx3, got shape {np.shape(self.image)}")
+
+    # -- several labels -------------------------------------------------------
+    def map(self, label: int) -> np.ndarray:
+        """The position grid of one of the result's labels (a class index).
+
+        Raises:
+            KeyError: the result has no map for ``label``.
+        """
+        return self.maps[self._index(label)]
+
+    def select(self, label: int) -> "HeatmapResult":
+        """This result restricted to one of its labels (a class index)."""
+        import dataclasses
+        i = self._index(label)
+        return dataclasses.replace(self, heatmap=self.maps[i], label=self.labels[i],
+                                   label_name=self.label_names[i], p_original=float(self.originals[i]),
+                                   maps=None, labels=None, label_names=None, originals=None,
+                                   warnings=list(self.warnings))
+
+    def _index(self, label: int) -> int:
+        try:
+            return self.labels.index(int(label))
+        except ValueError:
+            raise KeyError(f"no map for label {label}: this result has labels {self.labels}") from None
+
+    def attribution(self, label: Optional[int] = None) -> np.ndarray:
+        """Captum's per-pixel occlusion attribution for one label (default
+        the first): the mean, over the patch positions covering each pixel,
+        of how much occluding it lowers the score, ``original - occluded``.
+        NaN where no patch covers a pixel (outside the region).
+
+        ``captum.attr.Occlusion`` returns the same values (expanded over the
+        channels) for the same windows: ``kql.occlusion(..., grid='clip')``.
+
+        Returns:
+            float32 ``(H, W)``.
+        """
+        one = self if label is None or len(self.labels) == 1 and int(label) == self.label \
+            else self.select(label)
+        drop = np.float64(one.p_original) - one.heatmap.astype(np.float64)
+        return one._pixel_mean(drop).astype(np.float32)
 
     # -- derived views --------------------------------------------------------
     @property
@@ -172,6 +245,11 @@ class HeatmapResult:
         >>> r.pixel_map().tolist()
         [[1.0, 2.0, 3.0]]
         """
+        return self._pixel_mean(self.heatmap).astype(np.float32)
+
+    def _pixel_mean(self, grid: np.ndarray) -> np.ndarray:
+        """Per pixel, the float64 mean of ``grid`` (rows x cols) over the
+        positions whose patch covers it; NaN where none does."""
         H, W = np.asarray(self.image).shape[:2]
         ph, pw = self.patch
         # Clip patches to the image; a patch wholly outside contributes nothing.
@@ -181,7 +259,7 @@ class HeatmapResult:
         x1 = np.clip(self.xs + pw, 0, W)
         Y0, X0 = np.meshgrid(y0, x0, indexing="ij")
         Y1, X1 = np.meshgrid(y1, x1, indexing="ij")
-        values = self.heatmap.astype(np.float64)
+        values = np.asarray(grid, dtype=np.float64)
 
         def spread(weights: np.ndarray) -> np.ndarray:
             acc = np.zeros((H + 1, W + 1), dtype=np.float64)
@@ -196,8 +274,7 @@ class HeatmapResult:
         # Prefix sums leave tiny residues (~1e-16) in uncovered pixels: round counts.
         count = np.rint(count)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        return out.astype(np.float32)
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
     # -- output ---------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:
@@ -241,7 +318,7 @@ class HeatmapResult:
         import io
         buf = io.BytesIO()
         if fmt == ".npy":
-            np.save(buf, self.heatmap)
+            np.save(buf, self.heatmap if len(self.labels) == 1 else self.maps)
         elif fmt == ".png":
             self._figure().savefig(buf, format="png", dpi=100, bbox_inches="tight")
         else:
@@ -249,23 +326,35 @@ class HeatmapResult:
         return buf.getvalue()
 
     def _figure(self):
-        """The PNG figure (object-oriented matplotlib: no pyplot global state)."""
+        """The PNG figure (object-oriented matplotlib: no pyplot global state):
+        one panel per label, up to :data:`MAX_PANELS` (the first ones)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.cm import ScalarMappable
         from matplotlib.figure import Figure
-        from matplotlib.patches import Rectangle
 
         image = np.clip(np.asarray(self.image, dtype=np.float32), 0.0, 1.0)
+        H, W = image.shape[:2]
+        n = min(len(self.labels), MAX_PANELS)
+        cols = min(n, 4)
+        rows = -(-n // cols)
+        scale = 6.0 / max(H, W) if n == 1 else 3.5 / max(H, W)
+        pw_, ph_ = max(W * scale, 2.5) + 1.4, max(H * scale, 2.5) + (0 if n == 1 else 0.5)
+        fig = Figure(figsize=(pw_ * cols, ph_ * rows), layout="constrained" if n > 1 else None)
+        FigureCanvasAgg(fig)
+        for i in range(n):
+            one = self if n == 1 else self.select(self.labels[i])
+            one._panel(fig, fig.add_subplot(rows, cols, i + 1), image)
+        if len(self.labels) > n:
+            fig.suptitle(f"the first {n} of {len(self.labels)} labels")
+        return fig
+
+    def _panel(self, fig, ax, image) -> None:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.patches import Rectangle
         H, W = image.shape[:2]
         pixels = self.pixel_map()
         lo, hi = float(np.min(self.heatmap)), float(np.max(self.heatmap))
         if hi - lo < 1e-6:  # a flat map still needs a visible colour range
             lo, hi = lo - 0.5e-3, hi + 0.5e-3
-
-        scale = 6.0 / max(H, W)
-        fig = Figure(figsize=(max(W * scale, 2.5) + 1.4, max(H * scale, 2.5)))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
         ax.imshow(image, interpolation="nearest")
         overlay = ax.imshow(np.ma.masked_invalid(pixels), cmap="inferno", alpha=0.55,
                             vmin=lo, vmax=hi, interpolation="nearest")
@@ -274,14 +363,27 @@ class HeatmapResult:
             ax.add_patch(Rectangle((r.x0 - 0.5, r.y0 - 0.5), r.x1 - r.x0, r.y1 - r.y0, fill=False,
                                    edgecolor="cyan", linewidth=1.5, linestyle="--"))
         ax.set_axis_off()
-        ax.set_title(f"{self.model}: {self.label_text} (p={self.p_original:.3f})")
+        what = "p" if self.score == "probability" else self.score
+        ax.set_title(f"{self.model}: {self.label_text} ({what}={self.p_original:.3f})")
         # An opaque twin of the overlay's mappable, so the colorbar shows true colours.
         bar = fig.colorbar(ScalarMappable(norm=overlay.norm, cmap=overlay.cmap), ax=ax,
                            fraction=0.046, pad=0.04)
-        bar.set_label(f"P({self.label_text})")
+        bar.set_label(f"P({self.label_text})" if self.score == "probability"
+                      else f"{self.score}({self.label_text})")
         if lo <= self.p_original <= hi:
             bar.ax.axhline(self.p_original, color="cyan", linewidth=1.5)
-        return fig
+
+    # -- notebooks ------------------------------------------------------------
+    def _repr_png_(self) -> bytes:
+        """Jupyter shows a result as its figure (overlay and colour bar)."""
+        return self.to_bytes(".png")
+
+    def _repr_html_(self) -> str:
+        import base64
+        import html
+        png = base64.b64encode(self._repr_png_()).decode("ascii")
+        return (f"<div><pre>{html.escape(str(self))}</pre>"
+                f"<img src=\"data:image/png;base64,{png}\" alt=\"heatmap\"/></div>")
 
     # -- text -----------------------------------------------------------------
     def __str__(self) -> str:
@@ -289,8 +391,12 @@ class HeatmapResult:
         n = rows * cols
         what = f"'{self.label_name}' (label {self.label}, " if self.label_name is not None \
             else f"label {self.label} ("
+        p = "p" if self.score == "probability" else self.score
+        what += f"{p}={self.p_original:.3f})"
+        if len(self.labels) > 1:
+            what = f"{len(self.labels)} labels, the first {what}"
         mode = self.mode if self.tau is None else f"{self.mode} τ={self.tau:g}"
-        text = f"heatmap {rows}x{cols} of {what}p={self.p_original:.3f}) by {self.model}, {mode}: " \
+        text = f"heatmap {rows}x{cols} of {what} by {self.model}, {mode}: " \
                f"{n} position{'s' if n != 1 else ''}"
         if self.stage_positions is not None:
             one, two = self.stage_positions

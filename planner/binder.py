@@ -38,13 +38,24 @@ def bind(select, catalog, settings, bindings=None) -> Plan:
     x, display = spec.preprocess(image)
     graph = catalog.graph(spec, tuple(x.shape))
     fill = spec.fill_value(select.color, display)
+    return bind_input(select, spec, graph, x, display, fill, settings, device,
+                      image_desc=image_desc, original_hw=tuple(image.shape[:2]))
 
+
+def bind_input(select, spec, graph, x, display, fill, settings, device: str, *, image_desc: str,
+               original_hw: tuple[int, int], fill_text: str = "") -> Plan:
+    """The unoptimized :class:`Plan` of ``select`` over an input already in
+    the model's space: ``x`` ``(C, H, W)``, its ``display`` image, the traced
+    ``graph`` and the patch ``fill`` (``(C,)``, a ``(C, H, W)`` baseline or a
+    callable, see ``executor.common.patch_values``). :func:`bind` calls it
+    after loading and preprocessing an image; the tensor API
+    (``kql.tensor_api``) with tensors the caller already normalised, and
+    ``fill_text`` saying what its patch holds (EXPLAIN's ``color``)."""
     plan = Plan(query=select, spec=spec, graph=graph, image_desc=image_desc,
-                original_hw=tuple(image.shape[:2]), input=x, display=display,
-                settings=settings, fill=fill, device=device,
+                original_hw=tuple(original_hw), input=x, display=display,
+                settings=settings, fill=fill, fill_text=fill_text, device=device,
                 allocator=settings.allocator)
     if spec.warning:
         plan.warnings.append(spec.warning)
-
     return plan
 

@@ -59,6 +59,14 @@ class Explanation:
     def __str__(self) -> str:
         return self.text
 
+    def _repr_pretty_(self, printer, cycle) -> None:
+        """IPython and Jupyter show the EXPLAIN text as it prints."""
+        printer.text(self.text)
+
+    def _repr_html_(self) -> str:
+        import html
+        return f"<pre>{html.escape(self.text)}</pre>"
+
 
 def plan_tree(plan: Plan, timings: Optional[dict] = None) -> Step:
     """The plan as a tree of steps, read bottom-up: Scan -> Preprocess ->
@@ -88,7 +96,18 @@ def plan_tree(plan: Plan, timings: Optional[dict] = None) -> Step:
     heatmap = Step("Heatmap", [], [infer])
     if q.into:
         heatmap.detail("into", q.into)
-    if plan.label is None:
+    choice = plan.label_choice
+    if choice.several == "list":
+        shown = ", ".join("PREDICTED" if one.index is None else
+                          (f"{one.index} '{one.name}'" if one.name else str(one.index)) for one in choice.listed)
+        heatmap.detail("labels", f"{shown} (one run, a map each)")
+    elif choice.several == "top":
+        heatmap.detail("labels", f"TOP {choice.top} (the most probable classes of the unoccluded image, "
+                                 f"resolved at run time; one run)")
+    elif choice.several == "all":
+        n = spec.num_classes
+        heatmap.detail("labels", f"ALL ({n} classes; one run)" if n else "ALL (every class; one run)")
+    elif plan.label is None:
         heatmap.detail("label", "PREDICTED (top class of the unoccluded image, resolved at run time)")
     else:
         heatmap.detail("label", f"{plan.label} '{plan.label_name}'" if plan.label_name else str(plan.label))
@@ -101,8 +120,8 @@ def _infer_step(plan: Plan, prep: Step) -> Step:
     """The Infer step of one plan (its Occlude and, incremental, Materialize under it)."""
     q, spec = plan.query, plan.spec
     color = q.color
-    shown = color.kind.upper() if color.value is None else (
-        str(color.value[0]) if color.kind == "value" else str(tuple(color.value)))
+    shown = plan.fill_text or (color.kind.upper() if color.value is None else (
+        str(color.value[0]) if color.kind == "value" else str(tuple(color.value))))
     region = plan.region
     occlude = Step("Occlude", [("patch", f"{q.patch[0]}x{q.patch[1]}"), ("stride", f"{q.stride[0]}x{q.stride[1]}"),
                                ("color", shown),

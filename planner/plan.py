@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Union
 
 import numpy as np
 
@@ -117,6 +117,7 @@ class ModelSpecLike(Protocol):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: Optional[list[str]]
+    num_classes: Optional[int]
 
     def preprocess(self, image: np.ndarray) -> tuple["torch.Tensor", np.ndarray]: ...
 
@@ -157,9 +158,53 @@ class Grid:
 @dataclass(frozen=True)
 class LabelChoice:
     """The class the heatmap is for (``rules/resolve_label.py``): ``index``
-    None is ``LABEL PREDICTED``, resolved by the reference inference."""
+    None is ``LABEL PREDICTED``, resolved by the reference inference.
+
+    Several maps from one run: ``several`` is ``"list"`` (``LABEL a, b,
+    ...``: ``listed`` holds each one's choice, ``index``/``name`` the first's),
+    ``"top"`` (``LABEL TOP k``, ``top`` = k) or ``"all"``; the classes of TOP
+    and PREDICTED are known only once the unoccluded input has run
+    (:meth:`classes`).
+    """
     index: Optional[int] = None
     name: Optional[str] = None
+    several: Optional[str] = None
+    listed: tuple["LabelChoice", ...] = ()
+    top: Optional[int] = None
+
+    def classes(self, scores) -> Optional[list[int]]:
+        """The class of every map, given the unoccluded input's ``scores``
+        (a 1-D tensor, one per model output), or None for one label. The
+        executor calls it after the reference inference.
+
+        >>> import torch
+        >>> LabelChoice(several="top", top=2).classes(torch.tensor([0.1, 0.6, 0.3]))
+        [1, 2]
+        >>> LabelChoice(3, several="list", listed=(LabelChoice(3), LabelChoice())).classes(torch.tensor([.2, .5, 0, .3]))
+        [3, 1]
+
+        Raises:
+            kql.ExecutionError: TOP k or a listed class beyond the model's outputs.
+        """
+        from kql.errors import ExecutionError
+        K = scores.shape[0]
+        if self.several is None:
+            return None
+        if self.several == "all":
+            return list(range(K))
+        if self.several == "top":
+            if self.top > K:
+                raise ExecutionError(f"LABEL TOP {self.top}: the model has {K} outputs")
+            import torch
+            return torch.argsort(scores, descending=True, stable=True)[:self.top].tolist()
+        out: list[int] = []
+        for one in self.listed:
+            index = int(scores.argmax()) if one.index is None else one.index
+            if index >= K:
+                raise ExecutionError(f"label {index} is out of range: the model has {K} outputs (0-{K - 1})")
+            if index not in out:
+                out.append(index)
+        return out
 
 
 @dataclass(frozen=True)
@@ -251,7 +296,8 @@ class Plan:
     Bound by ``planner.binder``: ``query``, ``spec`` (the model: a
     ``kql.sources.ModelSpec``), ``graph``, ``image_desc``, ``original_hw``,
     ``input`` (normalised model input, ``(C, H, W)``), ``display`` (the
-    resized image), ``fill`` (the patch colour per channel), ``device``,
+    resized image), ``fill`` (the patch colour per channel, or the tensor
+    API's baseline) and ``fill_text``, ``device``,
     ``allocator`` and ``settings``. Decided by the rules: the records in the
     module docstring's table, ``mode``, ``batch_size`` and
     ``per_position_bytes``; each rule also says why in ``rewrites``.
@@ -264,7 +310,8 @@ class Plan:
     input: Optional["torch.Tensor"] = None
     display: Optional[np.ndarray] = None
     settings: Optional[SettingsLike] = None
-    fill: Optional["torch.Tensor"] = None
+    fill: Union["torch.Tensor", Callable, None] = None
+    fill_text: str = ""                   # what the patch holds, for EXPLAIN, when not the query's COLOR
     device: str = "cpu"
     allocator: str = "reuse"              # SET allocator: 'reuse' keeps freed memory while the plan runs
     # decisions of the rules

@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LANGUAGE = ROOT / "docs" / "language.md"
 API = ROOT / "docs" / "api.md"
 WEB = ROOT / "docs" / "web.md"
+COMPAT = ROOT / "docs" / "compat.md"
 README = ROOT / "README.md"
-DOC_PAGES = ("index.md", "language.md", "api.md", "architecture.md", "speedup.md", "web.md")
+DOC_PAGES = ("index.md", "language.md", "api.md", "architecture.md", "speedup.md", "web.md", "compat.md")
 
 
 def blocks(path: Path, lang: str) -> list[tuple[int, str]]:
@@ -129,6 +130,13 @@ def run_python_blocks(path: Path) -> None:
 def test_api_examples_run(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     run_python_blocks(API)
+
+
+def test_compat_examples_run(workspace, monkeypatch):
+    pytest.importorskip("captum")
+    pytest.importorskip("monai")
+    monkeypatch.chdir(workspace)
+    run_python_blocks(COMPAT)
 
 
 def test_web_examples_run(workspace, monkeypatch):

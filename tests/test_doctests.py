@@ -15,7 +15,7 @@ import pkgutil
 import pytest
 
 PACKAGES = ("kql", "kql.grammar", "kql.sources", "kql.jobs", "kql.planner", "kql.planner.rules", "kql.executor",
-            "kql.kernels", "kql.web")
+            "kql.kernels", "kql.web", "kql.compat")
 
 
 def modules() -> list[str]:
@@ -34,6 +34,7 @@ WITH_EXAMPLES = {
     "kql.planner.graph", "kql.planner.ir", "kql.planner.tracer", "kql.planner.ops",
     "kql.planner.annotator", "kql.planner.geometry", "kql.planner.cost", "kql.planner.drilldown",
     "kql.executor.common", "kql.kernels", "kql.kernels.reference",
+    "kql.tensor_api", "kql.compat.captum", "kql.compat.monai",
 }
 
 

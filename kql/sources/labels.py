@@ -68,6 +68,14 @@ def resolve_label(spec: ModelSpec, label: Label) -> tuple[Optional[int], Optiona
     names = spec.class_names
     if label.kind == "predicted":
         return None, None
+    if label.kind == "list":  # every one is checked; the first is the result's main label
+        return [resolve_label(spec, one) for one in label.value][0]
+    if label.kind in ("top", "all"):
+        n = spec.num_classes if spec.num_classes is not None else (len(names) if names else None)
+        if label.kind == "top" and not 1 <= label.value <= (n or label.value):
+            raise PlanError(f"LABEL TOP {label.value}: k must be between 1 and the model's {n} classes"
+                            if n else f"LABEL TOP {label.value}: k must be at least 1")
+        return None, None
     if label.kind == "index":
         index = label.value
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
@@ -80,7 +88,8 @@ def resolve_label(spec: ModelSpec, label: Label) -> tuple[Optional[int], Optiona
             raise PlanError(f"label {index} is out of range: class indices start at 0")
         return index, (names[index] if names and index < len(names) else None)
     if label.kind != "name":
-        raise PlanError(f"unknown label kind {label.kind!r}: use 'predicted', 'index' or 'name'")
+        raise PlanError(f"unknown label kind {label.kind!r}: use 'predicted', 'index', 'name', 'list', "
+                        f"'top' or 'all'")
 
     if not names:
         raise PlanError(f"model '{spec.name}' has no class names: use LABEL <index>")

@@ -1,0 +1,303 @@
+"""``monai.visualize.OcclusionSensitivity``, computed incrementally: change one import.
+
+>>> from kql.compat.monai import OcclusionSensitivity   # was: from monai.visualize import ...
+>>> import torch, torch.nn as nn
+>>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+>>> occ_map, most_probable = OcclusionSensitivity(net, mask_size=8, verbose=False)(torch.rand(1, 1, 24, 32))
+>>> tuple(occ_map.shape), tuple(most_probable.shape)
+((1, 3, 24, 32), (1, 1, 24, 32))
+
+Same constructor, same call, same tensors as MONAI (1.3 to 1.6): the map is
+``(1, N, H, W)`` with the N classes on axis 1 -- what MONAI returns, whatever
+its docstring's ``BCHW(D)N`` says -- and the most probable class
+``(1, 1, H, W)``. MONAI slides the mask over the image as
+``sliding_window_inference`` slides a window: the step is ``int(mask_size *
+(1 - overlap))`` (at least 1), the last window ends at the image's edge, and
+every pixel gets the (Gaussian-weighted, for ``mode='gaussian'``) mean of the
+outputs of the windows covering it. Here every window position is one
+position of one incremental plan whose output is every class
+(``kql.occlusion(..., target='all')``); the windows' outputs are then blended
+as MONAI blends them. ``n_batch`` is a memory hint only: the planner sizes
+batches itself.
+
+3-D volumes (``BCHWD``) are not supported yet: the engine takes 2-D images.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["OcclusionSensitivity"]
+
+
+class OcclusionSensitivity:
+    """A drop-in for ``monai.visualize.OcclusionSensitivity``.
+
+    Args:
+        nn_module: the classifier.
+        mask_size: the occluded box, one int for every spatial axis or one per axis.
+        n_batch: images per batch in MONAI; a memory hint here.
+        verbose: a progress bar.
+        mode: what the occluded box holds: a float; ``'gaussian'`` (the image
+            times 1 - a Gaussian, 0 at the centre; windows blended with
+            Gaussian weights); ``'mean_patch'`` (the box times its mean: what
+            MONAI computes, see :func:`_mean_patch`);
+            ``'mean_img'`` (the image's mean); or a callable ``f(x,
+            box)`` returning the occluded box (MONAI 1.6 accepts one but
+            fails on it; here it works).
+        overlap: overlap of neighbouring windows, ``0 <= overlap < 1``.
+        activate: ``True``: softmax over the classes (sigmoid when the
+            *input* has one channel, as MONAI does); ``False``: the raw
+            output; a callable: applied to the output.
+    """
+
+    def __init__(self, nn_module: nn.Module, mask_size: Union[int, Sequence[int]] = 16, n_batch: int = 16,
+                 verbose: bool = True, mode: Union[str, float, Callable] = "gaussian", overlap: float = 0.6,
+                 activate: Union[bool, Callable] = True) -> None:
+        if not isinstance(nn_module, nn.Module) and not callable(nn_module):
+            raise TypeError(f"nn_module must be a torch.nn.Module, got {type(nn_module).__name__}")
+        if isinstance(mode, str) and mode not in ("gaussian", "mean_patch", "mean_img"):
+            raise NotImplementedError(f"mode must be 'gaussian', 'mean_patch', 'mean_img', a float or a "
+                                      f"callable, got {mode!r}")
+        self.nn_module = nn_module
+        self.mask_size = mask_size
+        self.n_batch = n_batch
+        self.verbose = verbose
+        self.overlap = overlap
+        self.activate = activate
+        self.mode = mode
+
+    def __call__(self, x: torch.Tensor, b_box: Optional[Sequence[int]] = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The occlusion map ``(1, N, H, W)`` and the most probable class
+        ``(1, 1, H, W)``, both cropped to ``b_box`` when given.
+
+        Args:
+            x: one image ``(1, C, H, W)``.
+            b_box: ``[min_y, max_y, min_x, max_x]``; negative values mean the
+                whole axis (as in MONAI).
+            kwargs: further arguments of the module's forward.
+
+        Raises:
+            ValueError: a batch of more than one, a mask larger than the
+                (boxed) image, a bad overlap or bounding box.
+        """
+        from kql.tensor_api import as_module, occlusion
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape[0] > 1:
+            raise ValueError("Expected batch size of 1.")
+        if x.dim() != 4:
+            raise ValueError(f"x must be (1, C, H, W): the engine takes 2-D images (3-D volumes are not "
+                             f"supported yet), got shape {tuple(x.shape)}")
+        if not isinstance(self.overlap, numbers.Real) or not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        H, W = x.shape[2:]
+        mask = _mask_size(self.mask_size)
+        y0, y1, x0, x1 = 0, H, 0, W
+        if b_box is not None:
+            (y0, y1, x0, x1), mask = _crop(b_box, mask, (H, W))
+        if any(m > g for g, m in zip((y1 - y0, x1 - x0), mask)):
+            raise ValueError(f"Image (spatial shape) {(y1 - y0, x1 - x0)} should be bigger than mask {tuple(mask)}.")
+        step = tuple(_scan_interval(g, m, self.overlap) for g, m in zip((y1 - y0, x1 - x0), mask))
+        module = self.nn_module
+        if kwargs:
+            inner = module
+            module = lambda inp: inner(inp, **kwargs)  # noqa: E731
+        module, _ = as_module(module)
+        activate = self.activate
+        if callable(activate):
+            score: Union[str, Callable] = activate
+        elif activate:
+            score = "sigmoid" if x.shape[1] == 1 else "softmax"
+        else:
+            score = "logits"
+        was_training = self.nn_module.training if isinstance(self.nn_module, nn.Module) else None
+        try:
+            result = occlusion(module, x, tuple(mask), step, target="all", baseline=self._fill(x, mask),
+                               score=score, region=(x0, y0, x1, y1),
+                               progress="on" if self.verbose else "off")[0]
+        finally:
+            if was_training:
+                self.nn_module.train()
+        weights = _importance(mask, self.mode == "gaussian")
+        blended = _blend(torch.from_numpy(result.maps), result.ys - y0, result.xs - x0, weights,
+                         (y1 - y0, x1 - x0))
+        out = torch.zeros((1, blended.shape[0], H, W), dtype=torch.float32)
+        out[0, :, y0:y1, x0:x1] = blended
+        if b_box is not None:
+            lo = [max(int(b), 0) for b in b_box[0::2]]
+            hi = [int(b) if b > 0 else s for b, s in zip(b_box[1::2], (H, W))]
+            out = out[:, :, lo[0]:hi[0], lo[1]:hi[1]]
+        out = out.to(x.device)
+        return out, out.argmax(dim=1, keepdim=True)
+
+    def _fill(self, x: torch.Tensor, mask: Sequence[int]):
+        """What a window holds, as the tensor API's baseline."""
+        mode = self.mode
+        if isinstance(mode, numbers.Real) and not isinstance(mode, bool):
+            return float(mode)
+        if mode == "mean_img":
+            return float(x.mean().item())
+        if mode == "mean_patch":
+            return _mean_patch
+        if mode == "gaussian":
+            return _Multiply(_gaussian_mul(x.shape[1], mask).to(x.device))
+        return _Custom(mode, x)
+
+
+def _mask_size(mask_size) -> list[int]:
+    m = [mask_size] * 2 if isinstance(mask_size, numbers.Integral) else list(mask_size)
+    if len(m) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in m):
+        raise ValueError(f"mask_size must be a positive int or two of them (2-D images), got {mask_size!r}")
+    return [int(v) for v in m]
+
+
+def _crop(b_box, mask, shape) -> tuple[tuple[int, int, int, int], list[int]]:
+    """MONAI's ``crop_meshgrid``: the box widened by half the mask, clipped;
+    the mask clipped to it."""
+    if len(b_box) != 4 or not all(isinstance(b, numbers.Integral) for b in b_box):
+        raise ValueError(f"b_box must be [min_y, max_y, min_x, max_x] (ints), got {list(b_box)!r}")
+    edge = [(m - 1) // 2 for m in mask]
+    lo = [max(int(b) - e, 0) for b, e in zip(b_box[0::2], edge)]
+    hi = [s if b == -1 else min(int(b) + e, s) for b, e, s in zip(b_box[1::2], edge, shape)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        raise ValueError(f"b_box {list(b_box)} is empty for an image of {tuple(shape)}")
+    mask = [min(m, h - l) for m, l, h in zip(mask, lo, hi)]
+    return (lo[0], hi[0], lo[1], hi[1]), mask
+
+
+def _scan_interval(size: int, mask: int, overlap: float) -> int:
+    """``sliding_window_inference``'s step."""
+    if mask == size:
+        return mask
+    return max(int(mask * (1 - overlap)), 1)
+
+
+def _importance(mask: Sequence[int], gaussian: bool, sigma_scale: float = 0.125) -> torch.Tensor:
+    """``monai.data.utils.compute_importance_map``: the weight of each pixel
+    of a window in the blend."""
+    if not gaussian:
+        return torch.ones(tuple(mask))
+    out = None
+    for m in mask:
+        r = torch.arange(-(m - 1) / 2.0, (m - 1) / 2.0 + 1, dtype=torch.float)
+        g = torch.exp(r ** 2 / (-2 * (m * sigma_scale) ** 2))
+        out = g if out is None else out.unsqueeze(-1) * g[None]
+    floor = max(torch.min(out).item(), 1e-3)
+    return torch.clamp(out, min=floor)
+
+
+def _blend(maps: torch.Tensor, ys, xs, weights: torch.Tensor, shape) -> torch.Tensor:
+    """Every pixel: the weighted mean of the outputs (``maps``, classes x
+    rows x cols) of the windows covering it (``sliding_window_inference``).
+
+    The windows on a regular step are summed with ``F.fold`` (col2im), a
+    few dozen classes at a time; the last row and column, shifted to end at
+    the edge, with ``index_add_``."""
+    import torch.nn.functional as F
+    K = maps.shape[0]
+    H, W = shape
+    mh, mw = weights.shape
+    ys, xs = np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64)
+    values = maps.float()
+    w = weights.float()
+    total = torch.zeros(K, H, W)
+    count = torch.zeros(1, H, W)
+    ry, sy = _regular(ys)
+    rx, sx = _regular(xs)
+    oh, ow = int(ys[ry - 1] - ys[0]) + mh, int(xs[rx - 1] - xs[0]) + mw
+    y0, x0 = int(ys[0]), int(xs[0])
+
+    def fold(v: torch.Tensor) -> torch.Tensor:   # v: (k, ry, rx) -> (k, oh, ow)
+        cols = (v.reshape(len(v), 1, ry * rx) * w.reshape(1, -1, 1)).reshape(1, -1, ry * rx)
+        return F.fold(cols, (oh, ow), (mh, mw), stride=(sy, sx))[0]
+
+    chunk = max(1, (1 << 23) // (mh * mw * ry * rx))
+    for lo in range(0, K, chunk):
+        total[lo:lo + chunk, y0:y0 + oh, x0:x0 + ow] += fold(values[lo:lo + chunk, :ry, :rx])
+    count[:, y0:y0 + oh, x0:x0 + ow] += fold(torch.ones(1, ry, rx))
+    # the rest: the last row and/or column, shifted inward
+    rest = [(i, j) for i in range(len(ys)) for j in range(len(xs)) if i >= ry or j >= rx]
+    for i, j in rest:
+        y, x = int(ys[i]), int(xs[j])
+        total[:, y:y + mh, x:x + mw] += w * values[:, i, j, None, None]
+        count[:, y:y + mh, x:x + mw] += w
+    return total / count
+
+
+def _regular(a: np.ndarray) -> tuple[int, int]:
+    """How many leading entries of ``a`` lie on a regular step, and the step."""
+    if len(a) == 1:
+        return 1, 1
+    step = int(a[1] - a[0])
+    n = 2
+    while n < len(a) and a[n] - a[n - 1] == step:
+        n += 1
+    return n, step
+
+
+def _gaussian_mul(channels: int, mask: Sequence[int], sigma: float = 0.25) -> torch.Tensor:
+    """MONAI's ``gaussian_occlusion`` factor ``(C, mh, mw)``: 1 minus a
+    Gaussian (``GaussianSmooth`` of a centred impulse, erf kernel truncated
+    at 4 sigma), scaled to [0, 1]: 0 at the centre."""
+    kernels = []
+    for m in mask:
+        s = torch.as_tensor(float(m * sigma))
+        tail = int(max(float(s) * 4.0, 0.5) + 0.5)
+        r = torch.arange(-tail, tail + 1, dtype=torch.float)
+        t = 0.70710678 / torch.abs(s)
+        k = (0.5 * ((t * (r + 0.5)).erf() - (t * (r - 0.5)).erf())).clamp(min=0)
+        c = m // 2
+        idx = torch.arange(m) - c + tail                     # the impulse at c, filtered with zero padding
+        kernels.append(torch.where((idx >= 0) & (idx < len(k)), k[idx.clamp(0, len(k) - 1)], torch.zeros(())))
+    g = kernels[0][:, None] * kernels[1][None, :]
+    g = -g.expand(channels, *g.shape)
+    lo, hi = g.min(), g.max()
+    if hi == lo:
+        return torch.zeros_like(g)
+    return (g - lo) / (hi - lo)
+
+
+class _Multiply:
+    """Gaussian mode: each box is the image's box times the factor."""
+
+    def __init__(self, mul: torch.Tensor):
+        self.mul = mul
+
+    def __call__(self, x: torch.Tensor, ys, xs, patch) -> torch.Tensor:
+        return _boxes(x, ys, xs, patch) * self.mul.to(x.dtype)
+
+
+def _mean_patch(x: torch.Tensor, ys, xs, patch) -> torch.Tensor:
+    """``mean_patch`` as MONAI (1.3 to 1.6) computes it: its predictor
+    unpacks ``constant_occlusion``'s ``(mul, add)`` as ``(add, mul)``, so each
+    box is multiplied by its own mean (over all channels) rather than
+    replaced by it. Done the same here, so the maps match."""
+    boxes = _boxes(x, ys, xs, patch)
+    means = boxes.reshape(len(boxes), -1).mean(dim=1)
+    return boxes * means.view(-1, 1, 1, 1)
+
+
+class _Custom:
+    """A callable mode: ``mode(x, box)`` with x the ``(1, C, H, W)`` image."""
+
+    def __init__(self, fn: Callable, x: torch.Tensor):
+        self.fn, self.x = fn, x
+
+    def __call__(self, x: torch.Tensor, ys, xs, patch) -> torch.Tensor:
+        boxes = _boxes(x, ys, xs, patch)
+        return torch.cat([self.fn(self.x, box[None]) for box in boxes]).to(torch.float32)
+
+
+def _boxes(x: torch.Tensor, ys, xs, patch) -> torch.Tensor:
+    from kql import kernels
+    y0 = torch.as_tensor(np.asarray(ys, dtype=np.int64), device=x.device)
+    x0 = torch.as_tensor(np.asarray(xs, dtype=np.int64), device=x.device)
+    return kernels.gather(x.float().contiguous(), y0, x0, patch[0], patch[1], backend="torch")
