@@ -19,7 +19,9 @@ from kql.executor.common import probabilities, reference
 
 @dataclass
 class Execution:
-    """What running a plan computed.
+    """What running a plan computed. Each field is the
+    :class:`~kql.result.HeatmapResult` field of the same name, which
+    ``kql.compiler.run`` copies over (``dataclasses.fields``).
 
     Attributes:
         heatmap: float32 ``(rows, cols)`` on the plan's grid.

@@ -17,6 +17,7 @@ and the approximate rule the SSIM calibrations TUNE stored (:mod:`kql.calibratio
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Optional
 
@@ -83,24 +84,18 @@ def run(plan, progress: str = "auto", *, score: Optional[Callable] = None,
     def name(label):
         return names[label] if names and label < len(names) else None
 
-    several = {} if done.maps is None else dict(
-        maps=done.maps, labels=done.labels, label_names=[name(i) for i in done.labels],
-        originals=done.originals)
+    # every field of the Execution is the HeatmapResult field of that name
+    # (a field added to one and not the other fails here, in every test)
+    copied = {f.name: getattr(done, f.name) for f in dataclasses.fields(done)}
+    copied["timings"] = {**plan.timings, **done.timings}
     result = HeatmapResult(
-        heatmap=done.heatmap, label=done.label, label_name=name(done.label),
-        p_original=done.p_original,
+        **copied, label_name=name(done.label),
+        label_names=None if done.labels is None else [name(i) for i in done.labels],
         ys=plan.ys, xs=plan.xs, patch=plan.patch, stride=plan.stride, region=plan.region,
         image=plan.display, model=plan.spec.name, mode=plan.mode,
-        timings={**plan.timings, **done.timings},
         plan=plan, plan_text="", warnings=list(plan.warnings), output_path=None,
-        peak_memory=done.peak_memory, tau=plan.tau, score=score_name, **several,
+        tau=plan.tau, score=score_name,
     )
-    if done.computed is not None:
-        result.computed = done.computed
-        result.stage_positions = done.stage_positions
-    if done.estimated_ssim is not None:
-        result.estimated_ssim = done.estimated_ssim
-        result.refine_stages = done.refine_stages
     if plan.query.into:
         t0 = time.perf_counter()
         result.save(plan.query.into)
