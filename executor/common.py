@@ -109,19 +109,14 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
     :func:`model_failed`). A :func:`batch_hook` in force sees every batch and
     may cancel between them.
     """
-    from tqdm import tqdm
     slices = list(batches(n, size))
-    disable = {"on": False, "off": True}.get(progress, None)
-    if disable is None:  # auto: a bar on a terminal, for more than one batch
-        disable = not sys.stderr.isatty() or len(slices) <= 1
     hook = _BATCH_HOOK.get()
     start = time.perf_counter()
     done = 0
     try:
         if hook is not None:
             hook(0, n)
-        with tqdm(total=n, desc=desc, unit="pos", disable=disable, leave=False,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
+        with progress_bar(n, progress, desc, "pos", steps=len(slices)) as bar:
             for sl in slices:
                 try:
                     step(sl)
@@ -187,26 +182,14 @@ def model_failed(plan, error: Exception, batch: int) -> ExecutionError:
     return ExecutionError(f"model '{plan.spec.name}' failed on {what}: {text}{hint}")
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_description(self, text):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress_bar(total: int, progress: str, desc: str, unit: str):
-    """A tqdm bar for work that is not a plain batch loop (TUNE's heatmaps,
-    refinement's positions), by the rules :func:`run_batches` follows:
-    ``"on"``, ``"off"``, or ``"auto"`` (a bar on a terminal). With the bar
-    off, an object with the same methods that does nothing."""
+def progress_bar(total: int, progress: str, desc: str, unit: str, *, steps: Optional[int] = None):
+    """The tqdm bar of every executor loop (:func:`run_batches`, TUNE's
+    heatmaps, refinement's positions): ``progress`` ``"on"``, ``"off"``, or
+    ``"auto"`` (a bar on a terminal, unless the loop is known to take one
+    step, ``steps``). Off, tqdm's disabled bar (its methods do nothing)."""
+    from tqdm import tqdm
     disable = {"on": False, "off": True}.get(progress, None)
     if disable is None:
-        disable = not sys.stderr.isatty()
-    if disable:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+        disable = not sys.stderr.isatty() or (steps is not None and steps <= 1)
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=False, file=sys.stderr,
+                dynamic_ncols=True)
