@@ -105,7 +105,12 @@ def enumerate_plans(plan, target: float, calibration, policy, refine_share: Opti
             out.append(Candidate(name, predicted, share, predicted >= target,
                                  f"replayed on {calibration.coverage_text()}"))
     small = policy.too_small((len(plan.ys), len(plan.xs)))
-    if small:
+    if plan.label_choice.several is not None:
+        # the executor computes every position of every map (refinement
+        # chooses positions for one map): refinement would be exact's work
+        out.append(Candidate("refine", None, 1.0, False,
+                             "it refines one map; several labels compute every position of each"))
+    elif small:
         out.append(Candidate("refine", None, 1.0, False, small))
     elif not refine_measured:
         out.append(Candidate("refine", None, float("nan"), False,

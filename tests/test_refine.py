@@ -258,3 +258,23 @@ def test_drilldown_without_a_calibration_does_not_skip_positions(con):
     r = con.execute(f"{Q} APPROX SSIM 0.9 DRILLDOWN", img=img, net=net)
     assert r.mode == "exact" and r.stage_positions is None and r.computed is None
     assert "DRILLDOWN with APPROX SSIM needs the calibration too: ran every position" in r.warnings
+
+
+def test_several_labels_never_choose_refinement_and_tau_says_what_it_predicts(con, monkeypatch):
+    """Refinement chooses positions for one map; several labels compute every
+    position of each, so the contract does not count on refinement's savings.
+    A τ plan's SSIM is calibrated on the predicted class's map only: it says so."""
+    from kql.planner.rules import approximate
+    monkeypatch.setattr(approximate, "tau_cost", lambda plan, tau: 0.5)  # this small net gains nothing from τ
+    net, img = _net(), _image()
+    calibration.save(_calibration(net))
+    plan = con.plan(f"{Q} LABEL TOP 2 APPROX SSIM 0.9", {"img": img, "net": net})
+    (cand,) = [c for c in plan.candidates if c.name == "refine"]
+    assert not cand.meets and not cand.chosen and "several labels" in cand.note
+    assert plan.refine is None and plan.contract.chosen.name == "exact"
+    calibration.save(_calibration(net, tau_ssim=(1.0, 0.95, 0.6)))
+    r = con.execute(f"{Q} LABEL TOP 2 APPROX SSIM 0.9", img=img, net=net)
+    assert r.tau == pytest.approx(0.7) and len(r.maps) == 2
+    assert any("other classes' maps at τ = 0.7 have no SSIM prediction" in w for w in r.warnings)
+    one = con.execute(f"{Q} APPROX SSIM 0.9", img=img, net=net)
+    assert not any("other classes" in w for w in one.warnings)

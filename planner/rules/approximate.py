@@ -128,6 +128,10 @@ def _contract(plan, target: float, calibration):
         plan.record("approximate", f"τ = {chosen.tau:.3g} from {source}, predicted SSIM "
                                    f"{chosen.predicted_ssim:.3f} ({chosen.note}), "
                                    f"{100 * chosen.cost:.0f} % of exact's work")
+        if plan.label_choice.several is not None:
+            plan.warnings.append(f"{keyword}: the calibration predicts the SSIM of the map of the class the "
+                                 f"model predicts; other classes' maps at τ = {chosen.tau:.3g} have no "
+                                 f"SSIM prediction")
     elif chosen.name == "refine":
         plan.contract = dataclasses.replace(contract, refine=policy)
         plan.record("approximate", f"{keyword}: adaptive refinement, {policy.describe()}; computed a "
