@@ -50,10 +50,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from kql.planner.plan import batch_bounds
 from kql.errors import first_line
 from kql.planner.ir import Kind
-from kql.planner.plan import format_seconds
+from kql.planner.plan import batch_bounds, format_seconds
 
 
 @dataclass

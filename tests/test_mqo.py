@@ -10,7 +10,8 @@ import torch.nn as nn
 
 import kql
 from kql.parser import parse
-from kql.planner.rules.incremental import batch_bounds, layer_costs
+from kql.planner.plan import batch_bounds
+from kql.planner.rules.incremental import layer_costs
 from kql.planner.rules.mqo_batches import _BatchCost
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from kql.planner.geometry import Rects, propagate, read_region, window_size
 from kql.planner.ir import Kind
 from kql.planner.memory import BYTES_PER_ELEMENT, numel, peak_elements
-from kql.planner.plan import IncrementalSchedule, batch_bounds  # noqa: F401  (batch_bounds: re-exported)
+from kql.planner.plan import IncrementalSchedule, batch_bounds
 
 #: Cost of gathering one element into a window, in multiply-add equivalents.
 #: A conv output pixel costs C_in*k*k multiply-adds at ~100-150 GFLOP/s on this
