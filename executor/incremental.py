@@ -104,8 +104,8 @@ class IncrementalRunner:
         """A view is kept when some consumer reads around or beyond the patch:
         everything but point layers (which read the patch only). A layer past
         the IVM cutoff is always computed in full, so nothing reads its view."""
-        if name in self.capped:
-            return True
+        if name in self.capped or self._is_global_mean(self.layers[name]):
+            return True  # _cap_full and _global_mean read the layer's own view
         if self.regions[name].is_empty.all() and self.graph.consumers(name):
             return True  # never changes (a frozen gate): its readers read the view
         if name in self.full_layers:
