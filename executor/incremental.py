@@ -82,7 +82,6 @@ class IncrementalRunner:
         self.backend = backend
         self._dep: dict[str, bool] = {}  # node -> depends on the image (_depends_on_input)
         self._inv: dict[str, torch.Tensor] = {}  # avg-pool layer -> 1/divisor map (_inv_divisor)
-        self._mean_ok: dict[str, bool] = {}  # layer -> _is_global_mean
         self.device = torch.device(plan.device)
         if self.gm is not model:
             self.gm = self.gm.to(self.device)
@@ -96,6 +95,13 @@ class IncrementalRunner:
                                 if tau is not None and tau < 1 and thresholded(layer))
         self._point_ok = {name: self._point_is_pixelwise(name) for name, layer in self.layers.items()
                           if layer.kind == Kind.POINT}
+        # What _step asks of every layer on every batch, decided once here.
+        self._global_means = frozenset(name for name, layer in self.layers.items()
+                                       if self._is_global_mean(layer))
+        self._gates = {name: frozenset(i for i in layer.inputs if self._broadcast_into(layer, i))
+                       for name, layer in self.layers.items() if layer.kind == Kind.MERGE}
+        # Positions for which a layer never changes (a frozen gate), for the layers that have any.
+        self._unchanged = {name: r.is_empty for name, r in regions.items() if r.is_empty.any()}
         self.last_use = self._last_use()
         self.views, self.consts = self._materialize()
 
@@ -104,14 +110,13 @@ class IncrementalRunner:
         """A view is kept when some consumer reads around or beyond the patch:
         everything but point layers (which read the patch only). A layer past
         the IVM cutoff is always computed in full, so nothing reads its view."""
-        if name in self.capped:
-            return True
+        if name in self.capped or name in self._global_means:
+            return True  # _cap_full and _global_mean read the layer's own view
         if self.regions[name].is_empty.all() and self.graph.consumers(name):
             return True  # never changes (a frozen gate): its readers read the view
         if name in self.full_layers:
             return False
-        layer = self.layers[name]
-        if layer.kind == Kind.MERGE and any(self._broadcast_into(layer, i) for i in layer.inputs):
+        if self._gates.get(name):
             return True  # a gate applied locally keeps the view outside the region (_outside_to_view)
         for consumer in self.graph.consumers(name):
             kind = self.layers[consumer].kind
@@ -235,16 +240,17 @@ class IncrementalRunner:
         ins = [state.get(name) for name in layer.inputs]
         if all(s is None for s in ins):
             return None  # nothing upstream changed for this batch
-        region = self.regions[layer.name][idx]
-        if region.is_empty.all():
+        unchanged = self._unchanged.get(layer.name)
+        if unchanged is not None and unchanged[idx].all():
             return None  # e.g. a gate an approximate plan freezes (geometry.GATE_MODES)
-        if self._is_global_mean(layer) and isinstance(ins[0], Patch):
+        if layer.name in self._global_means and isinstance(ins[0], Patch):
             return Full(self._global_mean(layer, ins[0]))
+        gates = self._gates.get(layer.name, ())
         full_mode = (layer.kind in (Kind.GLOBAL, Kind.OUTPUT) or layer.name in self.full_layers
-                     or any(isinstance(s, Full) and not self._broadcast_into(layer, name)
-                            for s, name in zip(ins, layer.inputs))
+                     or any(isinstance(s, Full) and name not in gates for s, name in zip(ins, layer.inputs))
                      or (layer.kind == Kind.POINT and not self._point_ok[layer.name]))
         if not full_mode:
+            region = self.regions[layer.name][idx]
             ho, wo = layer.out_hw
             h, w = int(region.h.max()), int(region.w.max())
             if h == ho and w == wo and layer.kind != Kind.POINT:
@@ -269,7 +275,7 @@ class IncrementalRunner:
             return Patch(self._local(layer, state, placed, oy, ox, h, w), oy, ox)
         # merge: every input over the same rectangles
         values = self._call(node, lambda n: self._value_over(n, state, oy, ox, h, w, B))
-        if any(isinstance(s, Full) and self._broadcast_into(layer, name) for s, name in zip(ins, layer.inputs)):
+        if any(isinstance(s, Full) and name in gates for s, name in zip(ins, layer.inputs)):
             # A changed gate applied only inside each position's region (gates
             # 'local'): the rest of the batch's rectangle keeps the view, so the
             # result does not depend on how positions are batched.
@@ -299,14 +305,11 @@ class IncrementalRunner:
     def _is_global_mean(self, layer) -> bool:
         """An average pool whose one window is the whole unpadded input (the
         squeeze of squeeze-and-excitation, ``adaptive_avg_pool2d(x, 1)``)."""
-        if layer.name not in self._mean_ok:
-            self._mean_ok[layer.name] = (
-                layer.kind == Kind.LOCAL and layer.op == "avg_pool2d" and layer.spatial
+        return (layer.kind == Kind.LOCAL and layer.op == "avg_pool2d" and layer.spatial
                 and layer.out_hw == (1, 1) and tuple(layer.kernel) == tuple(layer.in_hw)
                 and layer.padding == ((0, 0), (0, 0)) and not layer.extra.get("divisor_override")
                 and layer.name not in self.full_layers and layer.name not in self.capped
                 and self.layers[layer.inputs[0]].spatial_axes is None)  # channels first
-        return self._mean_ok[layer.name]
 
     def _global_mean(self, layer, src: Patch) -> torch.Tensor:
         """The mean of the occluded map, updated from the view's by the patch

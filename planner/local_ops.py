@@ -74,15 +74,19 @@ class LocalOps:
                          b["groups"])
 
     # -- pooling --------------------------------------------------------------
-    def max_pool(self, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> dict:
-        if return_indices:
-            raise NotModelled("max_pool2d with return_indices")
+    def pool_window(self, kernel_size: Any, stride: Any, padding: Any) -> dict:
+        """``kernel``, ``stride`` and ``padding`` of a max or average pool."""
         kernel = pair(self.const(kernel_size, "kernel_size"), "kernel_size")
         stride = self.const(stride, "stride")
         stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) \
             else pair(stride, "stride")  # PyTorch: stride defaults to the kernel
         ph, pw = pair(self.const(padding, "padding"), "padding")
-        return self.local("max_pool2d", x, kernel=kernel, stride=stride, padding=((ph, ph), (pw, pw)),
+        return dict(kernel=kernel, stride=stride, padding=((ph, ph), (pw, pw)))
+
+    def max_pool(self, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> dict:
+        if return_indices:
+            raise NotModelled("max_pool2d with return_indices")
+        return self.local("max_pool2d", x, **self.pool_window(kernel_size, stride, padding),
                           dilation=pair(self.const(dilation, "dilation"), "dilation"),
                           ceil_mode=bool(self.const(ceil_mode, "ceil_mode")), pad_value=float("-inf"))
 
@@ -96,12 +100,7 @@ class LocalOps:
                              b["ceil_mode"], b.get("return_indices", False))
 
     def avg_pool(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-        kernel = pair(self.const(kernel_size, "kernel_size"), "kernel_size")
-        stride = self.const(stride, "stride")
-        stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) \
-            else pair(stride, "stride")
-        ph, pw = pair(self.const(padding, "padding"), "padding")
-        return self.local("avg_pool2d", x, kernel=kernel, stride=stride, padding=((ph, ph), (pw, pw)),
+        return self.local("avg_pool2d", x, **self.pool_window(kernel_size, stride, padding),
                           ceil_mode=bool(self.const(ceil_mode, "ceil_mode")),
                           count_include_pad=bool(self.const(count_include_pad, "count_include_pad")),
                           pad_value=0.0,

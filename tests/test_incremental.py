@@ -237,6 +237,40 @@ def test_a_layer_in_full_mode_past_the_cutoff_still_exact():
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
 
 
+class MeanThenPoint(nn.Module):
+    """A global mean pool whose only reader is a point layer (ConvNeXt's head:
+    avgpool, then LayerNorm2d's permute), the cutoff after the point layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        m = F.adaptive_avg_pool2d(self.conv(x), 1)
+        return self.fc(torch.flatten(F.relu(m) * 2.0, 1))
+
+
+def test_global_mean_read_by_point_layers_only():
+    """The incremental mean (the view's mean plus the patch's change) reads
+    the pool's own view, kept although its reader runs on patches."""
+    net = trained_like(MeanThenPoint())
+    con = kql.connect(progress="off")
+    plan = con.plan(parse("SELECT HEATMAP FROM img USING net PATCH 4 STRIDE 4 EXACT"),
+                    {"img": rand_image(24, 24), "net": net})
+    names = [layer.name for layer in plan.graph.layers()]
+    flatten = next(layer.name for layer in plan.graph.layers() if layer.op == "flatten")
+    ref = naive_outputs(plan, net)
+    idx = np.arange(plan.n_positions)
+    with torch.inference_mode():
+        runner = IncrementalRunner(plan, net, plan.regions, frozenset(names[names.index(flatten):]))
+        pool = next(layer for layer in plan.graph.layers() if layer.op == "avg_pool2d")
+        assert runner._is_global_mean(pool)
+        got = runner.outputs(idx)
+    np.testing.assert_allclose(torch.softmax(got, 1).numpy(), torch.softmax(ref, 1).numpy(), atol=1e-5, rtol=0)
+
+
 # -- layouts: channels-last blocks, channel split and shuffle -----------------------
 
 class ChannelsLast(nn.Module):
