@@ -38,9 +38,9 @@ read is reported, not silently dropped.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -214,16 +214,30 @@ def user_store() -> Path:
     return Path(base) / "calibrations.json"
 
 
+#: ``(path, source) -> (the file's bytes, its calibrations)``: every APPROX
+#: query looks its calibration up, and the shipped store, which keeps the exact
+#: heatmaps of the tuning images, takes milliseconds to parse; a file is parsed
+#: again only when its bytes change (TUNE, another process, an edit).
+_PARSED: dict[tuple[Path, str], tuple[bytes, list[Calibration]]] = {}
+
+
 def _read(path: Path, source: str) -> list[Calibration]:
+    """The calibrations in ``path`` (none if it does not exist). Each call
+    returns new objects, so a caller may reassign their fields; the values
+    they hold (lists, dicts) are shared between calls: read them only."""
     try:
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-        return [Calibration.from_json(d, source) for d in data["calibrations"]]
+        raw = path.read_bytes()
+        hit = _PARSED.get((path, source))
+        if hit is None or hit[0] != raw:
+            data = json.loads(raw)
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+            hit = _PARSED[(path, source)] = (raw, [Calibration.from_json(d, source) for d in data["calibrations"]])
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise KqlError(f"cannot read the calibration store {path}: {e}; move it away and run TUNE again")
+    return [dataclasses.replace(c) for c in hit[1]]
 
 
 def load_all() -> list[Calibration]:
