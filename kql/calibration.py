@@ -38,9 +38,9 @@ read is reported, not silently dropped.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -214,16 +214,30 @@ def user_store() -> Path:
     return Path(base) / "calibrations.json"
 
 
+#: ``(path, source) -> (the file's bytes, its calibrations)``: every APPROX
+#: query looks its calibration up, and the shipped store, which keeps the exact
+#: heatmaps of the tuning images, takes milliseconds to parse; a file is parsed
+#: again only when its bytes change (TUNE, another process, an edit).
+_PARSED: dict[tuple[Path, str], tuple[bytes, list[Calibration]]] = {}
+
+
 def _read(path: Path, source: str) -> list[Calibration]:
+    """The calibrations in ``path`` (none if it does not exist). Each call
+    returns new objects, so a caller may reassign their fields; the values
+    they hold (lists, dicts) are shared between calls: read them only."""
     try:
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-        return [Calibration.from_json(d, source) for d in data["calibrations"]]
+        raw = path.read_bytes()
+        hit = _PARSED.get((path, source))
+        if hit is None or hit[0] != raw:
+            data = json.loads(raw)
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+            hit = _PARSED[(path, source)] = (raw, [Calibration.from_json(d, source) for d in data["calibrations"]])
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise KqlError(f"cannot read the calibration store {path}: {e}; move it away and run TUNE again")
+    return [dataclasses.replace(c) for c in hit[1]]
 
 
 def load_all() -> list[Calibration]:
@@ -235,10 +249,37 @@ def load_all() -> list[Calibration]:
 
 
 def write(path: Path, calibrations: list[Calibration]) -> None:
-    """Write a store atomically."""
+    """Write a store atomically (:func:`dumps`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"format": FORMAT, "calibrations": [c.to_json() for c in calibrations]}, indent=1)
+    text = dumps({"format": FORMAT, "calibrations": [c.to_json() for c in calibrations]})
     files.write_atomic(path, text.encode("utf-8"))
+
+
+def dumps(value, indent: int = 0) -> str:
+    """JSON indented by one space per level, with each list of numbers or
+    strings on one line: a row of an exact heatmap, a stage of a trajectory.
+    ``json.dumps(indent=1)`` puts every number on a line of its own (a store
+    with three calibrations' heatmaps was 64,000 lines). Numbers are written
+    as ``json.dumps`` writes them, so a store reads back to the same values.
+
+    >>> print(dumps({"taus": [1.0, 0.9], "maps": {"a": [[0.5, 0.25], [1, 2]]}}))
+    {
+     "taus": [1.0, 0.9],
+     "maps": {
+      "a": [
+       [0.5, 0.25],
+       [1, 2]
+      ]
+     }
+    }
+    """
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {dumps(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        return "[\n" + ",\n".join(inner + dumps(v, indent + 1) for v in value) + f"\n{pad}]"
+    return json.dumps(value)
 
 
 def save(calibration: Calibration, path: Optional[Path] = None) -> Path:

@@ -20,7 +20,11 @@ from kql.errors import PlanError
 
 
 class Catalog:
-    def __init__(self) -> None:
+    """Where names resolve, and what resolving them costs to redo: specs,
+    decoded files and traced graphs. ``keep_graphs``: how many traced graphs
+    to keep, the latest (None: all, for a connection's life)."""
+
+    def __init__(self, keep_graphs: Optional[int] = None) -> None:
         self.images: dict[str, Any] = {}
         self.models: dict[str, Any] = {}
         # Path -> decoded image: a multi-image job hands its worker the bytes
@@ -28,6 +32,7 @@ class Catalog:
         self.files: dict[str, Any] = {}
         self._specs: dict[tuple, Any] = {}
         self._graphs: dict[tuple, Any] = {}
+        self._keep_graphs = keep_graphs
 
     # -- images -----------------------------------------------------------
     def image(self, source, bindings: Optional[dict] = None):
@@ -98,4 +103,6 @@ class Catalog:
         if hit is None or hit[0] is not spec.module:
             hit = (spec.module, trace(spec.module, tuple(input_shape)))
             self._graphs[key] = hit
+            while self._keep_graphs is not None and len(self._graphs) > self._keep_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
         return hit[1]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from kql import ast
+from kql.catalog import Catalog
 from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
 
 __all__ = ["occlusion", "as_module", "SCORES"]
@@ -497,23 +498,15 @@ def _spec(name: str, module: nn.Module, channels: int):
                      warning=None, num_classes=None)
 
 
-_GRAPHS: dict = {}  # (id(module), shape) -> (module, graph); the last few traced
+_CATALOG = Catalog(keep_graphs=8)  # its graphs: the last few (module, shape) pairs traced
 
 
 def _graph(spec, shape):
-    """The traced graph, cached for the last few (module, shape) pairs."""
-    from kql.planner.graph import trace
-    key = (id(spec.module), shape)
-    hit = _GRAPHS.get(key)
-    if hit is None or hit[0] is not spec.module:
-        try:
-            hit = (spec.module, trace(spec.module, shape))
-        except KqlError as e:
-            raise ValueError(f"cannot plan {spec.name}: {e}") from None
-        _GRAPHS[key] = hit
-        while len(_GRAPHS) > 8:
-            _GRAPHS.pop(next(iter(_GRAPHS)))
-    return hit[1]
+    """The traced graph (``Catalog.graph``), cached for the last few (module, shape) pairs."""
+    try:
+        return _CATALOG.graph(spec, shape)
+    except KqlError as e:
+        raise ValueError(f"cannot plan {spec.name}: {e}") from None
 
 
 def _display(x: torch.Tensor) -> np.ndarray:

@@ -197,6 +197,19 @@ def test_save_replaces_the_same_key_only(empty_store):
     assert [c.fingerprint for c in calibration._read(empty_store, "user")] == ["f2", "f1"]
 
 
+def test_store_is_parsed_again_only_when_it_changes(empty_store, monkeypatch):
+    calibration.save(_calibration("m", "f1"))
+    parsed = []
+    loads = json.loads
+    monkeypatch.setattr(calibration.json, "loads", lambda raw: parsed.append(1) or loads(raw))
+    first = calibration._read(empty_store, "user")
+    first[0].fingerprint = "changed by a caller"        # new objects each call: this does not stick
+    assert [c.fingerprint for c in calibration._read(empty_store, "user")] == ["f1"]
+    assert len(parsed) == 1                             # the second read was not parsed
+    calibration.save(_calibration("m", "f2"))           # a new store is read anew
+    assert [c.fingerprint for c in calibration._read(empty_store, "user")] == ["f1", "f2"]
+
+
 def test_corrupt_store_is_a_clear_error(con, empty_store, test_images):
     empty_store.parent.mkdir(parents=True)
     empty_store.write_text('{"format": 1, "calibrations": [')
