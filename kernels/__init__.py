@@ -314,6 +314,8 @@ def auto_backend(base: torch.Tensor, n_cells: int) -> str:
     >>> auto_backend(torch.zeros(1, 2, 2), 4)
     'torch'
     """
+    if base.dim() != 3:
+        return "torch"  # volumes: the Numba kernels for 3 axes are not written yet
     available = available_backends()
     if base.device.type == "cuda":
         return "cuda" if "cuda" in available else "torch"

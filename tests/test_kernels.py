@@ -649,3 +649,11 @@ def test_paste_nd_rejects(change, message):
     with pytest.raises(ValueError) as err:
         K.paste_nd(**{**a, **change})
     assert str(err.value) == message
+
+
+def test_auto_on_a_large_volume():
+    base = torch.randn(8, 12, 12, 12)
+    starts = [torch.tensor([-2, 0, 5, 9])] * 3
+    got = K.gather_nd(base, starts, (6, 6, 6), backend="auto")
+    np.testing.assert_array_equal(got.numpy(), naive_gather_nd(base.numpy(), [s.tolist() for s in starts],
+                                                                (6, 6, 6)))
