@@ -189,12 +189,8 @@ def _gather(name, base, starts, sizes, patch, patch_starts, pad_value, out):
         return gather_cpu.gather_nd(base, [t.cpu() for t in starts], sizes, patch,
                                     None if patch_starts is None else [t.cpu() for t in patch_starts],
                                     pad_value, out)
-    if len(starts) != 2:
-        raise ValueError(f"backend {name!r} has no kernel for {len(starts)} spatial axes yet: "
-                         "use backend='torch'")
     from . import gather_cuda
-    return gather_cuda.gather(base, *starts, *sizes, patch, *(patch_starts or (None, None)),
-                              pad_value, out)
+    return gather_cuda.gather_nd(base, starts, sizes, patch, patch_starts, pad_value, out)
 
 
 def paste(base, patch, patch_y0, patch_x0, *, backend="auto", out=None):
@@ -275,11 +271,8 @@ def _paste(name, base, patch, patch_starts, out):
     if name == "numba":
         from . import gather_cpu
         return gather_cpu.paste_nd(base, patch, [t.cpu() for t in patch_starts], out)
-    if len(patch_starts) != 2:
-        raise ValueError(f"backend {name!r} has no kernel for {len(patch_starts)} spatial axes "
-                         "yet: use backend='torch'")
     from . import gather_cuda
-    return gather_cuda.paste(base, patch, *patch_starts, out)
+    return gather_cuda.paste_nd(base, patch, patch_starts, out)
 
 
 @functools.cache
@@ -316,7 +309,7 @@ def auto_backend(base: torch.Tensor, n_cells: int) -> str:
     """
     available = available_backends()
     if base.device.type == "cuda":
-        return "cuda" if "cuda" in available and base.dim() == 3 else "torch"
+        return "cuda" if "cuda" in available else "torch"
     if base.device.type == "cpu" and "numba" in available and n_cells >= NUMBA_MIN_CELLS:
         return "numba"
     return "torch"
