@@ -118,6 +118,14 @@ def interleaved_ms(fns, repeats, warmup=3):
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def row(name, window, base, want, fns, repeats):
+    """One table row: every contender checked against ``want``, then timed interleaved."""
+    for f in fns.values():
+        assert torch.equal(f(), want)
+    return name, window, want.numel(), interleaved_ms(fns, repeats), \
+        K.auto_backend(base, want.numel())
+
+
 def gather_row(name, C, H, W, patch, ctx, stride, B, pad, repeats):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(C, H, W, generator=g)
@@ -133,11 +141,7 @@ def gather_row(name, C, H, W, patch, ctx, stride, B, pad, repeats):
         "numba": lambda: gather_cpu.gather(*args),
         "numba out=": lambda: gather_cpu.gather(*args, out=out),
     }
-    for f in fns.values():
-        assert torch.equal(f(), want)
-    times = interleaved_ms(fns, repeats)
-    cells = B * C * win * win
-    return name, f"{win}x{win}", cells, times, K.auto_backend(base, cells)
+    return row(name, f"{win}x{win}", base, want, fns, repeats)
 
 
 def paste_row(name, C, H, W, patch, stride, B, repeats):
@@ -153,11 +157,7 @@ def paste_row(name, C, H, W, patch, stride, B, repeats):
         "numba": lambda: gather_cpu.paste(base, upd, py, px),
         "numba out=": lambda: gather_cpu.paste(base, upd, py, px, out=out),
     }
-    for f in fns.values():
-        assert torch.equal(f(), want)
-    times = interleaved_ms(fns, repeats)
-    cells = B * C * H * W
-    return name, f"paste {patch}x{patch}", cells, times, K.auto_backend(base, cells)
+    return row(name, f"paste {patch}x{patch}", base, want, fns, repeats)
 
 
 def volume_gather_row(name, C, S, patch, ctx, stride, B, pad, repeats):
@@ -175,11 +175,7 @@ def volume_gather_row(name, C, S, patch, ctx, stride, B, pad, repeats):
         "numba": lambda: gather_cpu.gather_nd(*args),
         "numba out=": lambda: gather_cpu.gather_nd(*args, out=out),
     }
-    for f in fns.values():
-        assert torch.equal(f(), want)
-    cells = want.numel()
-    return name, "x".join(map(str, sizes)), cells, interleaved_ms(fns, repeats), \
-        K.auto_backend(base, cells)
+    return row(name, "x".join(map(str, sizes)), base, want, fns, repeats)
 
 
 def volume_paste_row(name, C, S, patch, stride, B, repeats):
@@ -196,11 +192,7 @@ def volume_paste_row(name, C, S, patch, stride, B, repeats):
         "numba": lambda: gather_cpu.paste_nd(base, upd, ps),
         "numba out=": lambda: gather_cpu.paste_nd(base, upd, ps, out=out),
     }
-    for f in fns.values():
-        assert torch.equal(f(), want)
-    cells = want.numel()
-    return name, "paste " + "x".join(map(str, patch)), cells, interleaved_ms(fns, repeats), \
-        K.auto_backend(base, cells)
+    return row(name, "paste " + "x".join(map(str, patch)), base, want, fns, repeats)
 
 
 def print_table(rows):
@@ -268,18 +260,22 @@ def main():
     parser.add_argument("--volumes", action="store_true", help="the 3-D (volume) cases only")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for torch and numba (default: theirs, all cores)")
-    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+    parser.add_argument("--clock", choices=["wall", "thread", "process"], default="wall",
                         help="thread: CPU time of the calling thread, blind to other "
-                             "processes taking the cores (needs --threads 1)")
+                             "processes taking the cores (needs --threads 1; misses work "
+                             "Numba's pool runs on its worker threads); process: CPU time "
+                             "of every thread of this process")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
         __import__("numba").set_num_threads(opts.threads)
+    global CLOCK
     if opts.clock == "thread":
         if opts.threads != 1:
             parser.error("--clock thread measures one thread: add --threads 1")
-        global CLOCK
         CLOCK = time.thread_time
+    elif opts.clock == "process":
+        CLOCK = time.process_time
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"numba threads {__import__('numba').get_num_threads()}, "
           f"NUMBA_MIN_CELLS={K.NUMBA_MIN_CELLS}, PARALLEL_MIN_CELLS={gather_cpu.PARALLEL_MIN_CELLS}; "
