@@ -18,6 +18,7 @@ and the size of the layer's windows for a full batch, so EXPLAIN can name it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 from kql.errors import PlanError
@@ -72,6 +73,5 @@ def gather_summary(choice: dict) -> str:
 
 def _window_cells(plan, layer) -> int:
     """Cells of the layer's largest read-in window for one position."""
-    r = plan.regions[layer.name]
-    wh, ww = window_size(layer, r.h.max(), r.w.max())
-    return int(wh * ww)
+    window = window_size(layer, *(n.max() for n in plan.regions[layer.name].sizes))
+    return int(math.prod(int(n) for n in window))
