@@ -188,7 +188,6 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     """The full EXPLAIN text of an optimized plan; with ``timings`` (EXPLAIN
     ANALYZE) the measured seconds and peak memory too, and with the
     ``result`` what adaptive refinement did."""
-    q = plan.query
     measured = measured_line(plan, timings, peak_memory) if timings else None
     lines = [f"Plan ({plan.mode}{', analyzed' if timings else ''})"]
     lines += tree_lines(plan_tree(plan, timings))
