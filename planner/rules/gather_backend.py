@@ -48,11 +48,10 @@ def gather_backend(plan, settings=None):
         if forced != "auto":
             choice[layer.name] = forced
         elif cuda:
-            choice[layer.name] = "cuda" if "cuda" in available else "torch"
+            choice[layer.name] = kernels.choose_backend("cuda", 0)
         else:
             cells = plan.batch_size * layer.in_shapes[0][0] * _window_cells(plan, layer)
-            choice[layer.name] = ("numba" if "numba" in available and cells >= kernels.NUMBA_MIN_CELLS
-                                  else "torch")
+            choice[layer.name] = kernels.choose_backend("cpu", cells, len(layer.in_shapes[0]) - 1)
     counts = Counter(choice.values())
     plan.schedule = dataclasses.replace(plan.schedule, layer_backends=choice, gather_backend=(
         forced if forced != "auto" else (max(counts, key=counts.get) if counts else "torch")))
