@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from kql import ast
 from kql.compiler import optimize_bound
+from kql.errors import PlanError
 from kql.executor import execute
 from kql.executor.incremental import IncrementalRunner
 from kql.planner.binder import bind_input
@@ -391,11 +392,13 @@ def test_tight_memory_limit_sizes_the_batches():
     net = calibrated(Every3dOp(), shape)
     x = volume(shape, seed=4)
     loose = volume_plan(net, x, (4, 4, 4), (2, 2, 2))
-    per = loose.per_position_bytes
-    limit = 5 * per + per // 2
+    per, views = loose.per_position_bytes, loose.schedule.view_bytes
+    limit = views + 5 * per + per // 2      # the views stay for the whole run, then 5.5 positions
     tight = volume_plan(net, x, (4, 4, 4), (2, 2, 2), memory_limit=str(limit))
     assert tight.batch_size == 5 < loose.batch_size
-    assert tight.batch_size * tight.per_position_bytes <= limit
+    assert views + tight.batch_size * tight.per_position_bytes <= limit
+    with pytest.raises(PlanError, match="is too small: one position needs .* besides the views'"):
+        volume_plan(net, x, (4, 4, 4), (2, 2, 2), memory_limit=str(views + per // 2))
     assert np.diff(tight.bounds).max() <= 5
     # it runs, in those batches, and equals the loose plan's map
     a = execute(tight, progress="off").heatmap
