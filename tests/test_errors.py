@@ -420,7 +420,8 @@ def test_parse_error_position_caret_and_expected(con):
     assert e.source_line == "\tLABEL 'cat' COLOUR 3"
     assert e.caret == "\tLABEL 'cat' COLOUR 3\n\t            ^"      # a tab stays a tab, so the ^ lines up
     assert e.expected == ("APPROX", "BATCH", "COLOR", "DRILLDOWN", "EXACT", "GATES", "INTO", "LABEL", "NAIVE",
-                          "ON", "PATCH", "REGION", "STRIDE", "WEIGHTS", "','", "';'", "end of input")
+                          "NORMALIZE", "ON", "PATCH", "REGION", "RESAMPLE", "STRIDE", "WEIGHTS", "WINDOW",
+                          "','", "';'", "end of input")
     assert e.message == ("unexpected 'COLOUR' (did you mean COLOR?); expected one of APPROX, BATCH, COLOR, "
                          "DRILLDOWN, EXACT, GATES, INTO, LABEL, ..., ',', ';' or end of input")
     assert str(e) == f"line 3, column 14: {e.message}\n{e.caret}"     # str() shows where, as the shell does
