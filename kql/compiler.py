@@ -44,6 +44,8 @@ def compile_select(select, catalog, settings, bindings: Optional[dict] = None):
         check_output_path(select.into)  # fail before the work, not after
     t0 = time.perf_counter()
     plan = bind(select, catalog, settings, bindings or {})
+    if select.into is not None:     # now that the input is known: NIfTI only for volumes
+        check_output_path(select.into, volume=getattr(plan.display, "ndim", 2) == 3)
     t1 = time.perf_counter()
     plan = optimize_bound(plan, settings)
     plan.timings = {"bind": t1 - t0, "optimize": time.perf_counter() - t1}

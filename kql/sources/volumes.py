@@ -224,7 +224,8 @@ def _check_affine(affine: np.ndarray, what: str) -> None:
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise PlanError(f"{what} has an affine that is not a finite 4x4 matrix; fix the header "
                         f"(sform / qform)")
-    det = float(np.linalg.det(affine[:3, :3]))
+    with np.errstate(all="ignore"):
+        det = float(np.linalg.det(affine[:3, :3]))
     scale = float(np.abs(affine[:3, :3]).max()) or 1.0
     if not math.isfinite(det) or abs(det) <= 1e-9 * scale ** 3:
         raise PlanError(f"{what} has an affine that is not invertible (determinant {det:g}): its voxels "
