@@ -154,7 +154,7 @@ def load_volume(obj: Any, what: Optional[str] = None) -> Volume:
         vol = _from_array(obj.data, what or obj.description)
         if obj.affine is not None:
             affine = np.asarray(obj.affine, dtype=np.float64)
-            _check_affine(affine, f"the affine of {what or obj.description}")
+            _check_affine(affine, what or obj.description)
             vol.affine = affine
         vol.integer_pixels = vol.integer_pixels or obj.integer_pixels
         return vol
