@@ -82,6 +82,9 @@ def plan_tree(plan: Plan, timings: Optional[dict] = None) -> Step:
                                     else f"{_x(size)}, no resize"),
                                ("normalize", f"mean {_tup(spec.mean)} std {_tup(spec.std)}"),
                                ("channels", str(C))], [scan])
+    steps = getattr(plan.display, "steps", None)    # a volume's preprocessing (kql.sources.volumes.ScanView)
+    if steps is not None:
+        prep = Step("Preprocess", [*steps, ("channels", str(C))], [scan])
     infer = _infer_step(plan, prep)
     if plan.drilldown is not None:
         dd = plan.drilldown

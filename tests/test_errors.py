@@ -334,10 +334,11 @@ CASES = {
     "bad device": Case("SET device = tpu", SettingError, "device takes 'cpu' or 'cuda', got 'tpu'"),
     # ---- output paths
     "INTO .jpg": Case(
-        select("PATCH 4 STRIDE 4 INTO 'out.jpg'"), PlanError, "cannot write 'out.jpg': INTO takes a .png or .npy file"),
+        select("PATCH 4 STRIDE 4 INTO 'out.jpg'"), PlanError,
+        "cannot write 'out.jpg': INTO takes a .png or .npy file, or .nii / .nii.gz for a volume"),
     "INTO without extension": Case(
         select("PATCH 4 STRIDE 4 INTO 'heatmap'"), PlanError,
-        "cannot write 'heatmap': INTO takes a .png or .npy file"),
+        "cannot write 'heatmap': INTO takes a .png or .npy file, or .nii / .nii.gz for a volume"),
     "INTO missing directory": Case(
         select("PATCH 4 STRIDE 4 INTO 'nodir/out.png'"), PlanError,
         "cannot write 'nodir/out.png': directory 'nodir' does not exist (create it first)"),
@@ -354,8 +355,8 @@ CASES = {
     "unknown HELP topic": Case(
         "HELP nope", KqlError,
         "unknown HELP topic 'NOPE'; topics: APPROX, BATCH, CALIBRATIONS, COLOR, DESCRIBE, DRILLDOWN, EXACT, "
-        "EXPLAIN, GATES, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, SSIM, STRIDE, TAU, "
-        "TUNE, WEIGHTS"),
+        "EXPLAIN, GATES, HELP, INTO, LABEL, LOAD, NAIVE, NORMALIZE, ON, PATCH, REGION, RESAMPLE, SELECT, SET, SHOW, "
+        "SSIM, STRIDE, TAU, TUNE, VOLUMES, WEIGHTS, WINDOW"),
 }
 
 if not torch.cuda.is_available():
@@ -468,7 +469,8 @@ def test_output_path_is_checked_before_any_work(con):
     """A bad INTO fails before the model is even traced (branchy cannot be)."""
     with pytest.raises(PlanError) as info:
         con.execute(select("PATCH 4 STRIDE 4 INTO 'out.jpg'", model="branchy"))
-    assert str(info.value) == "cannot write 'out.jpg': INTO takes a .png or .npy file"
+    assert str(info.value) == ("cannot write 'out.jpg': INTO takes a .png or .npy file, or .nii / .nii.gz "
+                               "for a volume")
 
 
 def test_pickled_model_loads_when_trusted(con, workdir):

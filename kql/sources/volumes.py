@@ -51,7 +51,10 @@ def _shape(shape: Sequence[int]) -> str:
 
 @dataclass
 class Volume:
-    """A loaded volume.
+    """A volume: what KQL reads from files, and what a user binds to say
+    "this array is a volume" and give it an affine:
+    ``con.execute(q, ct=kql.Volume(array, affine))`` (``data`` then may be
+    ``DxHxW`` or ``CxDxHxW`` of any real dtype; it is checked and converted).
 
     Attributes:
         data: float32 ``(C, D, H, W)`` in the scan's units.
@@ -97,25 +100,23 @@ def is_volume_path(path: Union[str, os.PathLike]) -> bool:
 def looks_like_volume(obj: Any) -> bool:
     """Whether a bound object is a volume rather than an image.
 
-    A :class:`Volume` is; a numpy array of 4 axes ``(C, D, H, W)``, or of 3
-    whose last axis is not 1, 3 or 4 (an image's channels), ``(D, H, W)``; a
-    tensor ``(1, C, D, H, W)``, ``(C, D, H, W)`` unless it is an image batch
-    ``1xCxHxW`` with C = 1, 3 or 4, or ``(D, H, W)`` when neither its first nor
-    its last axis could be an image's channels. Wrap an array that reads
-    the other way in :class:`Volume` (``kql.Volume(array[None])``).
+    A :class:`Volume` is; a numpy array of 4 axes ``(C, D, H, W)``; a tensor
+    ``(1, C, D, H, W)``, or ``(C, D, H, W)`` unless it is an image batch
+    ``1xCxHxW`` with C = 1, 3 or 4; an array or tensor ``(D, H, W)`` when
+    neither its first nor its last axis could be an image's channels (1, 3
+    or 4). Wrap an array that reads the other way in :class:`Volume`
+    (``Volume(array[None].astype("float32"))``).
     """
     if isinstance(obj, Volume):
         return True
+    if not isinstance(obj, (np.ndarray, torch.Tensor)):
+        return False
+    s = tuple(obj.shape)
+    if len(s) == 3:
+        return s[0] not in (1, 3, 4) and s[2] not in (1, 3, 4)
     if isinstance(obj, np.ndarray):
-        return obj.ndim == 4 or (obj.ndim == 3 and obj.shape[2] not in (1, 3, 4))
-    if isinstance(obj, torch.Tensor):
-        s = tuple(obj.shape)
-        if obj.ndim == 5:
-            return True
-        if obj.ndim == 4:
-            return not (s[0] == 1 and s[1] in (1, 3, 4))
-        return obj.ndim == 3 and s[0] not in (1, 3, 4) and s[2] not in (1, 3, 4)
-    return False
+        return len(s) == 4
+    return len(s) == 5 or (len(s) == 4 and not (s[0] == 1 and s[1] in (1, 3, 4)))
 
 
 # ---------------------------------------------------------------- loading
@@ -149,7 +150,14 @@ def load_volume(obj: Any, what: Optional[str] = None) -> Volume:
     (1, 4, 5, 6)
     """
     if isinstance(obj, Volume):
-        return obj
+        # one the user made: kql.Volume(array, affine) with any layout load_volume reads
+        vol = _from_array(obj.data, what or obj.description)
+        if obj.affine is not None:
+            affine = np.asarray(obj.affine, dtype=np.float64)
+            _check_affine(affine, what or obj.description)
+            vol.affine = affine
+        vol.integer_pixels = vol.integer_pixels or obj.integer_pixels
+        return vol
     if isinstance(obj, (str, os.PathLike)):
         path = os.fspath(obj)
         if not os.path.exists(path):
@@ -224,7 +232,8 @@ def _check_affine(affine: np.ndarray, what: str) -> None:
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise PlanError(f"{what} has an affine that is not a finite 4x4 matrix; fix the header "
                         f"(sform / qform)")
-    det = float(np.linalg.det(affine[:3, :3]))
+    with np.errstate(all="ignore"):
+        det = float(np.linalg.det(affine[:3, :3]))
     scale = float(np.abs(affine[:3, :3]).max()) or 1.0
     if not math.isfinite(det) or abs(det) <= 1e-9 * scale ** 3:
         raise PlanError(f"{what} has an affine that is not invertible (determinant {det:g}): its voxels "
