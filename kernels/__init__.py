@@ -11,6 +11,9 @@ pure memory copy, and it is what these kernels do:
   ``pad_value`` (0 before a convolution, ``-inf`` before a max pooling).
 * :func:`paste` -- ``(B, C, H, W)``: full patched copies, where a global layer
   (flatten / linear) needs the whole tensor (Krypton's INCREMENTALTOFULLPROJECTION).
+* :func:`gather_nd` / :func:`paste_nd` -- the same for 2 or 3 spatial axes: images
+  ``(C, H, W)`` and volumes ``(C, D, H, W)`` (3-D CNNs: CT / MRI, video clips), with
+  positions and sizes given per axis. Two axes run the 2-D kernels unchanged.
 
 Backends, all giving identical results (float32 copies, no arithmetic):
 
@@ -29,6 +32,7 @@ these arguments, so a bad one is a bug in KQL, not a user mistake.)
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import numpy as np
@@ -36,7 +40,7 @@ import torch
 
 from . import reference
 
-__all__ = ["gather", "paste", "available_backends", "auto_backend", "BACKENDS"]
+__all__ = ["gather", "paste", "gather_nd", "paste_nd", "available_backends", "auto_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "numba", "cuda")
 
@@ -103,32 +107,94 @@ def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_
         if patch_y0 is not None or patch_x0 is not None:
             raise ValueError("patch_y0 / patch_x0 given without a patch: pass the patch too, "
                              "or neither")
-        py = px = None
+        patch_starts = None
     else:
         _check_patch(patch, base, B)
         if patch_y0 is None or patch_x0 is None:
             raise ValueError("a patch needs patch_y0 and patch_x0 (its top-left corner per "
                              "position)")
-        py = _positions("patch_y0", patch_y0, B, "win_y0")
-        px = _positions("patch_x0", patch_x0, B, "win_y0")
-    try:
-        pad_value = float(pad_value)
-    except (TypeError, ValueError):
-        raise ValueError(f"pad_value must be a number, got {pad_value!r}") from None
+        patch_starts = (_positions("patch_y0", patch_y0, B, "win_y0"),
+                        _positions("patch_x0", patch_x0, B, "win_y0"))
+    pad_value = _pad_value(pad_value)
     _check_out(out, (B, C, win_h, win_w), base)
     name = _resolve_backend(backend, base, B * C * win_h * win_w)
+    return _gather(name, base, (wy, wx), (win_h, win_w), patch, patch_starts, pad_value, out)
+
+
+def gather_nd(base, starts, sizes, patch=None, patch_starts=None, *, pad_value=0.0,
+              backend="auto", out=None):
+    """:func:`gather` for 2 or 3 spatial axes: images ``(C, H, W)`` and volumes ``(C, D, H, W)``.
+
+    Args:
+        base: float32 tensor ``(C, *S)``, ``S`` the 2 or 3 spatial sizes (``(H, W)``
+            or ``(D, H, W)``), shared by all positions.
+        starts: one integer tensor or array ``(B,)`` per spatial axis, in the base's
+            axis order: each window's first corner in base coordinates (may be
+            negative or past the base).
+        sizes: the window size per spatial axis, positive ints.
+        patch: float32 tensor ``(B, C, *P)`` on base's device, or None: each
+            position's changed box, winning over base and padding where it lies
+            in the window.
+        patch_starts: one integer ``(B,)`` per spatial axis: each patch's first
+            corner. Required with ``patch``, forbidden without.
+        pad_value, backend, out: as for :func:`gather` (``out`` is ``(B, C, *sizes)``).
+
+    Returns:
+        ``out[b, c, *i]`` with ``s = (starts[k][b] + i[k])_k``: the patch cell
+        ``s - patch_starts[:][b]`` inside the patch box, else ``base[c, *s]``
+        inside the base, else ``pad_value``. With two axes this is exactly
+        :func:`gather` (same kernels, same speed).
+
+    Raises:
+        ValueError: as :func:`gather`, naming the argument (``starts[1]``, ``sizes``, ...).
+
+    >>> base = torch.arange(8.).view(1, 2, 2, 2)
+    >>> gather_nd(base, [torch.tensor([1]), torch.tensor([0]), torch.tensor([1])], (1, 2, 2),
+    ...           torch.full((1, 1, 1, 1, 1), -1.), [[1], [1], [1]])
+    tensor([[[[[ 5.,  0.],
+               [-1.,  0.]]]]])
+    """
+    shape = _check_base(base, _ND_BASE)
+    C, n = shape[0], len(shape) - 1
+    starts = _axis_positions("starts", starts, n)
+    B = starts[0].shape[0]
+    sizes = _sizes(sizes, n)
+    if patch is None:
+        if patch_starts is not None:
+            raise ValueError("patch_starts given without a patch: pass the patch too, or neither")
+    else:
+        _check_patch(patch, base, B, "starts[0]")
+        if patch_starts is None:
+            raise ValueError("a patch needs patch_starts (its first corner per position, one "
+                             "(B,) per spatial axis)")
+        patch_starts = _axis_positions("patch_starts", patch_starts, n, B, "starts[0]")
+    pad_value = _pad_value(pad_value)
+    _check_out(out, (B, C, *sizes), base)
+    name = _resolve_backend(backend, base, B * C * math.prod(sizes))
+    return _gather(name, base, starts, sizes, patch, patch_starts, pad_value, out)
+
+
+def _gather(name, base, starts, sizes, patch, patch_starts, pad_value, out):
+    """Run the validated gather on backend ``name``; 2 axes through the 2-D kernels."""
     if name == "torch":
         dev = base.device
-        args = [None if t is None else t.to(dev) for t in (wy, wx, py, px)]
-        return reference.gather(base, args[0], args[1], win_h, win_w, patch, args[2], args[3],
-                                pad_value, out)
+        starts = [t.to(dev) for t in starts]
+        patch_starts = None if patch_starts is None else [t.to(dev) for t in patch_starts]
+        if len(starts) == 2:
+            return reference.gather(base, *starts, *sizes, patch,
+                                    *(patch_starts or (None, None)), pad_value, out)
+        return reference.gather_nd(base, starts, sizes, patch, patch_starts, pad_value, out)
+    if len(starts) != 2:
+        raise ValueError(f"backend {name!r} has no kernel for {len(starts)} spatial axes yet: "
+                         "use backend='torch'")
     if name == "numba":
         from . import gather_cpu
-        return gather_cpu.gather(base, wy.cpu(), wx.cpu(), win_h, win_w, patch,
-                                 None if py is None else py.cpu(),
-                                 None if px is None else px.cpu(), pad_value, out)
+        cpu = [t.cpu() for t in (*starts, *(patch_starts or ()))]
+        return gather_cpu.gather(base, cpu[0], cpu[1], *sizes, patch,
+                                 *(cpu[2:] or (None, None)), pad_value, out)
     from . import gather_cuda
-    return gather_cuda.gather(base, wy, wx, win_h, win_w, patch, py, px, pad_value, out)
+    return gather_cuda.gather(base, *starts, *sizes, patch, *(patch_starts or (None, None)),
+                              pad_value, out)
 
 
 def paste(base, patch, patch_y0, patch_x0, *, backend="auto", out=None):
@@ -164,13 +230,56 @@ def paste(base, patch, patch_y0, patch_x0, *, backend="auto", out=None):
     _check_patch(patch, base, B, "patch_y0")
     _check_out(out, (B, C, H, W), base)
     name = _resolve_backend(backend, base, B * C * H * W)
+    return _paste(name, base, patch, (py, px), out)
+
+
+def paste_nd(base, patch, patch_starts, *, backend="auto", out=None):
+    """:func:`paste` for 2 or 3 spatial axes: full patched copies of ``base`` ``(C, *S)``.
+
+    Args:
+        base: float32 tensor ``(C, H, W)`` or ``(C, D, H, W)`` shared by all positions.
+        patch: float32 tensor ``(B, C, *P)`` on base's device.
+        patch_starts: one integer ``(B,)`` per spatial axis: each patch's first
+            corner; the part of a patch outside the base is dropped.
+        backend, out: as for :func:`gather` (``out`` is ``(B, C, *S)``).
+
+    Returns:
+        A new float32 tensor ``(B, C, *S)`` (or ``out``), the same as
+        ``gather_nd(base, zeros, S, patch, patch_starts)``; with two axes exactly
+        :func:`paste`.
+
+    >>> paste_nd(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 1, 1, 1), [[0], [1], [-1]])
+    tensor([[[[[0., 0.],
+               [0., 0.]]]]])
+    """
+    shape = _check_base(base, _ND_BASE)
+    n = len(shape) - 1
+    if patch is None:
+        raise ValueError(f"paste needs a patch {_patch_shape(n)}; for plain copies use "
+                         f"base.expand(B, *base.shape)")
+    patch_starts = _axis_positions("patch_starts", patch_starts, n)
+    B = patch_starts[0].shape[0]
+    _check_patch(patch, base, B, "patch_starts[0]")
+    _check_out(out, (B, *shape), base)
+    name = _resolve_backend(backend, base, B * math.prod(shape))
+    return _paste(name, base, patch, patch_starts, out)
+
+
+def _paste(name, base, patch, patch_starts, out):
+    """Run the validated paste on backend ``name``; 2 axes through the 2-D kernels."""
     if name == "torch":
-        return reference.paste(base, patch, py.to(base.device), px.to(base.device), out)
+        starts = [t.to(base.device) for t in patch_starts]
+        if len(starts) == 2:
+            return reference.paste(base, patch, *starts, out)
+        return reference.paste_nd(base, patch, starts, out)
+    if len(patch_starts) != 2:
+        raise ValueError(f"backend {name!r} has no kernel for {len(patch_starts)} spatial axes "
+                         "yet: use backend='torch'")
     if name == "numba":
         from . import gather_cpu
-        return gather_cpu.paste(base, patch, py.cpu(), px.cpu(), out)
+        return gather_cpu.paste(base, patch, *(t.cpu() for t in patch_starts), out)
     from . import gather_cuda
-    return gather_cuda.paste(base, patch, py, px, out)
+    return gather_cuda.paste(base, patch, *patch_starts, out)
 
 
 @functools.cache
@@ -205,6 +314,8 @@ def auto_backend(base: torch.Tensor, n_cells: int) -> str:
     >>> auto_backend(torch.zeros(1, 2, 2), 4)
     'torch'
     """
+    if base.dim() != 3:
+        return "torch"  # volumes: the Numba kernels for 3 axes are not written yet
     available = available_backends()
     if base.device.type == "cuda":
         return "cuda" if "cuda" in available else "torch"
@@ -233,12 +344,18 @@ def _resolve_backend(backend, base, n_cells):
     return backend
 
 
-def _check_base(base):
+# base shapes accepted by the 2-D functions and by the N-D ones, by number of dimensions
+_2D_BASE = {3: "(C, H, W)"}
+_ND_BASE = {3: "(C, H, W)", 4: "(C, D, H, W)"}
+
+
+def _check_base(base, shapes=_2D_BASE):
     if not isinstance(base, torch.Tensor):
         raise ValueError(f"base must be a torch tensor, got {type(base).__name__}")
-    if base.dim() != 3:
-        raise ValueError(f"base must have shape (C, H, W), got {tuple(base.shape)}: it is the "
-                         "materialized tensor shared by all positions, without a batch dimension")
+    if base.dim() not in shapes:
+        raise ValueError(f"base must have shape {' or '.join(shapes.values())}, got "
+                         f"{tuple(base.shape)}: it is the materialized tensor shared by all "
+                         "positions, without a batch dimension")
     if base.dtype != torch.float32:
         raise ValueError(f"base must be float32, got {base.dtype}")
     return tuple(base.shape)
@@ -247,8 +364,9 @@ def _check_base(base):
 def _check_patch(patch, base, B, batch_from="win_y0"):
     if not isinstance(patch, torch.Tensor):
         raise ValueError(f"patch must be a torch tensor, got {type(patch).__name__}")
-    if patch.dim() != 4:
-        raise ValueError(f"patch must have shape (B, C, ph, pw), got {tuple(patch.shape)}")
+    if patch.dim() != base.dim() + 1:
+        raise ValueError(f"patch must have shape {_patch_shape(base.dim() - 1)}, got "
+                         f"{tuple(patch.shape)}")
     if patch.dtype != torch.float32:
         raise ValueError(f"patch must be float32, got {patch.dtype}")
     if patch.device != base.device:
@@ -258,6 +376,10 @@ def _check_patch(patch, base, B, batch_from="win_y0"):
         raise ValueError(f"patch has {patch.shape[0]} positions but {batch_from} has {B}")
     if patch.shape[1] != base.shape[0]:
         raise ValueError(f"patch has {patch.shape[1]} channels but base has {base.shape[0]}")
+
+
+def _patch_shape(n_axes):
+    return "(B, C, ph, pw)" if n_axes == 2 else "(B, C, pd, ph, pw)"
 
 
 def _check_out(out, shape, base):
@@ -291,6 +413,38 @@ def _positions(name, value, B=None, batch_from=None):
     if B is not None and t.shape[0] != B:
         raise ValueError(f"{name} has {t.shape[0]} positions but {batch_from} has {B}")
     return t.to(torch.int64)
+
+
+def _axis_positions(name, value, n_axes, B=None, batch_from=None):
+    """One int64 ``(B,)`` tensor per spatial axis, all of one length (``B`` when given)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) or not hasattr(value, "__len__"):
+        raise ValueError(f"{name} must be a sequence of {n_axes} position tensors, one per "
+                         f"spatial axis, got {type(value).__name__}")
+    if len(value) != n_axes:
+        raise ValueError(f"{name} has {len(value)} axes but base has {n_axes} spatial axes")
+    if B is None:
+        first = _positions(f"{name}[0]", value[0])
+        B, batch_from = first.shape[0], f"{name}[0]"
+    else:
+        first = _positions(f"{name}[0]", value[0], B, batch_from)
+    return (first, *(_positions(f"{name}[{k}]", v, B, batch_from)
+                     for k, v in enumerate(value[1:], 1)))
+
+
+def _sizes(value, n_axes):
+    if isinstance(value, (torch.Tensor, np.ndarray)) or not hasattr(value, "__len__"):
+        raise ValueError(f"sizes must be a sequence of {n_axes} positive ints, one per spatial "
+                         f"axis, got {value!r}")
+    if len(value) != n_axes:
+        raise ValueError(f"sizes has {len(value)} axes but base has {n_axes} spatial axes")
+    return tuple(_positive_int(f"sizes[{k}]", v) for k, v in enumerate(value))
+
+
+def _pad_value(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"pad_value must be a number, got {value!r}") from None
 
 
 def _positive_int(name, value):

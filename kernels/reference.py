@@ -25,6 +25,9 @@ strategies produce identical results:
   arithmetic per element, see ``benchmarks/bench_kernels.py``), so :func:`gather`
   uses it for CPU tensors.
 
+:func:`gather_nd` / :func:`paste_nd` (and their two strategies) do the same for a
+base with any number of spatial axes, e.g. a volume ``(C, D, H, W)``.
+
 Arguments are trusted: :mod:`kql.kernels` validates them before calling in.
 Positions are int64 tensors of shape ``(B,)`` on any device; the result is a new
 contiguous float32 tensor, or ``out`` when given. Being torch ops, these are
@@ -32,10 +35,13 @@ differentiable with respect to ``base`` and ``patch`` (the Numba kernels are not
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gather", "paste", "gather_vectorised", "gather_looped"]
+__all__ = ["gather", "paste", "gather_vectorised", "gather_looped", "gather_nd", "paste_nd",
+           "gather_vectorised_nd", "gather_looped_nd"]
 
 
 def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_x0=None,
@@ -170,3 +176,150 @@ def gather_looped(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None,
                 dst[:, qa - y0:qb - y0, ra - x0:rb - x0].copy_(
                     patch[b, :, qa - py[b]:qb - py[b], ra - px[b]:rb - px[b]])
     return out
+
+
+# --------------------------------------------------------------- N spatial axes
+# The same two strategies for a base with any number of spatial axes (volumes:
+# ``(C, D, H, W)``). Positions and sizes come as one entry per axis, in the
+# base's axis order. The 2-D functions above stay as they are: written for two
+# axes they do less Python work per position, which the small windows of late
+# layers notice; these serve volumes and are checked against the 2-D ones.
+
+def gather_nd(base, starts, sizes, patch=None, patch_starts=None, pad_value=0.0, out=None):
+    """:func:`gather` for ``base`` ``(C, *S)`` with any number of spatial axes.
+
+    ``starts`` / ``patch_starts``: one int64 tensor ``(B,)`` per spatial axis;
+    ``sizes``: the window size per axis; ``patch`` ``(B, C, *P)``.
+    ``out[b, c, *i]`` with ``s = starts[:, b] + i`` is ``patch[b, c, *(s - patch_starts[:, b])]``
+    inside the patch box, else ``base[c, *s]`` inside the base, else ``pad_value``.
+
+    >>> base = torch.arange(8.).view(1, 2, 2, 2)
+    >>> gather_nd(base, [torch.tensor([1])] * 3, (2, 1, 1))
+    tensor([[[[[7.]],
+    <BLANKLINE>
+              [[0.]]]]])
+    """
+    impl = gather_looped_nd if base.device.type == "cpu" else gather_vectorised_nd
+    return impl(base, starts, sizes, patch, patch_starts, pad_value, out)
+
+
+def paste_nd(base, patch, patch_starts, out=None):
+    """:func:`paste` for ``base`` ``(C, *S)`` with any number of spatial axes."""
+    zeros = [torch.zeros_like(patch_starts[0])] * len(patch_starts)
+    return gather_nd(base, zeros, tuple(base.shape[1:]), patch, patch_starts, 0.0, out)
+
+
+def _has_cells(patch):
+    return patch is not None and all(n > 0 for n in patch.shape[2:])
+
+
+def gather_looped_nd(base, starts, sizes, patch=None, patch_starts=None, pad_value=0.0, out=None):
+    """:func:`gather_nd` with one sliced copy per position (fastest torch form on CPU)."""
+    C, *S = base.shape
+    B = starts[0].shape[0]
+    sizes = tuple(sizes)
+    if out is None:
+        out = base.new_empty((B, C, *sizes))
+    lows = list(zip(*(s.tolist() for s in starts)))  # per position, per axis
+    if _has_cells(patch):
+        P = patch.shape[2:]
+        patch_lows = list(zip(*(p.tolist() for p in patch_starts)))
+    else:
+        patch = None
+    every = slice(None)
+    for b in range(B):
+        lo = lows[b]
+        dst = out[b]
+        # the part of the window inside the base, per axis: [a, z) in base coordinates
+        a = [max(l, 0) for l in lo]
+        z = [min(l + n, s) for l, n, s in zip(lo, sizes, S)]
+        if any(ak > lk for ak, lk in zip(a, lo)) or any(zk < lk + n for zk, lk, n in zip(z, lo, sizes)):
+            dst.fill_(pad_value)  # the window reaches into the padding
+        if all(ak < zk for ak, zk in zip(a, z)):
+            dst[(every, *(slice(ak - lk, zk - lk) for ak, zk, lk in zip(a, z, lo)))].copy_(
+                base[(every, *(slice(ak, zk) for ak, zk in zip(a, z)))])
+        if patch is not None:
+            q = patch_lows[b]
+            pa = [max(qk, lk) for qk, lk in zip(q, lo)]
+            pz = [min(qk + m, lk + n) for qk, m, lk, n in zip(q, P, lo, sizes)]
+            if all(ak < zk for ak, zk in zip(pa, pz)):
+                dst[(every, *(slice(ak - lk, zk - lk) for ak, zk, lk in zip(pa, pz, lo)))].copy_(
+                    patch[(b, every, *(slice(ak - qk, zk - qk) for ak, zk, qk in zip(pa, pz, q)))])
+    return out
+
+
+def gather_vectorised_nd(base, starts, sizes, patch=None, patch_starts=None, pad_value=0.0,
+                         out=None):
+    """:func:`gather_nd` in a fixed number of torch ops, whatever the batch size.
+
+    As :func:`gather_vectorised`: pad the base as far as the windows reach out, view
+    every window of the padded base as one strided dimension of flat start offsets
+    (zero copy), pick the ``B`` windows with one ``index_select``.
+    """
+    C, *S = base.shape
+    n = len(S)
+    B = starts[0].shape[0]
+    sizes = tuple(sizes)
+    if out is None:
+        out = base.new_empty((B, C, *sizes))
+    if B == 0:
+        return out
+    device = base.device
+    starts = [s.to(device) for s in starts]
+    # One device->host transfer for the padding extents (a sync on CUDA).
+    ext = torch.stack([f(s) for s in starts for f in (torch.min, torch.max)]).tolist()
+    before = [max(0, -ext[2 * k]) for k in range(n)]
+    after = [max(0, ext[2 * k + 1] + sizes[k] - S[k]) for k in range(n)]
+    src = base.contiguous()
+    if any(before) or any(after):
+        pads = [p for k in reversed(range(n)) for p in (before[k], after[k])]  # last axis first
+        src = F.pad(src, pads, value=float(pad_value))
+    Sp = src.shape[1:]
+    strides = src.stride()[1:]
+    n_starts = sum((Sp[k] - sizes[k]) * strides[k] for k in range(n)) + 1
+    windows = src.as_strided((n_starts, C, *sizes), (1, src.stride(0), *strides),
+                             src.storage_offset())
+    flat = sum((starts[k] + before[k]) * strides[k] for k in range(n))
+    torch.index_select(windows, 0, flat, out=out)
+    if _has_cells(patch):
+        _overlay_vectorised_nd(out, starts, patch, [p.to(device) for p in patch_starts])
+    return out
+
+
+def _overlay_vectorised_nd(out, starts, patch, patch_starts):
+    """Write each position's patch into its window of ``out`` (in place), clipped."""
+    B, C, *Wn = out.shape
+    P = patch.shape[2:]
+    n = len(P)
+    dev = out.device
+    origin = [q - s for q, s in zip(patch_starts, starts)]  # patch origin in window coordinates
+    inside = torch.ones(B, dtype=torch.bool, device=dev)
+    for o, m, w in zip(origin, P, Wn):
+        inside &= (o >= 0) & (o + m <= w)
+
+    def along(k, v):  # v (B, L) as a broadcastable index on spatial axis k of (B, C, *axes)
+        shape = [B, 1] + [1] * n
+        shape[2 + k] = v.shape[1]
+        return v.view(shape)
+
+    if bool(inside.all()):
+        # The usual case: every patch fits its window. One indexed assignment.
+        index = [torch.arange(B, device=dev).view([B, 1] + [1] * n),
+                 torch.arange(C, device=dev).view([1, C] + [1] * n)]
+        index += [along(k, origin[k][:, None] + torch.arange(P[k], device=dev)) for k in range(n)]
+        out[tuple(index)] = patch
+        return
+    # General case: per window cell, the patch cell that would cover it (clamped into
+    # the patch) and whether it really does; then one masked select.
+    covered = torch.ones([B, 1] + [1] * n, dtype=torch.bool, device=dev)
+    flat = torch.zeros([B, 1] + [1] * n, dtype=torch.int64, device=dev)
+    step = 1
+    for k in reversed(range(n)):
+        p = torch.arange(Wn[k], device=dev) - origin[k][:, None]  # (B, W_k)
+        covered = covered & along(k, (p >= 0) & (p < P[k]))
+        flat = flat + along(k, p.clamp(0, P[k] - 1) * step)
+        step *= P[k]
+    cells = math.prod(Wn)
+    flat = flat.expand([B, 1, *Wn]).reshape(B, 1, cells)
+    from_patch = patch.reshape(B, C, -1).gather(2, flat.expand(B, C, cells)).view(out.shape)
+    torch.where(covered, from_patch, out, out=out)

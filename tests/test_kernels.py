@@ -6,6 +6,7 @@ front door, and must match it exactly (these are copies: no rounding is allowed)
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -342,3 +343,317 @@ def test_paste_rejects(change, message):
     with pytest.raises(ValueError) as err:
         K.paste(**{**a, **change})
     assert str(err.value) == message
+
+
+# ================================================================ N spatial axes
+# gather_nd / paste_nd: volumes (C, D, H, W) through the N-D kernels, images (C, H, W)
+# through the 2-D ones above. The oracle is the definition over any number of axes.
+
+def naive_gather_nd(base, starts, sizes, patch=None, patch_starts=None, pad=0.0):
+    C, *S = base.shape
+    B = len(starts[0])
+    out = np.empty((B, C, *sizes), dtype=np.float32)
+    for b in range(B):
+        for cell in itertools.product(*(range(n) for n in sizes)):
+            s = [int(starts[k][b]) + i for k, i in enumerate(cell)]
+            q = None if patch is None else [s[k] - int(patch_starts[k][b]) for k in range(len(s))]
+            if q is not None and all(0 <= qk < m for qk, m in zip(q, patch.shape[2:])):
+                out[(b, slice(None), *cell)] = patch[(b, slice(None), *q)]
+            elif all(0 <= sk < n for sk, n in zip(s, S)):
+                out[(b, slice(None), *cell)] = base[(slice(None), *s)]
+            else:
+                out[(b, slice(None), *cell)] = pad
+    return out
+
+
+def naive_paste_nd(base, patch, patch_starts):
+    zeros = [[0] * len(patch_starts[0])] * len(patch_starts)
+    return naive_gather_nd(base, zeros, base.shape[1:], patch, patch_starts)
+
+
+GATHERS_ND = {
+    "torch-looped": reference.gather_looped_nd,
+    "torch-vectorised": reference.gather_vectorised_nd,
+    "front-torch": lambda *a, **k: K.gather_nd(*a, backend="torch", **k),
+    "front-auto": lambda *a, **k: K.gather_nd(*a, backend="auto", **k),
+}
+PASTES_ND = {
+    "torch": reference.paste_nd,
+    "front-torch": lambda *a, **k: K.paste_nd(*a, backend="torch", **k),
+    "front-auto": lambda *a, **k: K.paste_nd(*a, backend="auto", **k),
+}
+
+# name: (C, (D, H, W), window sizes, window starts per axis, patch shape or None,
+#        patch starts per axis, pad)
+GATHER3_CASES = {
+    "inside, patch centred":       (2, (7, 8, 9), (4, 4, 5), ([1, 2], [0, 3], [2, 4]), (2, 2, 3),
+                                    ([2, 3], [1, 4], [3, 5]), 0.0),
+    "past the low corner":         (2, (5, 6, 7), (4, 4, 4), ([-2, -1], [-3, 0], [-1, -3]), (2, 2, 2),
+                                    ([-1, 0], [-2, 1], [0, -2]), 0.0),
+    "past the high corner":        (2, (5, 6, 7), (4, 4, 4), ([3, 4], [4, 5], [5, 6]), (2, 2, 2),
+                                    ([4, 5], [5, 6], [6, 7]), 0.0),
+    "past one face (depth only)":  (1, (4, 6, 6), (3, 3, 3), ([-2, 3, 0], [1, 1, 3], [1, 2, 3]), (1, 2, 2),
+                                    ([-2, 5, 0], [2, 1, 3], [1, 3, 4]), 0.0),
+    "fully outside":               (2, (4, 4, 4), (2, 3, 2), ([6, -9, 0], [0, 0, 7], [0, -3, 0]), None,
+                                    None, 0.0),
+    "window bigger than base":     (2, (2, 3, 4), (5, 6, 7), ([-1, -2], [-2, -1], [-2, -3]), (1, 2, 2),
+                                    ([0, 1], [0, 1], [1, 2]), 0.0),
+    "patch partly outside window": (2, (6, 6, 6), (3, 4, 4), ([1, 1, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2]),
+                                    (2, 3, 3), ([0, 3, 2, 1], [0, 5, 4, 1], [1, 4, 0, 5]), 0.0),
+    "patch covers window":         (2, (6, 6, 6), (2, 3, 2), ([2], [2], [2]), (6, 7, 6), ([0], [0], [0]), 0.0),
+    "patch disjoint from window":  (1, (6, 6, 6), (2, 2, 2), ([0, 4], [0, 4], [0, 4]), (2, 2, 2),
+                                    ([4, 0], [0, 4], [0, 4]), 0.0),
+    "patch over the padding":      (2, (4, 5, 5), (3, 4, 4), ([-2, 2], [-2, 3], [-2, 3]), (2, 2, 3),
+                                    ([-2, 3], [-2, 4], [-1, 3]), 0.0),
+    "-inf padding (max pooling)":  (2, (4, 5, 6), (3, 3, 3), ([-1, 2, 0], [-1, 3, -2], [-1, 4, 2]), (2, 2, 2),
+                                    ([0, 2, 0], [0, 3, -2], [0, 4, 2]), NEG_INF),
+    "no patch":                    (3, (5, 6, 4), (2, 4, 3), ([-1, 4, 1], [-1, 4, 1], [-2, 1, 2]), None,
+                                    None, 0.5),
+    "B=1, window 1x1x1":           (1, (3, 3, 3), (1, 1, 1), ([2], [-1], [0]), (1, 1, 1), ([2], [-1], [0]), 0.0),
+    "empty patch (0 deep)":        (2, (4, 4, 4), (2, 2, 2), ([0, 1], [1, 2], [0, 0]), (0, 2, 2),
+                                    ([0, 1], [1, 2], [0, 0]), 0.0),
+    "empty batch":                 (2, (4, 4, 4), (2, 2, 2), ([], [], []), (1, 1, 1), ([], [], []), 0.0),
+    "whole-volume windows":        (2, (3, 4, 5), (3, 4, 5), ([0, 0, 0], [0, 0, 0], [0, 0, 0]), (2, 2, 2),
+                                    ([-1, 1, 2], [0, 3, -1], [4, 1, 0]), 0.0),
+    "full-width, full-height":     (2, (5, 4, 5), (3, 4, 5), ([-1, 3, 0], [0, 0, 0], [0, 0, 0]), (2, 2, 2),
+                                    ([0, 4, -1], [1, 3, 2], [3, -1, 0]), -1.0),
+    "long rows":                   (1, (2, 3, 40), (2, 2, 33), ([0, 1], [-1, 2], [-4, 10]), (1, 2, 20),
+                                    ([1, 1], [0, 2], [0, 12]), 0.0),
+}
+
+
+def make_case_nd(C, S, sizes, starts, pshape, patch_starts, pad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(C, *S, generator=g)
+    B = len(starts[0])
+    args = dict(base=base, starts=[torch.tensor(s, dtype=torch.int64) for s in starts],
+                sizes=tuple(sizes))
+    if pshape is not None:
+        args.update(patch=torch.randn(B, C, *pshape, generator=g) + 100.0,
+                    patch_starts=[torch.tensor(s, dtype=torch.int64) for s in patch_starts])
+    args["pad_value"] = pad
+    return args
+
+
+def expected_gather_nd(a):
+    p = a.get("patch")
+    return naive_gather_nd(a["base"].numpy(), [s.tolist() for s in a["starts"]], a["sizes"],
+                           None if p is None else p.numpy(),
+                           None if p is None else [s.tolist() for s in a["patch_starts"]],
+                           a["pad_value"])
+
+
+def run_gather_nd(impl, a, out=None):
+    return GATHERS_ND[impl](a["base"], a["starts"], a["sizes"], a.get("patch"),
+                            a.get("patch_starts"), pad_value=a["pad_value"], out=out)
+
+
+@pytest.mark.parametrize("impl", GATHERS_ND)
+@pytest.mark.parametrize("case", GATHER3_CASES)
+def test_gather_3d_matches_oracle(case, impl):
+    a = make_case_nd(*GATHER3_CASES[case])
+    assert_same(run_gather_nd(impl, a), expected_gather_nd(a))
+
+
+@pytest.mark.parametrize("impl", GATHERS_ND)
+@pytest.mark.parametrize("seed", range(10))
+def test_gather_3d_random(seed, impl):
+    """Random non-cubic geometry around every border, batch sizes 1 to 6."""
+    rng = np.random.default_rng(100 + seed)
+    C = int(rng.integers(1, 4))
+    S = tuple(int(v) for v in rng.integers(1, 8, 3))
+    sizes = tuple(int(v) for v in rng.integers(1, 6, 3))
+    P = tuple(int(v) for v in rng.integers(1, 5, 3))
+    B = 1 if seed < 3 else int(rng.integers(2, 7))
+    starts = [rng.integers(-n - 1, s + 2, B) for n, s in zip(sizes, S)]
+    pstarts = [w + rng.integers(-m, n + 1, B) for w, m, n in zip(starts, P, sizes)]
+    pad = [0.0, NEG_INF, -1.5][seed % 3]
+    a = make_case_nd(C, S, sizes, [w.tolist() for w in starts], P, [p.tolist() for p in pstarts],
+                     pad, seed)
+    assert_same(run_gather_nd(impl, a), expected_gather_nd(a))
+
+
+@pytest.mark.parametrize("impl", GATHERS_ND)
+@pytest.mark.parametrize("case", ["window past top-left", "patch partly outside window",
+                                  "-inf padding (max pooling)", "no patch", "empty batch"])
+def test_gather_nd_on_images_equals_gather(case, impl):
+    """Two axes: the N-D entry points (and the generic torch functions) give gather's result."""
+    a = make_case(*GATHER_CASES[case])
+    nd = dict(base=a["base"], starts=[a["win_y0"], a["win_x0"]], sizes=(a["win_h"], a["win_w"]),
+              pad_value=a["pad_value"])
+    if "patch" in a:
+        nd.update(patch=a["patch"], patch_starts=[a["patch_y0"], a["patch_x0"]])
+    want = expected_gather(a)
+    assert_same(run_gather_nd(impl, nd), want)
+    np.testing.assert_array_equal(want, expected_gather_nd(nd))  # the two oracles agree
+
+
+def test_gather_nd_on_images_runs_the_2d_kernels(monkeypatch):
+    """No second implementation for images: gather_nd hands two axes to the 2-D kernels."""
+    calls = []
+    for module, name in ((reference, "gather"), (gather_cpu, "gather")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _m=module.__name__, **k:
+                            calls.append(_m) or _real(*a, **k))
+    a = make_case(*GATHER_CASES["inside, patch centred"])
+    for backend in ("torch", "numba"):
+        K.gather_nd(a["base"], [a["win_y0"], a["win_x0"]], (5, 5), a["patch"],
+                    [a["patch_y0"], a["patch_x0"]], backend=backend)
+    assert calls == ["kql.kernels.reference", "kql.kernels.gather_cpu"]
+
+
+@pytest.mark.parametrize("impl", ["torch-looped", "torch-vectorised", "front-auto"])
+def test_gather_3d_writes_into_out(impl):
+    a = make_case_nd(*GATHER3_CASES["past the low corner"])
+    out = torch.full((2, 2, 4, 4, 4), 42.0)
+    assert run_gather_nd(impl, a, out=out) is out
+    assert_same(out, expected_gather_nd(a))
+
+
+def test_gather_3d_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 6, 5, 7, generator=g).transpose(1, 3)  # (2, 7, 5, 6)
+    patch = torch.randn(6, 2, 4, 3, 5, generator=g)[::2, :, 1:3]  # (3, 2, 2, 3, 5)
+    starts = [torch.tensor([-1, 0, 3, 0, 5, 0])[::2], torch.tensor([0, 2, 4]),
+              torch.tensor([-2, 3, 2])]
+    pstarts = [s + 1 for s in starts]
+    a = dict(base=base, starts=starts, sizes=(3, 4, 3), patch=patch, patch_starts=pstarts,
+             pad_value=NEG_INF)
+    for impl in GATHERS_ND:
+        assert_same(run_gather_nd(impl, a), expected_gather_nd(a))
+
+
+def test_gather_nd_accepts_numpy_and_list_positions():
+    a = make_case_nd(*GATHER3_CASES["past the high corner"])
+    want = expected_gather_nd(a)
+    s, p = a["starts"], a["patch_starts"]
+    got = K.gather_nd(a["base"], (s[0].numpy().astype(np.int32), s[1].tolist(), tuple(s[2].tolist())),
+                      [4, 4, 4], a["patch"], [p[0].numpy(), p[1].tolist(), p[2]], backend="torch")
+    assert_same(got, want)
+
+
+# name: (C, (D, H, W), patch shape, patch starts per axis)
+PASTE3_CASES = {
+    "inside":              (2, (4, 5, 6), (2, 2, 3), ([0, 2], [1, 3], [0, 3])),
+    "clipped every side":  (2, (4, 4, 4), (3, 2, 3), ([-1, 3, -2, 2], [-1, 3, 1, -1], [-2, 2, 1, -1])),
+    "fully outside":       (1, (3, 3, 3), (2, 2, 2), ([-2, 3, 0], [0, 1, 9], [0, 0, 0])),
+    "larger than base":    (1, (2, 3, 4), (4, 6, 7), ([-1], [-2], [-1])),
+    "B=1, C=1, 1x1x1":     (1, (1, 1, 1), (1, 1, 1), ([0], [0], [0])),
+    "empty batch":         (2, (3, 3, 3), (2, 2, 2), ([], [], [])),
+}
+
+
+@pytest.mark.parametrize("impl", PASTES_ND)
+@pytest.mark.parametrize("case", PASTE3_CASES)
+def test_paste_3d_matches_oracle(case, impl):
+    C, S, P, starts = PASTE3_CASES[case]
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(C, *S, generator=g)
+    patch = torch.randn(len(starts[0]), C, *P, generator=g) + 100.0
+    ps = [torch.tensor(s, dtype=torch.int64) for s in starts]
+    got = PASTES_ND[impl](base, patch, ps)
+    assert_same(got, naive_paste_nd(base.numpy(), patch.numpy(), starts))
+    assert got.data_ptr() != base.data_ptr() or got.numel() == 0
+
+
+def test_paste_nd_on_images_equals_paste():
+    base, patch = torch.randn(2, 5, 4), torch.randn(3, 2, 2, 3)
+    py, px = torch.tensor([-1, 2, 4]), torch.tensor([0, 3, -2])
+    for backend in ("torch", "numba", "auto"):
+        assert torch.equal(K.paste_nd(base, patch, [py, px], backend=backend),
+                           K.paste(base, patch, py, px, backend="torch"))
+
+
+def test_paste_3d_writes_into_out():
+    base, patch = torch.randn(2, 3, 4, 4), torch.randn(3, 2, 2, 2, 2)
+    ps = [torch.tensor([-1, 1, 2]), torch.tensor([0, 3, 1]), torch.tensor([2, -1, 0])]
+    out = torch.empty(3, 2, 3, 4, 4)
+    assert K.paste_nd(base, patch, ps, backend="torch", out=out) is out
+    assert_same(out, naive_paste_nd(base.numpy(), patch.numpy(), [p.tolist() for p in ps]))
+
+
+# ---------------------------------------------------------------- N-D validation (exact messages)
+
+def _ok_nd():
+    return dict(base=torch.zeros(2, 4, 5, 5), starts=[torch.tensor([0, 1])] * 3, sizes=(2, 3, 3),
+                patch=torch.zeros(2, 2, 1, 2, 2), patch_starts=[torch.tensor([0, 1])] * 3)
+
+
+BAD_GATHER_ND = [
+    (dict(base=np.zeros((2, 4, 5, 5), np.float32)), "base must be a torch tensor, got ndarray"),
+    (dict(base=torch.zeros(1, 2, 4, 5, 5)),
+     "base must have shape (C, H, W) or (C, D, H, W), got (1, 2, 4, 5, 5): it is the materialized "
+     "tensor shared by all positions, without a batch dimension"),
+    (dict(base=torch.zeros(2, 4, 5, 5, dtype=torch.float64)), "base must be float32, got torch.float64"),
+    (dict(starts=torch.zeros(3, 2, dtype=torch.int64)),
+     "starts must be a sequence of 3 position tensors, one per spatial axis, got Tensor"),
+    (dict(starts=[torch.tensor([0, 1])] * 2), "starts has 2 axes but base has 3 spatial axes"),
+    (dict(starts=[torch.tensor([0, 1]), torch.tensor([0.0, 1.0]), torch.tensor([0, 1])]),
+     "starts[1] must hold integers, got torch.float32"),
+    (dict(starts=[torch.tensor([[0, 1]])] * 3), "starts[0] must have shape (B,), got (1, 2)"),
+    (dict(starts=[torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0])]),
+     "starts[2] has 1 positions but starts[0] has 2"),
+    (dict(sizes=4), "sizes must be a sequence of 3 positive ints, one per spatial axis, got 4"),
+    (dict(sizes=(2, 3)), "sizes has 2 axes but base has 3 spatial axes"),
+    (dict(sizes=(2, 0, 3)), "sizes[1] must be a positive int, got 0"),
+    (dict(sizes=(2, 3, 3.0)), "sizes[2] must be a positive int, got 3.0"),
+    (dict(patch=torch.zeros(3, 2, 1, 2, 2)), "patch has 3 positions but starts[0] has 2"),
+    (dict(patch=torch.zeros(2, 3, 1, 2, 2)), "patch has 3 channels but base has 2"),
+    (dict(patch=torch.zeros(2, 2, 2, 2)), "patch must have shape (B, C, pd, ph, pw), got (2, 2, 2, 2)"),
+    (dict(patch=torch.zeros(2, 2, 1, 2, 2, dtype=torch.float16)), "patch must be float32, got torch.float16"),
+    (dict(patch_starts=None),
+     "a patch needs patch_starts (its first corner per position, one (B,) per spatial axis)"),
+    (dict(patch=None), "patch_starts given without a patch: pass the patch too, or neither"),
+    (dict(patch_starts=[torch.tensor([0, 1])] * 2), "patch_starts has 2 axes but base has 3 spatial axes"),
+    (dict(patch_starts=[torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0, 1])]),
+     "patch_starts[1] has 1 positions but starts[0] has 2"),
+    (dict(pad_value="zero"), "pad_value must be a number, got 'zero'"),
+    (dict(out=torch.zeros(2, 2, 2, 3, 4)), "out must have shape (2, 2, 2, 3, 3), got (2, 2, 2, 3, 4)"),
+    (dict(backend="gpu"), "unknown backend 'gpu': choose one of auto, torch, numba, cuda"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_GATHER_ND, ids=[m[:40] for _, m in BAD_GATHER_ND])
+def test_gather_nd_rejects(change, message):
+    with pytest.raises(ValueError) as err:
+        K.gather_nd(**{**_ok_nd(), **change})
+    assert str(err.value) == message
+
+
+def test_gather_nd_on_images_names_its_own_arguments():
+    with pytest.raises(ValueError) as err:
+        K.gather_nd(torch.zeros(1, 4, 4), [[0], [0.5]], (2, 2))
+    assert str(err.value) == "starts[1] must hold integers, got torch.float64"
+    with pytest.raises(ValueError) as err:
+        K.gather_nd(torch.zeros(1, 4, 4), [[0], [0]], (2, 2), torch.zeros(1, 1, 1, 1, 1), [[0], [0]])
+    assert str(err.value) == "patch must have shape (B, C, ph, pw), got (1, 1, 1, 1, 1)"
+
+
+BAD_PASTE_ND = [
+    (dict(patch=None),
+     "paste needs a patch (B, C, pd, ph, pw); for plain copies use base.expand(B, *base.shape)"),
+    (dict(patch_starts=[torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0])]),
+     "patch_starts[2] has 1 positions but patch_starts[0] has 2"),
+    (dict(patch=torch.zeros(1, 2, 2, 2, 2)), "patch has 1 positions but patch_starts[0] has 2"),
+    (dict(out=torch.zeros(2, 2, 4, 5, 5, dtype=torch.float64)), "out must be float32, got torch.float64"),
+    (dict(base=torch.zeros(4, 5, 5, 5, 5)),
+     "base must have shape (C, H, W) or (C, D, H, W), got (4, 5, 5, 5, 5): it is the materialized "
+     "tensor shared by all positions, without a batch dimension"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_PASTE_ND, ids=[m[:40] for _, m in BAD_PASTE_ND])
+def test_paste_nd_rejects(change, message):
+    a = dict(base=torch.zeros(2, 4, 5, 5), patch=torch.zeros(2, 2, 2, 2, 2),
+             patch_starts=[torch.tensor([0, 1])] * 3)
+    with pytest.raises(ValueError) as err:
+        K.paste_nd(**{**a, **change})
+    assert str(err.value) == message
+
+
+def test_auto_on_a_large_volume():
+    base = torch.randn(8, 12, 12, 12)
+    starts = [torch.tensor([-2, 0, 5, 9])] * 3
+    got = K.gather_nd(base, starts, (6, 6, 6), backend="auto")
+    np.testing.assert_array_equal(got.numpy(), naive_gather_nd(base.numpy(), [s.tolist() for s in starts],
+                                                                (6, 6, 6)))
