@@ -268,7 +268,7 @@ class Connection:
         from kql.planner.explain import describe
         spec = self.catalog.model(stmt.model, stmt.weights, bindings)
         if stmt.input_size is not None:
-            h, w = stmt.input_size
+            h, w = stmt.input_size_for(2)
         elif spec.input_size is not None:
             h, w = spec.input_size
         else:
@@ -276,7 +276,8 @@ class Connection:
         if h < 1 or w < 1:
             raise PlanError(f"INPUT must be at least 1x1, got {h}x{w}")
         graph = self.catalog.graph(spec, (spec.channels, h, w))
-        described = describe(spec, graph, stmt.patch, stmt.stride)
+        shape = (spec.channels, h, w)
+        described = describe(spec, graph, stmt.patch_for(2, shape), stmt.stride_for(2, shape))
         if isinstance(described, tuple):     # the layer table
             columns, rows, title = described
             return Table(columns, rows, title=title)

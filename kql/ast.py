@@ -4,13 +4,24 @@ The parser (``kql.parser``) builds these from ``grammar/kql.lark``; the planner
 reads them. Nothing here knows about models or images: names are resolved by
 the planner against the session (``kql.api.Connection``).
 
-Coordinates and sizes are in pixels of the *model's input* (after resizing),
-and pairs are ``(height, width)`` / ``(y, x)`` unless a name says otherwise.
+Coordinates and sizes are in pixels (voxels) of the *model's input* (after
+resizing), and tuples follow the tensor's spatial axes: ``(height, width)`` /
+``(y, x)`` for an image, ``(depth, height, width)`` / ``(z, y, x)`` for a
+volume (the time axis of a video clip is its depth), unless a name says
+otherwise.
+
+PATCH and STRIDE hold what the query wrote: ``PATCH 8`` is ``(8,)`` (a square
+on an image, a cube on a volume), ``PATCH 16x8`` is ``(16, 8)`` and
+``PATCH 8x8x8`` is ``(8, 8, 8)``. The planner asks :meth:`Select.patch_for`
+for the size on the model's number of spatial axes, which also rejects a
+3-D patch on an image and a 2-D patch on a volume.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
+
+from kql.errors import PlanError
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,120 @@ class Label:
 
 @dataclass(frozen=True)
 class Region:
-    """A crop of the model input, ``x0 <= x < x1``, ``y0 <= y < y1`` (pixels)."""
+    """A box of the model input: ``x0 <= x < x1``, ``y0 <= y < y1`` and, on a
+    volume, ``z0 <= z < z1`` (pixels / voxels).
+
+    x runs along the width (the last axis), y along the height and z along
+    the depth (the first spatial axis; time in a video clip). The query writes
+    ``REGION (x0, y0, x1, y1)`` on an image and ``REGION (x0, y0, z0, x1, y1,
+    z1)`` on a volume: the first corner, then the corner past the last voxel.
+
+    >>> r = Region(1, 2, 5, 6, z0=0, z1=4)
+    >>> r.ndim, r.bounds, r.text()
+    (3, ((0, 4), (2, 6), (1, 5)), '(1, 2, 0, 5, 6, 4)')
+    >>> Region.from_bounds(((2, 6), (1, 5)))
+    Region(x0=1, y0=2, x1=5, y1=6, z0=None, z1=None)
+    """
     x0: int
     y0: int
     x1: int
     y1: int
+    z0: Optional[int] = None
+    z1: Optional[int] = None
+
+    @property
+    def ndim(self) -> int:
+        """2 for an image region, 3 for a volume region."""
+        return 2 if self.z0 is None else 3
+
+    @property
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` per spatial axis, in tensor order ((z,) y, x)."""
+        yx = ((self.y0, self.y1), (self.x0, self.x1))
+        return yx if self.z0 is None else ((self.z0, self.z1), *yx)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(b[0] for b in self.bounds)
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        return tuple(b[1] for b in self.bounds)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The box's size per axis, in tensor order."""
+        return tuple(b - a for a, b in self.bounds)
+
+    @classmethod
+    def from_bounds(cls, bounds: Sequence[tuple[int, int]]) -> "Region":
+        """The region of ``(start, stop)`` per axis in tensor order (2 or 3 axes)."""
+        bounds = [(int(a), int(b)) for a, b in bounds]
+        if len(bounds) == 2:
+            (y0, y1), (x0, x1) = bounds
+            return cls(x0, y0, x1, y1)
+        if len(bounds) == 3:
+            (z0, z1), (y0, y1), (x0, x1) = bounds
+            return cls(x0, y0, x1, y1, z0=z0, z1=z1)
+        raise ValueError(f"a region has 2 or 3 axes, got {len(bounds)}")
+
+    def text(self) -> str:
+        """The numbers as REGION writes them."""
+        if self.z0 is None:
+            return f"({self.x0}, {self.y0}, {self.x1}, {self.y1})"
+        return f"({self.x0}, {self.y0}, {self.z0}, {self.x1}, {self.y1}, {self.z1})"
+
+
+def size_text(size: Sequence[int]) -> str:
+    """A size as a query writes it: ``16``, ``16x8``, ``8x8x4``."""
+    return "x".join(str(int(v)) for v in size)
+
+
+def _input_text(ndim: int, input_shape) -> str:
+    kind = "images" if ndim == 2 else "volumes"
+    shape = "" if input_shape is None else f" ({size_text(input_shape)})"
+    return f"{ndim}-D {kind}{shape}"
+
+
+def expand_size(size: Optional[Sequence[int]], ndim: int, clause: str,
+                input_shape: Optional[Sequence[int]] = None) -> Optional[tuple[int, ...]]:
+    """A size as written (1, 2 or 3 numbers) on ``ndim`` spatial axes.
+
+    One number stands for every axis; otherwise the count must be ``ndim``.
+    ``clause`` names the clause for the message, ``input_shape`` (C, *S) the
+    model's input.
+
+    >>> expand_size((8,), 3, "PATCH"), expand_size((16, 8), 2, "PATCH")
+    ((8, 8, 8), (16, 8))
+    >>> expand_size((8, 8, 8), 2, "PATCH", (3, 224, 224))
+    Traceback (most recent call last):
+    kql.errors.PlanError: PATCH 8x8x8 is a 3-D patch; the model takes 2-D images (3x224x224)
+    """
+    if size is None:
+        return None
+    size = tuple(int(v) for v in size)
+    if len(size) == 1:
+        return size * ndim
+    if len(size) == ndim:
+        return size
+    raise PlanError(f"{clause} {size_text(size)} is a {len(size)}-D {clause.lower()}; "
+                    f"the model takes {_input_text(ndim, input_shape)}")
+
+
+class _Sized:
+    """``patch_for`` / ``stride_for`` of the statements that take PATCH and STRIDE."""
+
+    def patch_for(self, ndim: int, input_shape: Optional[Sequence[int]] = None) -> Optional[tuple[int, ...]]:
+        """PATCH on ``ndim`` spatial axes (``PATCH 8`` is a square or a cube).
+
+        Raises:
+            PlanError: the query wrote a size with another number of axes.
+        """
+        return expand_size(self.patch, ndim, "PATCH", input_shape)
+
+    def stride_for(self, ndim: int, input_shape: Optional[Sequence[int]] = None) -> Optional[tuple[int, ...]]:
+        """STRIDE on ``ndim`` spatial axes, like :meth:`patch_for`."""
+        return expand_size(self.stride, ndim, "STRIDE", input_shape)
 
 
 @dataclass(frozen=True)
@@ -83,12 +203,16 @@ class Drilldown:
 
 
 @dataclass(frozen=True)
-class Select:
-    """``SELECT HEATMAP FROM ... USING ... PATCH ... STRIDE ...`` and its clauses."""
+class Select(_Sized):
+    """``SELECT HEATMAP FROM ... USING ... PATCH ... STRIDE ...`` and its clauses.
+
+    ``patch`` and ``stride`` are as written (1, 2 or 3 numbers); read them
+    through :meth:`patch_for` / :meth:`stride_for`.
+    """
     source: Source
     model: str
-    patch: tuple[int, int]
-    stride: tuple[int, int]
+    patch: tuple[int, ...]
+    stride: tuple[int, ...]
     weights: Optional[str] = None
     color: Color = field(default_factory=Color)
     label: Label = field(default_factory=Label)
@@ -121,10 +245,6 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _size(hw: tuple[int, int]) -> str:
-    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
-
-
 def _num(v) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
@@ -149,7 +269,7 @@ def select_text(select: Select, *, source: bool = True, into: bool = True) -> st
     parts.append(f"USING {select.model}")
     if select.weights is not None:
         parts.append(f"WEIGHTS {_quote(select.weights)}")
-    parts.append(f"PATCH {_size(select.patch)} STRIDE {_size(select.stride)}")
+    parts.append(f"PATCH {size_text(select.patch)} STRIDE {size_text(select.stride)}")
     c = select.color
     if c != Color():
         if c.kind == "value":
@@ -161,8 +281,7 @@ def select_text(select: Select, *, source: bool = True, into: bool = True) -> st
     if select.label != Label():
         parts.append(f"LABEL {label_text(select.label)}")
     if select.region is not None:
-        r = select.region
-        parts.append(f"REGION ({r.x0}, {r.y0}, {r.x1}, {r.y1})")
+        parts.append(f"REGION {select.region.text()}")
     if select.mode == "approx" and select.approx is not None:
         parts.append(f"APPROX {select.approx.kind.upper()} {_num(select.approx.value)}")
     elif select.mode is not None:
@@ -189,13 +308,21 @@ class Explain:
 
 
 @dataclass(frozen=True)
-class Describe:
-    """``DESCRIBE <model> [WEIGHTS '<file>'] [INPUT <h>x<w>] [PATCH <n> STRIDE <s>]``."""
+class Describe(_Sized):
+    """``DESCRIBE <model> [WEIGHTS '<file>'] [INPUT <h>x<w>] [PATCH <n> STRIDE <s>]``.
+
+    ``input_size``, ``patch`` and ``stride`` are as written (1, 2 or 3
+    numbers; ``INPUT 32`` on a volume model is 32x32x32).
+    """
     model: str
     weights: Optional[str] = None
-    input_size: Optional[tuple[int, int]] = None
-    patch: Optional[tuple[int, int]] = None
-    stride: Optional[tuple[int, int]] = None
+    input_size: Optional[tuple[int, ...]] = None
+    patch: Optional[tuple[int, ...]] = None
+    stride: Optional[tuple[int, ...]] = None
+
+    def input_size_for(self, ndim: int) -> Optional[tuple[int, ...]]:
+        """INPUT on ``ndim`` spatial axes, like :meth:`patch_for`."""
+        return expand_size(self.input_size, ndim, "INPUT")
 
 
 @dataclass(frozen=True)
@@ -219,7 +346,7 @@ class ShowCalibrations:
 
 
 @dataclass(frozen=True)
-class Tune:
+class Tune(_Sized):
     """``TUNE <model> ON <images> PATCH <n> [STRIDE <s>] [TAUS (t, ...)]``.
 
     images: a :class:`Source` of kind ``"path"`` (a folder or a glob), or a
@@ -227,8 +354,8 @@ class Tune:
     """
     model: str
     images: Union[Source, tuple[str, ...]]
-    patch: tuple[int, int]
-    stride: Optional[tuple[int, int]] = None
+    patch: tuple[int, ...]
+    stride: Optional[tuple[int, ...]] = None
     weights: Optional[str] = None
     color: Color = field(default_factory=Color)
     taus: Optional[tuple[float, ...]] = None

@@ -7,6 +7,8 @@ friendly names of what would have been accepted.
 
 >>> parse("SELECT HEATMAP FROM cat USING vgg16 PATCH 16x8 STRIDE 4").patch
 (16, 8)
+>>> parse("SELECT HEATMAP FROM scan USING net PATCH 8 STRIDE 4x4x2").stride_for(3)
+(4, 4, 2)
 >>> [type(s).__name__ for s in parse_script("SHOW MODELS; HELP")]
 ['ShowModels', 'Help']
 """
@@ -273,9 +275,8 @@ class _ToAst(Transformer):
     def FLOAT(self, token: Token) -> float:
         return float(token)
 
-    def SIZE(self, token: Token) -> tuple[int, int]:
-        height, width = re.split("[xX]", token)
-        return int(height), int(width)
+    def SIZE(self, token: Token) -> tuple[int, ...]:
+        return tuple(int(v) for v in re.split("[xX]", token))
 
     def MEMORY(self, token: Token) -> str:
         return str(token)
@@ -308,8 +309,9 @@ class _ToAst(Transformer):
         return ast.Source("name", children[0])
 
     def size(self, children):
+        # As written: `16` -> (16,), expanded per model by Select.patch_for.
         value = children[0]
-        return value if isinstance(value, tuple) else (value, value)
+        return value if isinstance(value, tuple) else (value,)
 
     weights = _clause("weights")
     patch = _clause("patch")
@@ -365,7 +367,12 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def region(self, meta, children):
-        return _Clause("region", "REGION", ast.Region(*children), meta)
+        if children[4] is None:         # (x0, y0, x1, y1)
+            region = ast.Region(*children[:4])
+        else:                           # (x0, y0, z0, x1, y1, z1)
+            x0, y0, z0, x1, y1, z1 = children
+            region = ast.Region(x0, y0, x1, y1, z0=z0, z1=z1)
+        return _Clause("region", "REGION", region, meta)
 
     black = _constant(ast.Color("black"))
     gray = _constant(ast.Color("gray"))

@@ -156,8 +156,8 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
     if _BOUND in bindings:
         raise PlanError(f"the name {_BOUND} is reserved by TUNE")
     taus = _check_taus(stmt.taus if stmt.taus is not None else DEFAULT_TAUS)
-    patch = stmt.patch
-    stride = stmt.stride or default_stride(patch)
+    patch = stmt.patch_for(2)
+    stride = stmt.stride_for(2) or default_stride(patch)
     spec = con.catalog.model(stmt.model, stmt.weights, bindings)   # fails early on an unknown model
     images = sample_images(con, stmt.images, bindings)
 

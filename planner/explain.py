@@ -123,7 +123,8 @@ def _infer_step(plan: Plan, prep: Step) -> Step:
     shown = plan.fill_text or (color.kind.upper() if color.value is None else (
         str(color.value[0]) if color.kind == "value" else str(tuple(color.value))))
     region = plan.region
-    occlude = Step("Occlude", [("patch", f"{q.patch[0]}x{q.patch[1]}"), ("stride", f"{q.stride[0]}x{q.stride[1]}"),
+    occlude = Step("Occlude", [("patch", f"{plan.patch[0]}x{plan.patch[1]}"),
+                               ("stride", f"{plan.stride[0]}x{plan.stride[1]}"),
                                ("color", shown),
                                ("grid", f"{len(plan.ys)}x{len(plan.xs)} = {plan.n_positions} positions"),
                                ("region", f"({region.x0}, {region.y0}, {region.x1}, {region.y1})")])
@@ -179,7 +180,6 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     """The full EXPLAIN text of an optimized plan; with ``timings`` (EXPLAIN
     ANALYZE) the measured seconds and peak memory too, and with the
     ``result`` what adaptive refinement did."""
-    q = plan.query
     measured = measured_line(plan, timings, peak_memory) if timings else None
     lines = [f"Plan ({plan.mode}{', analyzed' if timings else ''})"]
     lines += tree_lines(plan_tree(plan, timings))
@@ -188,7 +188,7 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     lines += runtime_lines(plan, timings)
     C, H, W = plan.input.shape
     lines.append("")
-    lines.append(f"Layers (input {C}x{H}x{W}, patch {q.patch[0]}x{q.patch[1]}; patch in -> out is the "
+    lines.append(f"Layers (input {C}x{H}x{W}, patch {plan.patch[0]}x{plan.patch[1]}; patch in -> out is the "
                  f"largest changed region over the grid)")
     lines.append(plan.cost.table())
     lines.append("")

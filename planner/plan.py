@@ -341,11 +341,13 @@ class Plan:
 
     @property
     def patch(self) -> tuple[int, int]:
-        return self.query.patch
+        # The query holds PATCH as written (`PATCH 8` is (8,)); this is 2-D
+        # until the planner is N-D (issue 12), and refuses a 3-D patch.
+        return self.query.patch_for(2, tuple(self.input.shape))
 
     @property
     def stride(self) -> tuple[int, int]:
-        return self.query.stride
+        return self.query.stride_for(2, tuple(self.input.shape))
 
     # -- the records' fields, read where they are used ------------------------
     @property

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kql import ast
-from kql.errors import ParseError
+from kql.errors import ParseError, PlanError
 from kql.parser import parse, parse_script
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parser"
@@ -99,9 +99,56 @@ def test_error_fields():
 
 
 def test_result_is_hashable_and_equal_across_case_and_spacing():
-    a = parse("SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 COLOR (1, 2, 3)")
-    b = parse("select   heatmap from cat\nusing vgg16 patch 16x16 stride 4x4 color (1,2,3);")
+    a = parse("SELECT HEATMAP FROM cat USING vgg16 PATCH 16x16 STRIDE 4 COLOR (1, 2, 3)")
+    b = parse("select   heatmap from cat\nusing vgg16 patch 16X16 stride 4 color (1,2,3);")
     assert a == b and hash(a) == hash(b)
+
+
+# ---------------------------------------------------------------- sizes on 2 and 3 axes
+
+def test_sizes_are_kept_as_written_and_expanded_per_model():
+    one, two, three = (parse(f"SELECT HEATMAP FROM x USING m PATCH {p} STRIDE 2")
+                       for p in ("8", "16x8", "4x8x8"))
+    assert (one.patch, two.patch, three.patch) == ((8,), (16, 8), (4, 8, 8))
+    assert (one.patch_for(2), one.patch_for(3), one.stride_for(3)) == ((8, 8), (8, 8, 8), (2, 2, 2))
+    assert (two.patch_for(2), three.patch_for(3)) == ((16, 8), (4, 8, 8))
+
+
+@pytest.mark.parametrize("query, ndim, message", [
+    ("PATCH 8x8x8 STRIDE 4", 2, "PATCH 8x8x8 is a 3-D patch; the model takes 2-D images (3x224x224)"),
+    ("PATCH 8 STRIDE 4x4x4", 2, "STRIDE 4x4x4 is a 3-D stride; the model takes 2-D images (3x224x224)"),
+    ("PATCH 16x8 STRIDE 4", 3, "PATCH 16x8 is a 2-D patch; the model takes 3-D volumes (3x224x224)"),
+])
+def test_a_size_with_the_wrong_number_of_axes_is_refused(query, ndim, message):
+    select = parse(f"SELECT HEATMAP FROM x USING m {query}")
+    with pytest.raises(PlanError) as info:
+        select.patch_for(ndim, (3, 224, 224)), select.stride_for(ndim, (3, 224, 224))
+    assert str(info.value) == message
+
+
+def test_regions_on_two_and_three_axes():
+    flat = parse("SELECT HEATMAP FROM x USING m PATCH 8 STRIDE 4 REGION (1, 2, 30, 40)").region
+    box = parse("SELECT HEATMAP FROM x USING m PATCH 8 STRIDE 4 REGION (1, 2, 3, 30, 40, 50)").region
+    assert (flat.ndim, flat.bounds, flat.shape) == (2, ((2, 40), (1, 30)), (38, 29))
+    assert (box.ndim, box.bounds, box.shape) == (3, ((3, 50), (2, 40), (1, 30)), (47, 38, 29))
+    assert ast.Region.from_bounds(box.bounds) == box and ast.Region.from_bounds(flat.bounds) == flat
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT HEATMAP FROM 'ct.nii.gz' USING r3d_18 PATCH 4x8x8 STRIDE 2 REGION (0, 8, 2, 32, 24, 30) COLOR -1000",
+    "SELECT HEATMAP FROM ct USING m PATCH 8 STRIDE 4x4x2 COLOR MEAN INTO 'h.nii.gz'",
+    "SELECT HEATMAP FROM cat USING m PATCH 16x16 STRIDE 4",
+])
+def test_select_text_round_trips_volume_queries(query):
+    select = parse(query)
+    assert parse(ast.select_text(select)) == select
+
+
+def test_describe_and_tune_take_sizes_as_written():
+    d = parse("DESCRIBE r3d_18 INPUT 16x112x112 PATCH 8 STRIDE 4")
+    assert (d.input_size_for(3), d.patch_for(3), d.stride_for(3)) == ((16, 112, 112), (8, 8, 8), (4, 4, 4))
+    t = parse("TUNE m ON ct PATCH 4x8x8")
+    assert (t.patch_for(3), t.stride_for(3)) == ((4, 8, 8), None)
 
 
 # ---------------------------------------------------------------- properties
@@ -122,7 +169,8 @@ def test_any_word_is_a_name_where_a_name_stands(image, model):
 @given(h=st.integers(-999, 9999), w=st.integers(-999, 9999), x=st.sampled_from("xX"))
 def test_sizes_are_height_by_width(h, w, x):
     select = parse(f"SELECT HEATMAP FROM cat USING m PATCH {h}{x}{w} STRIDE {h}")
-    assert (select.patch, select.stride) == ((h, w), (h, h))
+    assert (select.patch, select.stride) == ((h, w), (h,))
+    assert (select.patch_for(2), select.stride_for(2)) == ((h, w), (h, h))
 
 
 @settings(max_examples=60, deadline=None)

@@ -14,7 +14,7 @@ def resolve_region(plan):
     Coordinates are pixels of the model's input (after resizing).
     """
     q = plan.query
-    (ph, pw), (sy, sx) = q.patch, q.stride
+    (ph, pw), (sy, sx) = plan.patch, plan.stride
     H, W = plan.input_hw
     if ph < 1 or pw < 1:
         raise PlanError(f"patch must be at least 1x1, got {ph}x{pw}")
