@@ -184,14 +184,14 @@ def _gather(name, base, starts, sizes, patch, patch_starts, pad_value, out):
             return reference.gather(base, *starts, *sizes, patch,
                                     *(patch_starts or (None, None)), pad_value, out)
         return reference.gather_nd(base, starts, sizes, patch, patch_starts, pad_value, out)
+    if name == "numba":
+        from . import gather_cpu
+        return gather_cpu.gather_nd(base, [t.cpu() for t in starts], sizes, patch,
+                                    None if patch_starts is None else [t.cpu() for t in patch_starts],
+                                    pad_value, out)
     if len(starts) != 2:
         raise ValueError(f"backend {name!r} has no kernel for {len(starts)} spatial axes yet: "
                          "use backend='torch'")
-    if name == "numba":
-        from . import gather_cpu
-        cpu = [t.cpu() for t in (*starts, *(patch_starts or ()))]
-        return gather_cpu.gather(base, cpu[0], cpu[1], *sizes, patch,
-                                 *(cpu[2:] or (None, None)), pad_value, out)
     from . import gather_cuda
     return gather_cuda.gather(base, *starts, *sizes, patch, *(patch_starts or (None, None)),
                               pad_value, out)
@@ -272,12 +272,12 @@ def _paste(name, base, patch, patch_starts, out):
         if len(starts) == 2:
             return reference.paste(base, patch, *starts, out)
         return reference.paste_nd(base, patch, starts, out)
+    if name == "numba":
+        from . import gather_cpu
+        return gather_cpu.paste_nd(base, patch, [t.cpu() for t in patch_starts], out)
     if len(patch_starts) != 2:
         raise ValueError(f"backend {name!r} has no kernel for {len(patch_starts)} spatial axes "
                          "yet: use backend='torch'")
-    if name == "numba":
-        from . import gather_cpu
-        return gather_cpu.paste(base, patch, *(t.cpu() for t in patch_starts), out)
     from . import gather_cuda
     return gather_cuda.paste(base, patch, *patch_starts, out)
 
@@ -314,11 +314,9 @@ def auto_backend(base: torch.Tensor, n_cells: int) -> str:
     >>> auto_backend(torch.zeros(1, 2, 2), 4)
     'torch'
     """
-    if base.dim() != 3:
-        return "torch"  # volumes: the Numba kernels for 3 axes are not written yet
     available = available_backends()
     if base.device.type == "cuda":
-        return "cuda" if "cuda" in available else "torch"
+        return "cuda" if "cuda" in available and base.dim() == 3 else "torch"
     if base.device.type == "cpu" and "numba" in available and n_cells >= NUMBA_MIN_CELLS:
         return "numba"
     return "torch"

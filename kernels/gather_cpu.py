@@ -18,6 +18,11 @@ Design, for a memory-bound copy on a few cores:
   views with unsigned indices, which LLVM vectorises. No output cell is written
   twice, except for full-width windows (paste), copied as one run then patched.
 
+Volumes (``(C, D, H, W)``, :func:`gather_nd` / :func:`paste_nd`) run
+:func:`gather3_into`: the same plane writer with ``prange`` over
+``(position, channel, depth)`` slices, so a batch of a few positions of a
+many-channel volume still spreads over every core.
+
 The wrappers take torch CPU tensors, run the kernel on their numpy views (zero
 copy) and return a torch tensor sharing the kernel's output buffer. The kernels
 are compiled on first use and cached on disk (``cache=True``), so later processes
@@ -41,7 +46,8 @@ from numba import njit, prange, uint64
 if numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "workqueue"
 
-__all__ = ["gather", "paste", "gather_into", "PARALLEL_MIN_CELLS"]
+__all__ = ["gather", "paste", "gather_nd", "paste_nd", "gather_into", "gather3_into",
+           "PARALLEL_MIN_CELLS"]
 
 # Output cells from which the parallel kernel is used (benchmarks/bench_kernels.py --sweep).
 PARALLEL_MIN_CELLS = 32768
@@ -135,6 +141,93 @@ def gather_into(base3, win_y0, win_x0, patch4, patch_y0, patch_x0, pad, out4):
                         out[o + uint64(j)] = pad
 
 
+@njit(parallel=True, cache=True, fastmath=False, nogil=True)
+def gather3_into(base4, win_z0, win_y0, win_x0, patch5, patch_z0, patch_y0, patch_x0, pad, out5):
+    """Kernel: :func:`gather_into` for volumes, into ``out5`` (B, C, win_d, win_h, win_w).
+
+    ``base4`` float32 (C, D, H, W); ``patch5`` float32 (B, C, pd, ph, pw), possibly
+    empty for "no patch". The tasks are the ``(position, channel, depth)`` slices,
+    each one contiguous (win_h, win_w) plane of ``out5`` written exactly as
+    :func:`gather_into` writes a plane, with the base's and the patch's rows of
+    that depth (none where the depth falls outside the base or the patch).
+    """
+    C, D, H, W = base4.shape
+    B, _, wd, wh, ww = out5.shape
+    pd, ph, pw = patch5.shape[2], patch5.shape[3], patch5.shape[4]
+    base, patch, out = base4.ravel(), patch5.ravel(), out5.ravel()
+    for task in prange(B * C * wd):
+        bc = task // wd
+        k = task - bc * wd
+        b = bc // C
+        c = bc - b * C
+        z = win_z0[b] + k
+        y0 = win_y0[b]
+        x0 = win_x0[b]
+        ya = min(max(-y0, 0), wh)
+        yb = max(min(H - y0, wh), ya)
+        if z < 0 or z >= D:
+            yb = ya  # this slice lies in the padding
+        xa = min(max(-x0, 0), ww)
+        xb = max(min(W - x0, ww), xa)
+        pk = z - patch_z0[b]
+        pi0 = patch_y0[b] - y0
+        pj0 = patch_x0[b] - x0
+        pia = min(max(pi0, 0), wh)
+        pib = max(min(pi0 + ph, wh), pia)
+        pja = min(max(pj0, 0), ww)
+        pjb = max(min(pj0 + pw, ww), pja)
+        if pja == pjb or pk < 0 or pk >= pd:
+            pib = pia
+        plane = task * wh * ww
+        pplane = ((b * C + c) * pd + pk) * ph
+        bplane = (c * D + z) * H
+        if x0 == 0 and ww == W:
+            up = uint64(plane)
+            for m in range(ya * ww):
+                out[up + uint64(m)] = pad
+            uo = uint64(plane + ya * ww)
+            if yb > ya:
+                ub = uint64((bplane + y0 + ya) * W)
+                for m in range((yb - ya) * ww):
+                    out[uo + uint64(m)] = base[ub + uint64(m)]
+            for m in range(yb * ww, wh * ww):
+                out[up + uint64(m)] = pad
+            for i in range(pia, pib):
+                o = uint64(plane + i * ww)
+                po = (pplane + i - pi0) * pw - pj0
+                for j in range(pja, pjb):
+                    out[o + uint64(j)] = patch[uint64(po + j)]
+        else:
+            for i in range(wh):
+                o = uint64(plane + i * ww)
+                if i >= pia and i < pib:
+                    left_end, right_start = pja, pjb
+                    po = (pplane + i - pi0) * pw - pj0
+                    for j in range(pja, pjb):
+                        out[o + uint64(j)] = patch[uint64(po + j)]
+                else:
+                    left_end, right_start = ww, ww
+                if i >= ya and i < yb:
+                    bo = (bplane + y0 + i) * W + x0
+                    for j in range(min(left_end, xa)):
+                        out[o + uint64(j)] = pad
+                    for j in range(xa, min(left_end, xb)):
+                        out[o + uint64(j)] = base[uint64(bo + j)]
+                    for j in range(xb, left_end):
+                        out[o + uint64(j)] = pad
+                    for j in range(right_start, xa):
+                        out[o + uint64(j)] = pad
+                    for j in range(max(right_start, xa), xb):
+                        out[o + uint64(j)] = base[uint64(bo + j)]
+                    for j in range(max(right_start, xb), ww):
+                        out[o + uint64(j)] = pad
+                else:
+                    for j in range(left_end):
+                        out[o + uint64(j)] = pad
+                    for j in range(right_start, ww):
+                        out[o + uint64(j)] = pad
+
+
 def _np(t, dtype):
     """Contiguous numpy view of a CPU tensor (a copy only if it is not contiguous)."""
     if isinstance(t, torch.Tensor):
@@ -151,10 +244,19 @@ def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_
     Numba's threads (True), only the calling thread (False), or all from
     :data:`PARALLEL_MIN_CELLS` output cells on (None).
     """
+    return gather_nd(base, (win_y0, win_x0), (win_h, win_w), patch,
+                     None if patch is None else (patch_y0, patch_x0), pad_value, out,
+                     parallel=parallel)
+
+
+def gather_nd(base, starts, sizes, patch=None, patch_starts=None, pad_value=0.0, out=None, *,
+              parallel=None):
+    """:func:`kql.kernels.reference.gather_nd` for 2 or 3 spatial axes, by the Numba kernels
+    (:func:`gather_into` for images, :func:`gather3_into` for volumes). As :func:`gather`."""
     C = base.shape[0]
-    B = len(win_y0)
+    B = len(starts[0])
     if out is None:
-        out_np = np.empty((B, C, win_h, win_w), dtype=np.float32)
+        out_np = np.empty((B, C, *sizes), dtype=np.float32)
         result = torch.from_numpy(out_np)
     else:
         if not out.is_contiguous():  # the kernel writes through a flat view
@@ -163,19 +265,20 @@ def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_
         result = out
     if B == 0:
         return result
-    wy, wx = _np(win_y0, np.int64), _np(win_x0, np.int64)
     if patch is None:
-        patch_np = np.empty((B, C, 0, 0), dtype=np.float32)
-        py = px = np.zeros(B, dtype=np.int64)
+        patch_np = np.empty((B, C) + (0,) * len(sizes), dtype=np.float32)
+        ps = [np.zeros(B, dtype=np.int64)] * len(sizes)
     else:
         patch_np = _np(patch, np.float32)
-        py, px = _np(patch_y0, np.int64), _np(patch_x0, np.int64)
+        ps = [_np(p, np.int64) for p in patch_starts]
     if parallel is None:
         parallel = out_np.size >= PARALLEL_MIN_CELLS
-    args = (_np(base, np.float32), wy, wx, patch_np, py, px, np.float32(pad_value), out_np)
+    kernel = gather_into if len(sizes) == 2 else gather3_into
+    args = (_np(base, np.float32), *(_np(s, np.int64) for s in starts), patch_np, *ps,
+            np.float32(pad_value), out_np)
     threads = numba.get_num_threads()
     if parallel or threads == 1:
-        gather_into(*args)
+        kernel(*args)
         return result
     # Small output: a team of one thread, so the pool is not woken. (A separate
     # serial @njit kernel was 1.5x slower: Numba compiles a prange body as its own
@@ -183,7 +286,7 @@ def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_
     # count is local to the calling thread.
     numba.set_num_threads(1)
     try:
-        gather_into(*args)
+        kernel(*args)
     finally:
         numba.set_num_threads(threads)
     return result
@@ -191,7 +294,11 @@ def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_
 
 def paste(base, patch, patch_y0, patch_x0, out=None, *, parallel=None):
     """:func:`kql.kernels.reference.paste` on torch CPU tensors, by the Numba kernel."""
-    _, H, W = base.shape
-    zeros = np.zeros(len(patch_y0), dtype=np.int64)
-    return gather(base, zeros, zeros, H, W, patch, patch_y0, patch_x0, 0.0, out,
-                  parallel=parallel)
+    return paste_nd(base, patch, (patch_y0, patch_x0), out, parallel=parallel)
+
+
+def paste_nd(base, patch, patch_starts, out=None, *, parallel=None):
+    """:func:`kql.kernels.reference.paste_nd` for 2 or 3 spatial axes, by the Numba kernels."""
+    zeros = [np.zeros(len(patch_starts[0]), dtype=np.int64)] * len(patch_starts)
+    return gather_nd(base, zeros, tuple(base.shape[1:]), patch, patch_starts, 0.0, out,
+                     parallel=parallel)

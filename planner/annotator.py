@@ -57,9 +57,9 @@ from kql.planner.local_ops import LocalOps, NotModelled
 from kql.planner.ops import ACTIVATION_PARAMS, ARITH, UNARY_OP, flops, lookup, op_name, target_name
 
 
-def _layout(out_shape: tuple[int, ...], axes: tuple[int, ...]) -> dict:
+def _layout(out_shape: tuple[int, ...], axes: tuple[int, ...], ndim: int) -> dict:
     """``spatial_axes`` for a Layer: ``None`` (the default) when channels first."""
-    return {"spatial_axes": None if tuple(axes) == channels_first_axes(out_shape) else tuple(axes)}
+    return {"spatial_axes": None if tuple(axes) == channels_first_axes(out_shape, ndim) else tuple(axes)}
 
 
 def _per_pixel_dims(dims, rank: int, axes: tuple[int, ...]) -> Optional[tuple[int, ...]]:
@@ -87,6 +87,7 @@ class Annotator(LocalOps):
         self.depends = depends
         self.values = values
         self.input_shape = input_shape
+        self.ndim = len(input_shape) - 1  # spatial axes: 2 (image) or 3 (volume)
         self.layer_nodes: dict[Node, Layer] = {}
         self.by_name: dict[str, Layer] = {}
         # An in-place op (nn.ReLU(inplace=True), x.add_(y)) returns its input
@@ -116,7 +117,7 @@ class Annotator(LocalOps):
         """Spatial axes of an image tensor (its layer's layout; channels first if
         it is not a layer itself)."""
         layer = self.layer_nodes.get(self.last_writer.get(self.root.get(node, node), node))
-        return layer.out_axes if layer is not None else channels_first_axes(self.shape(node))
+        return layer.out_axes if layer is not None else channels_first_axes(self.shape(node), self.ndim)
 
     def known_axes(self, node: Node) -> tuple[int, ...]:
         """The spatial axes of ``node`` when its layout follows from the graph; ``()``
@@ -223,7 +224,7 @@ class Annotator(LocalOps):
         for node in self.gm.graph.nodes:
             if node is self.image:
                 layer = Layer(name=node.name, op="input", kind=Kind.INPUT, target=str(node.target),
-                              out_shape=self.input_shape)
+                              out_shape=self.input_shape, ndim=self.ndim)
             elif node.op == "output":
                 layer = self.output_layer(node)
             elif node.op in ("call_module", "call_function", "call_method") and self.is_layer_value(node):
@@ -260,7 +261,8 @@ class Annotator(LocalOps):
         src = self.layer_nodes[ret]
         return Layer(name=node.name, op="output", kind=Kind.OUTPUT, target="output",
                      inputs=(ret.name,), in_shapes=(src.out_shape,), out_shape=src.out_shape,
-                     spatial_axes=src.spatial_axes, in_spatial_axes=self.input_layouts((ret.name,)))
+                     spatial_axes=src.spatial_axes, in_spatial_axes=self.input_layouts((ret.name,)),
+                     ndim=self.ndim)
 
     def input_layouts(self, inputs: tuple[str, ...]) -> tuple:
         """``Layer.in_spatial_axes``: the producers' layouts, ``()`` if all channels first."""
@@ -284,7 +286,8 @@ class Annotator(LocalOps):
             fields["reason"] = f"not recognised: {target}" + (
                 f" ({type(self.gm.get_submodule(node.target)).__name__})" if node.op == "call_module" else "")
         layer = Layer(name=node.name, target=target, inputs=inputs, in_shapes=in_shapes,
-                      out_shape=out_shape, in_spatial_axes=self.input_layouts(inputs), **fields)
+                      out_shape=out_shape, in_spatial_axes=self.input_layouts(inputs), ndim=self.ndim,
+                      **fields)
         layer.flops = flops(layer)
         return layer
 
@@ -309,7 +312,7 @@ class Annotator(LocalOps):
         if not same:
             return dict(op=op, kind=Kind.GLOBAL, extra=extra,
                         reason=f"{op} changes the shape {in_shape} -> {out_shape}")
-        return dict(op=op, kind=Kind.POINT, extra=extra, **_layout(out_shape, out_axes))
+        return dict(op=op, kind=Kind.POINT, extra=extra, **_layout(out_shape, out_axes, self.ndim))
 
     def merge(self, op: str, operands: list[Node], out_shape: tuple[int, ...], **extra) -> dict:
         """A merge, if every operand lines up with the output pixel by pixel.
@@ -331,13 +334,17 @@ class Annotator(LocalOps):
         if not ok:
             return dict(op=op, kind=Kind.GLOBAL, extra=extra,
                         reason=f"{op} of shapes {shapes} -> {out_shape} is not pixel by pixel")
-        return dict(op=op, kind=Kind.MERGE, extra=extra, **_layout(out_shape, axes))
+        return dict(op=op, kind=Kind.MERGE, extra=extra, **_layout(out_shape, axes, self.ndim))
 
     def local(self, op: str, x: Node, **fields) -> dict:
         shape = self.shape(x)
-        if not channels_first_axes(shape) or self.axes(x) != channels_first_axes(shape):
-            raise NotModelled(f"{op} on a {shape} tensor, not a (C, H, W) map")
+        if not channels_first_axes(shape, self.ndim) or self.axes(x) != channels_first_axes(shape, self.ndim):
+            raise NotModelled(f"{op} on a {shape} tensor, not a {'(C, D, H, W)' if self.ndim == 3 else '(C, H, W)'} map")
         fields.setdefault("extra", {})
+        n = self.ndim
+        for name in ("kernel", "stride", "dilation"):
+            fields.setdefault(name, (1,) * n)
+        fields.setdefault("padding", ((0, 0),) * n)
         return dict(op=op, kind=Kind.LOCAL, **fields)
 
 
@@ -379,7 +386,7 @@ class Annotator(LocalOps):
         if self.const(training, "training") or mean is None or var is None:
             raise NotModelled("batch_norm uses the statistics of the batch (training mode or "
                               "track_running_stats=False)")
-        if self.axes(x) != channels_first_axes(self.shape(x)):
+        if self.axes(x) != channels_first_axes(self.shape(x), self.ndim):
             raise NotModelled(f"batch_norm over axis 1 of a {self.shape(x)} map that is not channels first")
         weight, bias = self.const(weight, "weight"), self.const(bias, "bias")
         det = (lambda t: None if t is None else t.detach())
@@ -394,6 +401,28 @@ class Annotator(LocalOps):
         b = self.bind(node)
         return self.batch_norm(b["input"], b["running_mean"], b["running_var"], b["weight"], b["bias"],
                                b["training"], b["eps"], out_shape)
+
+    def instance_norm(self, x: Node, use_input_stats: bool, mean, var, weight, bias, eps, out_shape) -> dict:
+        """Instance norm normalises each channel by its statistics over the whole
+        map (volume): every output depends on every input pixel, a global layer.
+        With running statistics in eval mode it is a per-channel affine map, a
+        point layer like batch norm."""
+        if use_input_stats or mean is None or var is None:
+            what = "volume" if self.ndim == 3 else "image"
+            return dict(op="instance_norm", kind=Kind.GLOBAL,
+                        reason=f"instance norm computes its statistics over the whole {what}")
+        return self.batch_norm(x, mean, var, weight, bias, False, eps, out_shape)
+
+    def module_instance_norm(self, node, m, op, out_shape):
+        uses_input = m.training or not m.track_running_stats
+        return self.instance_norm(self.first_input(node), uses_input, m.running_mean, m.running_var,
+                                  m.weight, m.bias, m.eps, out_shape)
+
+    def fn_instance_norm(self, node, op, out_shape):
+        b = self.bind(node)
+        return self.instance_norm(b["input"], bool(self.const(b.get("use_input_stats", True), "use_input_stats")),
+                                  b.get("running_mean"), b.get("running_var"), b.get("weight"), b.get("bias"),
+                                  b.get("eps", 1e-5), out_shape)
 
     def layer_norm(self, x: Node, normalized_shape: Any, out_shape) -> dict:
         """Normalises the trailing ``len(normalized_shape)`` axes of each sample:
@@ -416,7 +445,7 @@ class Annotator(LocalOps):
     def lrn(self, x, size, alpha, beta, k, out_shape) -> dict:
         # Normalises across channels only (PyTorch pools a channel window), so a
         # pixel's output depends on that pixel alone: a point op.
-        if self.axes(x) != channels_first_axes(self.shape(x)):
+        if self.axes(x) != channels_first_axes(self.shape(x), self.ndim):
             raise NotModelled(f"local_response_norm of a {self.shape(x)} map that is not channels first")
         return self.point("local_response_norm", x, out_shape, size=size, alpha=alpha, beta=beta, k=k)
 

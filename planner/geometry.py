@@ -223,9 +223,17 @@ def pad_read_range(o0: IntOrArray, o1: IntOrArray, *, before: int, n_in: int, n_
 # ---------------------------------------------------------------------------
 
 class Rects:
-    """N half-open rectangles ``[y0, y1) x [x0, x1)``, one per patch position.
+    """N half-open boxes, one per patch position: rectangles ``[y0, y1) x [x0, x1)``
+    on images, boxes ``[z0, z1) x [y0, y1) x [x0, x1)`` on volumes.
 
-    Empty rectangles are stored as all zeros, so two empties compare equal
+    Built from the starts of every axis, then the stops: ``Rects(y0, x0, y1,
+    x1)``, ``Rects(z0, y0, x0, z1, y1, x1)``. ``lo`` and ``hi`` hold them per
+    axis (``ndim`` of each); ``y0``/``x0``/``y1``/``x1`` (``h``, ``w``) are the
+    last two axes (rows and columns) whatever the rank, ``z0``/``z1`` (``d``)
+    the depth of a volume. Every per-axis formula of this module applies to
+    each axis alone, so nothing else depends on the rank.
+
+    Empty boxes are stored as all zeros, so two empties compare equal
     whatever produced them.
 
     >>> r = Rects([0, 4], [0, 4], [3, 4], [3, 9])
@@ -233,110 +241,178 @@ class Rects:
     ([3, 0], [9, 0], [False, True])
     >>> r.union(Rects.full(2, 8, 8)) == Rects.full(2, 8, 8)
     True
+    >>> v = Rects(0, 1, 2, 4, 3, 5)        # a 4x2x3 box in a volume
+    >>> v.ndim, v.sizes, v.area.tolist()
+    (3, (array([4]), array([2]), array([3])), [24])
     """
-    __slots__ = ("y0", "x0", "y1", "x1")
+    __slots__ = ("lo", "hi")
     __hash__ = None  # equality compares the arrays
 
-    def __init__(self, y0, x0, y1, x1):
-        vals = [np.atleast_1d(_i64(v)) for v in (y0, x0, y1, x1)]
+    def __init__(self, *coords):
+        if len(coords) < 2 or len(coords) % 2:
+            raise ValueError(f"Rects takes the starts of every axis, then the stops: an even number "
+                             f"of arrays, got {len(coords)}")
+        vals = [np.atleast_1d(_i64(v)) for v in coords]
         if len({v.shape for v in vals}) > 1:
             vals = np.broadcast_arrays(*vals)
-        y0, x0, y1, x1 = vals
-        if y0.ndim != 1:
-            raise ValueError(f"Rects holds 1-D arrays over positions, got shape {y0.shape}")
-        empty = (y1 <= y0) | (x1 <= x0)
+        if vals[0].ndim != 1:
+            raise ValueError(f"Rects holds 1-D arrays over positions, got shape {vals[0].shape}")
+        k = len(vals) // 2
+        empty = vals[k] <= vals[0]
+        for a in range(1, k):
+            empty = empty | (vals[k + a] <= vals[a])
         if empty.any():
             keep = ~empty
-            y0, x0, y1, x1 = (v * keep for v in (y0, x0, y1, x1))
+            vals = [v * keep for v in vals]
         # Read-only views: a Rects is a value, shared freely between layers
         # (a point layer's region *is* its input's), so nobody may edit it in
         # place. The arrays passed in are not copied: do not edit those either.
-        for name, v in zip(self.__slots__, (y0, x0, y1, x1)):
+        out = []
+        for v in vals:
             v = v.view()
             v.flags.writeable = False
-            setattr(self, name, v)
+            out.append(v)
+        self.lo = tuple(out[:k])
+        self.hi = tuple(out[k:])
+
+    @classmethod
+    def box(cls, lo, hi) -> "Rects":
+        """From per-axis sequences of starts and stops."""
+        return cls(*lo, *hi)
 
     # -- constructors -------------------------------------------------------
     @classmethod
-    def full(cls, n: int, h: int, w: int) -> "Rects":
-        """N copies of the whole ``h x w`` map."""
+    def full(cls, n: int, *shape: int) -> "Rects":
+        """N copies of the whole map of ``shape`` (``h, w`` or ``d, h, w``)."""
         z = np.zeros(n, np.int64)
-        return cls(z, z, z + h, z + w)
+        return cls(*(z,) * len(shape), *(z + s for s in shape))
 
     @classmethod
-    def empty(cls, n: int) -> "Rects":
+    def empty(cls, n: int, ndim: int = 2) -> "Rects":
         z = np.zeros(n, np.int64)
-        return cls(z, z, z, z)
+        return cls(*(z,) * (2 * ndim))
 
     @classmethod
-    def from_patches(cls, ys, xs, patch_hw: tuple[int, int]) -> "Rects":
-        """Patches of size ``patch_hw`` with top-left corners ``(ys, xs)`` (copied)."""
-        ys, xs = np.array(ys, dtype=np.int64), np.array(xs, dtype=np.int64)
-        return cls(ys, xs, ys + patch_hw[0], xs + patch_hw[1])
+    def from_patches(cls, *args) -> "Rects":
+        """Patches of size ``patch`` with corners ``starts`` (copied):
+        ``from_patches(ys, xs, (ph, pw))`` or ``from_patches(zs, ys, xs, (pd, ph, pw))``."""
+        *starts, patch = args
+        if len(patch) != len(starts):
+            raise ValueError(f"patch {tuple(patch)} has {len(patch)} axes, the positions {len(starts)}")
+        starts = [np.array(v, dtype=np.int64) for v in starts]
+        return cls(*starts, *(v + p for v, p in zip(starts, patch)))
 
     # -- sizes --------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.y0)
+        return len(self.lo[0])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.lo)
+
+    @property
+    def y0(self) -> np.ndarray:
+        return self.lo[-2]
+
+    @property
+    def x0(self) -> np.ndarray:
+        return self.lo[-1]
+
+    @property
+    def y1(self) -> np.ndarray:
+        return self.hi[-2]
+
+    @property
+    def x1(self) -> np.ndarray:
+        return self.hi[-1]
+
+    @property
+    def z0(self) -> np.ndarray:
+        return self.lo[-3]
+
+    @property
+    def z1(self) -> np.ndarray:
+        return self.hi[-3]
+
+    @property
+    def sizes(self) -> tuple[np.ndarray, ...]:
+        """Extent along every axis."""
+        return tuple(b - a for a, b in zip(self.lo, self.hi))
+
+    def size(self, axis: int) -> np.ndarray:
+        return self.hi[axis] - self.lo[axis]
+
+    @property
+    def d(self) -> np.ndarray:
+        return self.hi[-3] - self.lo[-3]
 
     @property
     def h(self) -> np.ndarray:
-        return self.y1 - self.y0
+        return self.hi[-2] - self.lo[-2]
 
     @property
     def w(self) -> np.ndarray:
-        return self.x1 - self.x0
+        return self.hi[-1] - self.lo[-1]
 
     @property
     def area(self) -> np.ndarray:
-        return self.h * self.w
+        """Cells in each box (the area of a rectangle, the volume of a box)."""
+        out = self.hi[0] - self.lo[0]
+        for a in range(1, len(self.lo)):
+            out = out * (self.hi[a] - self.lo[a])
+        return out
 
     @property
     def is_empty(self) -> np.ndarray:
-        return (self.y1 <= self.y0) | (self.x1 <= self.x0)
+        empty = self.hi[0] <= self.lo[0]
+        for a in range(1, len(self.lo)):
+            empty = empty | (self.hi[a] <= self.lo[a])
+        return empty
 
     # -- set operations -----------------------------------------------------
     def union(self, other: "Rects") -> "Rects":
         """Bounding box of both (Krypton eqs. 35-38); an empty side is ignored."""
-        # Empties are stored as zeros on both axes, so the per-axis hull
-        # ignores an empty side on both axes at once.
-        y0, y1 = _hull(self.y0, self.y1, other.y0, other.y1)
-        x0, x1 = _hull(self.x0, self.x1, other.x0, other.x1)
-        return Rects(y0, x0, y1, x1)
+        # Empties are stored as zeros on every axis, so the per-axis hull
+        # ignores an empty side on all axes at once.
+        hulls = [_hull(a0, a1, b0, b1) for a0, a1, b0, b1 in zip(self.lo, self.hi, other.lo, other.hi)]
+        return Rects(*(lo for lo, _ in hulls), *(hi for _, hi in hulls))
 
     def intersect(self, other: "Rects") -> "Rects":
-        return Rects(np.maximum(self.y0, other.y0), np.maximum(self.x0, other.x0),
-                     np.minimum(self.y1, other.y1), np.minimum(self.x1, other.x1))
+        return Rects(*(np.maximum(a, b) for a, b in zip(self.lo, other.lo)),
+                     *(np.minimum(a, b) for a, b in zip(self.hi, other.hi)))
 
-    def clip(self, h: int, w: int) -> "Rects":
-        """Intersection with the map ``[0, h) x [0, w)``."""
-        return Rects(np.maximum(self.y0, 0), np.maximum(self.x0, 0),
-                     np.minimum(self.y1, h), np.minimum(self.x1, w))
+    def clip(self, *shape: int) -> "Rects":
+        """Intersection with the map ``[0, h) x [0, w)`` (``d, h, w`` for a volume)."""
+        return Rects(*(np.maximum(a, 0) for a in self.lo), *(np.minimum(b, n) for b, n in zip(self.hi, shape)))
 
-    def shift(self, dy: int, dx: int) -> "Rects":
-        return Rects(self.y0 + dy, self.x0 + dx, self.y1 + dy, self.x1 + dx)
+    def shift(self, *delta: int) -> "Rects":
+        return Rects(*(a + t for a, t in zip(self.lo, delta)), *(b + t for b, t in zip(self.hi, delta)))
 
     def contains(self, other: "Rects") -> np.ndarray:
         """Per position: ``other`` lies inside ``self`` (an empty one always does)."""
-        inside = ((self.y0 <= other.y0) & (other.y1 <= self.y1)
-                  & (self.x0 <= other.x0) & (other.x1 <= self.x1))
+        inside = np.ones(len(self), bool)
+        for a0, a1, b0, b1 in zip(self.lo, self.hi, other.lo, other.hi):
+            inside &= (a0 <= b0) & (b1 <= a1)
         return inside | other.is_empty
 
     # -- indexing / comparison ---------------------------------------------
     def __getitem__(self, idx) -> "Rects":
-        return Rects(*(np.atleast_1d(v[idx]) for v in (self.y0, self.x0, self.y1, self.x1)))
+        return Rects(*(np.atleast_1d(v[idx]) for v in self.astuple()))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Rects):
             return NotImplemented
-        return len(self) == len(other) and all(
+        return len(self) == len(other) and self.ndim == other.ndim and all(
             np.array_equal(u, v) for u, v in zip(self.astuple(), other.astuple()))
 
-    def astuple(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return self.y0, self.x0, self.y1, self.x1
+    def astuple(self) -> tuple[np.ndarray, ...]:
+        """The starts of every axis, then the stops (``y0, x0, y1, x1`` on images)."""
+        return self.lo + self.hi
 
     def __repr__(self) -> str:
         n = len(self)
-        rows = [f"[{self.y0[i]}:{self.y1[i]}, {self.x0[i]}:{self.x1[i]}]" for i in range(min(n, 4))]
+        rows = ["[" + ", ".join(f"{a[i]}:{b[i]}" for a, b in zip(self.lo, self.hi)) + "]"
+                for i in range(min(n, 4))]
         more = ", ..." if n > 4 else ""
         return f"Rects(n={n}: {', '.join(rows)}{more})"
 
@@ -349,30 +425,32 @@ def _pad_mode(layer: Layer) -> str:
     return (layer.extra or {}).get("mode", "constant")
 
 
-def _input_hw(layer: Layer, i: int) -> tuple[int, int]:
-    """Spatial size of input i (in any layout, ``Layer.input_hw``); ``(0, 0)``
+def _input_hw(layer: Layer, i: int) -> tuple[int, ...]:
+    """Spatial size of input i (in any layout, ``Layer.input_hw``); all zeros
     when it is not a feature map."""
     if i < len(layer.in_shapes):
-        return layer.input_hw(i) or (0, 0)
-    return layer.out_hw if layer.spatial else (0, 0)  # unknown: assume same-shaped
+        return layer.input_hw(i) or (0,) * layer.ndim
+    return layer.out_hw if layer.spatial else (0,) * layer.ndim  # unknown: assume same-shaped
 
 
-def window_extent(layer: Layer) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``((a_h, b_h), (a_w, b_w))``: a local layer computing ``n > 0`` output
-    rows reads a window of ``a_h * n + b_h`` input rows (columns alike), i.e.
-    ``(n - 1) * s + d * (k - 1) + 1``, padding included. Other layers read
-    what they write: ``(1, 0)``."""
+def window_extent(layer: Layer) -> tuple[tuple[int, int], ...]:
+    """``((a_h, b_h), (a_w, b_w))`` (one pair per spatial axis): a local layer
+    computing ``n > 0`` output rows reads a window of ``a_h * n + b_h`` input
+    rows (columns alike), i.e. ``(n - 1) * s + d * (k - 1) + 1``, padding
+    included. Other layers read what they write: ``(1, 0)``."""
     if layer.kind != Kind.LOCAL:
-        return (1, 0), (1, 0)
+        return ((1, 0),) * layer.ndim
     return tuple((s, d * (k - 1) + 1 - s) for k, s, d in zip(layer.kernel, layer.stride, layer.dilation))
 
 
-def window_size(layer: Layer, h, w):
-    """Read-in window ``(rows, cols)`` for ``h x w`` output rectangles (ints or
-    arrays; 0 where the rectangle is empty)."""
-    (ah, bh), (aw, bw) = window_extent(layer)
-    h, w = np.asarray(h), np.asarray(w)
-    return np.where(h > 0, ah * h + bh, 0), np.where(w > 0, aw * w + bw, 0)
+def window_size(layer: Layer, *sizes):
+    """Read-in window per axis (``(rows, cols)``, or ``(depth, rows, cols)``)
+    for output boxes of these sizes (ints or arrays; 0 where the box is empty)."""
+    out = []
+    for (a, b), n in zip(window_extent(layer), sizes):
+        n = np.asarray(n)
+        out.append(np.where(n > 0, a * n + b, 0))
+    return tuple(out)
 
 
 def out_region(layer: Layer, in_rects: Sequence[Rects], broadcast_spans: bool = True) -> Rects:
@@ -396,70 +474,72 @@ def out_region(layer: Layer, in_rects: Sequence[Rects], broadcast_spans: bool = 
     - ``global``, and any layer whose output is not a feature map: the whole
       output wherever some input changed.
 
-    A non-spatial output counts as a 1x1 map, so its region is ``[0, 1) x [0, 1)``
-    or empty.
+    A non-spatial output counts as a map of size 1 on every axis, so its region
+    is ``[0, 1)`` on each or empty. Every axis is independent: a volume's
+    layers (``layer.ndim`` 3) take the same formulas along depth.
     """
     if not in_rects:
         raise ValueError(f"layer {layer.name!r} ({layer.op}) has no input regions to propagate")
     n = len(in_rects[0])
-    ho, wo = layer.out_hw
+    out_size = layer.out_hw
+    nd = len(out_size)
     changed = np.zeros(n, bool)
     for r in in_rects:
         changed |= ~r.is_empty
 
     if not layer.spatial or layer.kind == Kind.GLOBAL:
-        return Rects(0, 0, np.where(changed, ho, 0), np.where(changed, wo, 0))
+        return Rects(*(0,) * nd, *(np.where(changed, m, 0) for m in out_size))
 
     if layer.kind == Kind.LOCAL:
         r = in_rects[0]
-        (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.stride, layer.dilation
-        (pt, _), (pl, _) = layer.padding
+        spans = []
         if layer.op == "pad":
-            hi, wi = _input_hw(layer, 0)
+            in_size = _input_hw(layer, 0)
             mode = _pad_mode(layer)
-            y0, y1 = pad_changed_out(r.y0, r.y1, before=pt, n_in=hi, n_out=ho, mode=mode)
-            x0, x1 = pad_changed_out(r.x0, r.x1, before=pl, n_in=wi, n_out=wo, mode=mode)
+            for a in range(nd):
+                spans.append(pad_changed_out(r.lo[a], r.hi[a], before=layer.padding[a][0], n_in=in_size[a],
+                                             n_out=out_size[a], mode=mode))
         else:
-            y0, y1 = changed_out(r.y0, r.y1, k=kh, s=sh, p=pt, d=dh, n_out=ho)
-            x0, x1 = changed_out(r.x0, r.x1, k=kw, s=sw, p=pl, d=dw, n_out=wo)
-        out = Rects(y0, x0, y1, x1)
+            for a in range(nd):
+                spans.append(changed_out(r.lo[a], r.hi[a], k=layer.kernel[a], s=layer.stride[a],
+                                         p=layer.padding[a][0], d=layer.dilation[a], n_out=out_size[a]))
+        out = Rects(*(lo for lo, _ in spans), *(hi for _, hi in spans))
         # A second tensor input (a computed weight, say) is not windowed: if it
         # changes, every output does.
         other = np.zeros(n, bool)
         for extra in in_rects[1:]:
             other |= ~extra.is_empty
         if other.any():
-            out = _whole_where(out, other, ho, wo)
+            out = _whole_where(out, other, out_size)
         return out
 
     # point, merge, output (and input, if asked): pixel-aligned bounding box.
-    if len(in_rects) == 1 and _input_hw(layer, 0) == (ho, wo):
+    if len(in_rects) == 1 and _input_hw(layer, 0) == out_size:
         return in_rects[0]          # the common case: ReLU, BatchNorm, ...
-    out = Rects.empty(n)
+    out = Rects.empty(n, nd)
     whole = np.zeros(n, bool)
     for i, r in enumerate(in_rects):
-        hi, wi = _input_hw(layer, i)
-        if (hi, wi) == (ho, wo):
+        in_size = _input_hw(layer, i)
+        if in_size == out_size:
             out = out.union(r)
-        elif hi in (1, ho) and wi in (1, wo):
+        elif all(m in (1, o) for m, o in zip(in_size, out_size)):
             if not broadcast_spans:
                 continue
             # broadcast along the axes of size 1: a change there spans the axis
             e = r.is_empty
-            out = out.union(Rects(np.where(hi == 1, 0, r.y0), np.where(wi == 1, 0, r.x0),
-                                  np.where(e, 0, ho if hi == 1 else r.y1),
-                                  np.where(e, 0, wo if wi == 1 else r.x1)))
+            out = out.union(Rects(*(np.where(m == 1, 0, lo) for m, lo in zip(in_size, r.lo)),
+                                  *(np.where(e, 0, o if m == 1 else hi)
+                                    for m, o, hi in zip(in_size, out_size, r.hi))))
         else:  # not pixel-aligned: safe answer
             whole |= ~r.is_empty
     if whole.any():
-        out = _whole_where(out, whole, ho, wo)
-    return out.clip(ho, wo)
+        out = _whole_where(out, whole, out_size)
+    return out.clip(*out_size)
 
 
-def _whole_where(r: Rects, mask: np.ndarray, h: int, w: int) -> Rects:
-    """``r``, with the whole ``h x w`` map at the positions in ``mask``."""
-    return Rects(np.where(mask, 0, r.y0), np.where(mask, 0, r.x0),
-                 np.where(mask, h, r.y1), np.where(mask, w, r.x1))
+def _whole_where(r: Rects, mask: np.ndarray, shape) -> Rects:
+    """``r``, with the whole map of ``shape`` at the positions in ``mask``."""
+    return Rects(*(np.where(mask, 0, a) for a in r.lo), *(np.where(mask, m, b) for m, b in zip(shape, r.hi)))
 
 
 def read_region(layer: Layer, out_rects: Rects) -> Rects:
@@ -473,18 +553,18 @@ def read_region(layer: Layer, out_rects: Rects) -> Rects:
     if layer.kind != Kind.LOCAL:
         raise ValueError(f"read_region needs a local layer, {layer.name!r} is {layer.kind} ({layer.op})")
     r = out_rects
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.stride, layer.dilation
-    (pt, _), (pl, _) = layer.padding
+    spans = []
     if layer.op == "pad":
-        hi, wi = _input_hw(layer, 0)
-        ho, wo = layer.out_hw
+        in_size, out_size = _input_hw(layer, 0), layer.out_hw
         mode = _pad_mode(layer)
-        y0, y1 = pad_read_range(r.y0, r.y1, before=pt, n_in=hi, n_out=ho, mode=mode)
-        x0, x1 = pad_read_range(r.x0, r.x1, before=pl, n_in=wi, n_out=wo, mode=mode)
+        for a in range(r.ndim):
+            spans.append(pad_read_range(r.lo[a], r.hi[a], before=layer.padding[a][0], n_in=in_size[a],
+                                        n_out=out_size[a], mode=mode))
     else:
-        y0, y1 = read_range(r.y0, r.y1, k=kh, s=sh, p=pt, d=dh)
-        x0, x1 = read_range(r.x0, r.x1, k=kw, s=sw, p=pl, d=dw)
-    return Rects(y0, x0, y1, x1)
+        for a in range(r.ndim):
+            spans.append(read_range(r.lo[a], r.hi[a], k=layer.kernel[a], s=layer.stride[a],
+                                    p=layer.padding[a][0], d=layer.dilation[a]))
+    return Rects(*(lo for lo, _ in spans), *(hi for _, hi in spans))
 
 
 def _name(x) -> str:
@@ -523,12 +603,12 @@ def threshold(layer: Layer, r: Rects, tau: float) -> Rects:
     >>> threshold(conv, Rects(2, 0, 9, 4), 0.4)   # cap 4: 7 rows -> rows 3..6
     Rects(n=1: [3:7, 0:4])
     """
-    ho, wo = layer.out_hw
-    ch, cw = threshold_size(ho, tau), threshold_size(wo, tau)
-    cut_h = np.maximum(r.h - ch, 0)
-    cut_w = np.maximum(r.w - cw, 0)
-    y0, x0 = r.y0 + cut_h // 2, r.x0 + cut_w // 2
-    return Rects(y0, x0, y0 + r.h - cut_h, x0 + r.w - cut_w)
+    starts, stops = [], []
+    for m, a, b in zip(layer.out_hw, r.lo, r.hi):  # each axis alone (depth too, on a volume)
+        cut = np.maximum(b - a - threshold_size(m, tau), 0)
+        starts.append(a + cut // 2)
+        stops.append(a + cut // 2 + (b - a) - cut)
+    return Rects(*starts, *stops)
 
 
 def thresholded(layer: Layer) -> bool:
@@ -567,7 +647,7 @@ def propagate(graph, patch_rects: Rects, tau: Optional[float] = None,
         if layer.name == input_name or layer.kind == Kind.INPUT:
             regions[layer.name] = patch_rects.clip(*layer.out_hw)
         elif not layer.inputs or layer.name in frozen:
-            regions[layer.name] = Rects.empty(n)
+            regions[layer.name] = Rects.empty(n, patch_rects.ndim)
         else:
             missing = [i for i in layer.inputs if i not in regions]
             if missing:
@@ -600,21 +680,26 @@ def grid_positions(start: int, stop: int, patch: int, stride: int) -> np.ndarray
     return np.asarray(ps, dtype=np.int64)
 
 
-def grid(image_hw: tuple[int, int], patch_hw: tuple[int, int], stride: Union[int, tuple[int, int]]
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-left corners of the patches of an occlusion sweep over a whole
-    image, row-major, laid out as queries lay them out (:func:`grid_positions`).
-    Returns flat ``(ys, xs)`` arrays of length ``rows * cols``.
+def grid(image_hw: tuple[int, ...], patch_hw: tuple[int, ...], stride: Union[int, tuple[int, ...]]
+         ) -> tuple[np.ndarray, ...]:
+    """Corners of the patches of an occlusion sweep over a whole image (or
+    volume: ``(d, h, w)`` sizes), row-major, laid out as queries lay them out
+    (:func:`grid_positions`). Returns one flat array per axis (``(ys, xs)``
+    on an image), each of length the number of positions.
 
     >>> ys, xs = grid((224, 224), (16, 16), 1)
     >>> len(ys), int(ys.max()), int(xs.max())
     (43681, 208, 208)
+    >>> [a.tolist() for a in grid((4, 6, 6), (2, 3, 3), (2, 3, 3))]
+    [[0, 0, 0, 0, 2, 2, 2, 2], [0, 0, 3, 3, 0, 0, 3, 3], [0, 3, 0, 3, 0, 3, 0, 3]]
     """
-    sy, sx = (stride, stride) if np.isscalar(stride) else stride
-    (h, w), (ph, pw) = image_hw, patch_hw
-    if sy < 1 or sx < 1:
-        raise ValueError(f"stride {sy}x{sx} must be at least 1")
-    if not (0 < ph <= h and 0 < pw <= w):
-        raise ValueError(f"patch {ph}x{pw} does not fit image {h}x{w}")
-    yy, xx = np.meshgrid(grid_positions(0, h, ph, sy), grid_positions(0, w, pw, sx), indexing="ij")
-    return yy.ravel(), xx.ravel()
+    n = len(image_hw)
+    strides = (stride,) * n if np.isscalar(stride) else tuple(stride)
+    if len(patch_hw) != n or len(strides) != n:
+        raise ValueError(f"patch {tuple(patch_hw)} and stride {strides} need {n} axes like {tuple(image_hw)}")
+    if any(s < 1 for s in strides):
+        raise ValueError(f"stride {'x'.join(map(str, strides))} must be at least 1")
+    if not all(0 < p <= m for p, m in zip(patch_hw, image_hw)):
+        raise ValueError(f"patch {'x'.join(map(str, patch_hw))} does not fit image {'x'.join(map(str, image_hw))}")
+    axes = [grid_positions(0, m, p, s) for m, p, s in zip(image_hw, patch_hw, strides)]
+    return tuple(a.ravel() for a in np.meshgrid(*axes, indexing="ij"))

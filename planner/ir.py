@@ -53,8 +53,14 @@ import torch.fx
 from torch.fx.node import Node
 
 # Spatial axes of an image: (H, W). Feature maps without a layout of their own
-# are (C, H, W), the spatial axes after the channels.
+# are (C, H, W), the spatial axes after the channels. A volume (a 3-D CNN's
+# input) has three, (D, H, W) after the channels: ``Layer.ndim``.
 SPATIAL_RANK = 2
+
+#: The windowed ops by their number of spatial axes' suffix: ``conv2d`` and ``conv3d`` are one op.
+CONV_OPS = ("conv2d", "conv3d")
+MAX_POOL_OPS = ("max_pool2d", "max_pool3d")
+AVG_POOL_OPS = ("avg_pool2d", "avg_pool3d")
 
 class Kind(str, enum.Enum):
     INPUT = "input"
@@ -117,6 +123,11 @@ class Layer:
             otherwise). ``()`` says the output has no spatial axes.
         in_spatial_axes: the same for each input (the producer's
             ``out_axes``); empty, or ``None`` entries, for channels first.
+        ndim: spatial axes of the traced model's input: 2 for images, 3 for
+            volumes ``(C, D, H, W)``. Channels-first maps have that many
+            spatial axes after the channels; a local layer's ``kernel``,
+            ``stride``, ``dilation`` and ``padding`` have one entry per axis,
+            and ``out_hw`` / ``input_hw`` are ``ndim``-tuples.
 
     >>> relu = Layer("r", "relu", Kind.POINT, in_shapes=((8, 14, 14),), out_shape=(8, 14, 14))
     >>> relu.out_axes, relu.out_hw, relu.channels, relu.input_hw(0)
@@ -148,16 +159,17 @@ class Layer:
     extra: dict = field(default_factory=dict)
     spatial_axes: Optional[tuple[int, ...]] = None
     in_spatial_axes: tuple[Optional[tuple[int, ...]], ...] = ()
+    ndim: int = SPATIAL_RANK
 
     @property
     def out_axes(self) -> tuple[int, ...]:
         """The spatial axes of ``out_shape`` (rows, then columns); ``()`` if none."""
-        return _axes(self.out_shape, self.spatial_axes)
+        return _axes(self.out_shape, self.spatial_axes, self.ndim)
 
     def input_axes(self, i: int) -> tuple[int, ...]:
         """The spatial axes of input ``i``'s shape."""
         given = self.in_spatial_axes[i] if i < len(self.in_spatial_axes) else None
-        return _axes(self.in_shapes[i], given)
+        return _axes(self.in_shapes[i], given, self.ndim)
 
     @property
     def spatial(self) -> bool:
@@ -166,9 +178,10 @@ class Layer:
 
     @property
     def out_hw(self) -> Pair:
-        """Spatial size of the output; ``(1, 1)`` for a non-spatial output."""
+        """Spatial size of the output (``(H, W)``, ``(D, H, W)`` for a volume);
+        all ones for a non-spatial output."""
         axes = self.out_axes
-        return tuple(self.out_shape[a] for a in axes) if axes else (1, 1)  # type: ignore[return-value]
+        return tuple(self.out_shape[a] for a in axes) if axes else (1,) * self.ndim  # type: ignore[return-value]
 
     def input_hw(self, i: int) -> Optional[Pair]:
         """Spatial size of input ``i``; ``None`` if it is not a feature map (or unknown)."""
@@ -179,8 +192,8 @@ class Layer:
 
     @property
     def in_hw(self) -> Pair:
-        """Spatial size of the first input; ``(1, 1)`` if it is not a feature map."""
-        return self.input_hw(0) or (1, 1)
+        """Spatial size of the first input; all ones if it is not a feature map."""
+        return self.input_hw(0) or (1,) * self.ndim
 
     @property
     def channels(self) -> int:
@@ -194,14 +207,15 @@ class Layer:
         return math.prod(self.in_shapes[i]) // (math.prod(hw) if hw else 1)
 
 
-def channels_first_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+def channels_first_axes(shape: tuple[int, ...], ndim: int = SPATIAL_RANK) -> tuple[int, ...]:
     """The spatial axes of a channels-first map of this shape: all after the
-    first when there are :data:`SPATIAL_RANK` of them, none otherwise."""
-    return tuple(range(1, SPATIAL_RANK + 1)) if len(shape) == SPATIAL_RANK + 1 else ()
+    first when there are ``ndim`` of them (2 for images, 3 for volumes), none
+    otherwise."""
+    return tuple(range(1, ndim + 1)) if len(shape) == ndim + 1 else ()
 
 
-def _axes(shape: tuple[int, ...], given: Optional[tuple[int, ...]]) -> tuple[int, ...]:
-    return channels_first_axes(shape) if given is None else tuple(given)
+def _axes(shape: tuple[int, ...], given: Optional[tuple[int, ...]], ndim: int = SPATIAL_RANK) -> tuple[int, ...]:
+    return channels_first_axes(shape, ndim) if given is None else tuple(given)
 
 
 def permuted_axes(axes: tuple[int, ...], dims: tuple[int, ...]) -> Optional[tuple[int, ...]]:
@@ -275,14 +289,15 @@ class CNNGraph:
             ``layer`` holds the :class:`Layer`) and an edge producer -> consumer.
         input: name of the ``input`` layer.
         output: name of the ``output`` layer.
-        input_shape: ``(C, H, W)`` the graph was traced for.
+        input_shape: ``(C, H, W)`` the graph was traced for (``(C, D, H, W)``
+            for a 3-D network).
 
     Iterating yields the layers in execution order; ``graph[name]`` is one
     layer and ``name in graph`` asks whether it exists.
     """
 
     def __init__(self, module: torch.fx.GraphModule, layers: list[Layer],
-                 input_shape: tuple[int, int, int]):
+                 input_shape: tuple[int, ...]):
         self.module = module
         self.input_shape = tuple(int(v) for v in input_shape)
         self._layers = list(layers)
@@ -338,6 +353,11 @@ class CNNGraph:
         return list(dict.fromkeys(self[name].inputs))
 
     @property
+    def ndim(self) -> int:
+        """Spatial axes of the input: 2 (an image) or 3 (a volume)."""
+        return len(self.input_shape) - 1
+
+    @property
     def total_flops(self) -> int:
         """Multiply-adds of one full forward pass (sum of ``Layer.flops``)."""
         return sum(layer.flops for layer in self._layers)
@@ -353,8 +373,8 @@ class CNNGraph:
         return node
 
     def __repr__(self) -> str:
-        c, h, w = self.input_shape
-        return (f"CNNGraph({type(self.module).__name__}, {len(self)} layers, input {c}x{h}x{w}, "
+        return (f"CNNGraph({type(self.module).__name__}, {len(self)} layers, input "
+                f"{'x'.join(map(str, self.input_shape))}, "
                 f"{self.total_flops / 1e9:.3g} GFLOPs)")
 
     # -- checks -------------------------------------------------------------
@@ -418,8 +438,8 @@ class CNNGraph:
             raise AssertionError(f"{where} is {layer.kind} but reads no layer")
         if layer.kind is Kind.LOCAL:
             if len(layer.in_shapes) != 1 or not layer.spatial or \
-                    layer.out_axes != channels_first_axes(layer.out_shape) or \
-                    layer.input_axes(0) != channels_first_axes(layer.in_shapes[0]):
+                    layer.out_axes != channels_first_axes(layer.out_shape, layer.ndim) or \
+                    layer.input_axes(0) != channels_first_axes(layer.in_shapes[0], layer.ndim):
                 raise AssertionError(f"{where} is local but maps {layer.in_shapes} -> {layer.out_shape}, "
                                      f"not (C, H, W) -> (C, H, W)")
             expected = local_out_hw(layer)
@@ -427,7 +447,7 @@ class CNNGraph:
                 raise AssertionError(f"{where}: kernel {layer.kernel} stride {layer.stride} padding "
                                      f"{layer.padding} dilation {layer.dilation} ceil_mode {layer.ceil_mode} "
                                      f"on {layer.in_hw} give {expected}, the model produced {layer.out_hw}")
-            if layer.op == "conv2d":
+            if layer.op in CONV_OPS:
                 w = layer.extra.get("weight")
                 cin = layer.in_shapes[0][0]
                 if w is None or tuple(w.shape[2:]) != tuple(layer.kernel) or \
@@ -444,7 +464,7 @@ def local_out_hw(layer: Layer) -> Pair:
     last window that would start in the bottom/right padding, as PyTorch does.
     """
     out = []
-    for axis in (0, 1):
+    for axis in range(len(layer.in_hw)):
         n = layer.in_hw[axis]
         before, after = layer.padding[axis]
         if layer.op == "pad":
@@ -457,7 +477,7 @@ def local_out_hw(layer: Layer) -> Pair:
         if layer.ceil_mode and (size - 1) * s >= n + before:
             size -= 1
         out.append(size)
-    return (out[0], out[1])
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------

@@ -21,15 +21,20 @@ class NotModelled(Exception):
     """Raised by a handler to make the layer global with ``reason``."""
 
 
-def pair(v: Any, what: str) -> Pair:
+def ntuple(v: Any, n: int, what: str) -> tuple[int, ...]:
+    """``v`` (an int, or a sequence of 1 or ``n`` ints) as one int per spatial axis."""
     if isinstance(v, bool):
-        raise NotModelled(f"{what} {v!r} is not an int or pair")
+        raise NotModelled(f"{what} {v!r} is not an int or {n}-tuple")
     if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list, torch.Size)) and len(v) in (1, 2) and \
+        return (v,) * n
+    if isinstance(v, (tuple, list, torch.Size)) and len(v) in (1, n) and \
             all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        return (int(v[0]), int(v[-1]))
-    raise NotModelled(f"{what} {v!r} is not an int or pair")
+        return tuple(int(x) for x in v) if len(v) == n else (int(v[0]),) * n
+    raise NotModelled(f"{what} {v!r} is not an int or {n}-tuple")
+
+
+def pair(v: Any, what: str) -> Pair:
+    return ntuple(v, 2, what)  # type: ignore[return-value]
 
 
 class LocalOps:
@@ -38,27 +43,28 @@ class LocalOps:
     # -- convolution ----------------------------------------------------------
     def conv(self, x: Node, weight: Any, bias: Any, stride: Any, padding: Any, dilation: Any,
              groups: Any) -> dict:
-        weight = self.const(weight, "conv2d weight")
-        bias = self.const(bias, "conv2d bias")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-            raise NotModelled(f"conv2d weight {type(weight).__name__} is not a 4D tensor")
-        kernel = (int(weight.shape[2]), int(weight.shape[3]))
-        dilation = pair(self.const(dilation, "dilation"), "dilation")
-        stride = pair(self.const(stride, "stride"), "stride")
+        n = self.ndim
+        op = f"conv{n}d"
+        weight = self.const(weight, f"{op} weight")
+        bias = self.const(bias, f"{op} bias")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != n + 2:
+            raise NotModelled(f"{op} weight {type(weight).__name__} is not a {n + 2}D tensor")
+        kernel = tuple(int(k) for k in weight.shape[2:])
+        dilation = ntuple(self.const(dilation, "dilation"), n, "dilation")
+        stride = ntuple(self.const(stride, "stride"), n, "stride")
         padding = self.const(padding, "padding")
         if isinstance(padding, str):
             if padding == "valid":
-                pads = ((0, 0), (0, 0))
+                pads = ((0, 0),) * n
             elif padding == "same":
                 # PyTorch's 'same': total d*(k-1), the odd pixel at the bottom/right.
                 tot = [d * (k - 1) for d, k in zip(dilation, kernel)]
-                pads = ((tot[0] // 2, tot[0] - tot[0] // 2), (tot[1] // 2, tot[1] - tot[1] // 2))
+                pads = tuple((t // 2, t - t // 2) for t in tot)
             else:
-                raise NotModelled(f"conv2d padding {padding!r} is not 'same' or 'valid'")
+                raise NotModelled(f"{op} padding {padding!r} is not 'same' or 'valid'")
         else:
-            ph, pw = pair(padding, "padding")
-            pads = ((ph, ph), (pw, pw))
-        return self.local("conv2d", x, kernel=kernel, stride=stride, padding=pads, dilation=dilation,
+            pads = tuple((p, p) for p in ntuple(padding, n, "padding"))
+        return self.local(op, x, kernel=kernel, stride=stride, padding=pads, dilation=dilation,
                           groups=int(self.const(groups, "groups")), pad_value=0.0,
                           extra={"weight": weight.detach(),
                                  "bias": None if bias is None else bias.detach()})
@@ -76,18 +82,20 @@ class LocalOps:
     # -- pooling --------------------------------------------------------------
     def pool_window(self, kernel_size: Any, stride: Any, padding: Any) -> dict:
         """``kernel``, ``stride`` and ``padding`` of a max or average pool."""
-        kernel = pair(self.const(kernel_size, "kernel_size"), "kernel_size")
+        n = self.ndim
+        kernel = ntuple(self.const(kernel_size, "kernel_size"), n, "kernel_size")
         stride = self.const(stride, "stride")
         stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) \
-            else pair(stride, "stride")  # PyTorch: stride defaults to the kernel
-        ph, pw = pair(self.const(padding, "padding"), "padding")
-        return dict(kernel=kernel, stride=stride, padding=((ph, ph), (pw, pw)))
+            else ntuple(stride, n, "stride")  # PyTorch: stride defaults to the kernel
+        pads = tuple((p, p) for p in ntuple(self.const(padding, "padding"), n, "padding"))
+        return dict(kernel=kernel, stride=stride, padding=pads)
 
     def max_pool(self, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> dict:
+        op = f"max_pool{self.ndim}d"
         if return_indices:
-            raise NotModelled("max_pool2d with return_indices")
-        return self.local("max_pool2d", x, **self.pool_window(kernel_size, stride, padding),
-                          dilation=pair(self.const(dilation, "dilation"), "dilation"),
+            raise NotModelled(f"{op} with return_indices")
+        return self.local(op, x, **self.pool_window(kernel_size, stride, padding),
+                          dilation=ntuple(self.const(dilation, "dilation"), self.ndim, "dilation"),
                           ceil_mode=bool(self.const(ceil_mode, "ceil_mode")), pad_value=float("-inf"))
 
     def module_max_pool(self, node, m, op, out_shape):
@@ -100,7 +108,7 @@ class LocalOps:
                              b["ceil_mode"], b.get("return_indices", False))
 
     def avg_pool(self, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-        return self.local("avg_pool2d", x, **self.pool_window(kernel_size, stride, padding),
+        return self.local(f"avg_pool{self.ndim}d", x, **self.pool_window(kernel_size, stride, padding),
                           ceil_mode=bool(self.const(ceil_mode, "ceil_mode")),
                           count_include_pad=bool(self.const(count_include_pad, "count_include_pad")),
                           pad_value=0.0,
@@ -121,24 +129,28 @@ class LocalOps:
         Window i spans [floor(i*n/m), ceil((i+1)*n/m)) (PyTorch's adaptive
         pooling); with n = k*m that is [i*k, (i+1)*k): kernel = stride = k.
         """
-        in_shape = self.shape(x)
-        if len(in_shape) != 3:
+        in_shape, n = self.shape(x), self.ndim
+        if len(in_shape) != n + 1:
             raise NotModelled(f"{op} on a {in_shape} tensor")
         size = self.const(output_size, "output_size")
-        size = (size, size) if isinstance(size, int) or size is None else tuple(size)
+        size = (size,) * n if isinstance(size, int) or size is None else tuple(size)
         if len(size) == 1:
-            size = (size[0], size[0])
-        (h, w), (oh, ow) = in_shape[1:], (size[0] or in_shape[1], size[1] or in_shape[2])
-        if h % oh or w % ow:
+            size = size * n
+        dims = in_shape[1:]
+        out = tuple(o or d for o, d in zip(size, dims))
+        if len(out) != n or any(d % o for d, o in zip(dims, out)):
             return dict(op=op, kind=Kind.GLOBAL,
-                        reason=f"adaptive pooling {h}x{w} -> {oh}x{ow} is not one window "
-                               f"({h}x{w} is not a multiple of {oh}x{ow})")
-        k = (h // oh, w // ow)
-        extra = {"adaptive_output_size": (oh, ow)}
-        if op == "adaptive_max_pool2d":
-            return self.local("max_pool2d", x, kernel=k, stride=k, pad_value=float("-inf"), extra=extra)
+                        reason=f"adaptive pooling {'x'.join(map(str, dims))} -> {'x'.join(map(str, out))} "
+                               f"is not one window ({'x'.join(map(str, dims))} is not a multiple of "
+                               f"{'x'.join(map(str, out))})")
+        k = tuple(d // o for d, o in zip(dims, out))
+        pads = ((0, 0),) * n
+        extra = {"adaptive_output_size": out}
+        if op.startswith("adaptive_max_pool"):
+            return self.local(f"max_pool{n}d", x, kernel=k, stride=k, padding=pads, dilation=(1,) * n,
+                              pad_value=float("-inf"), extra=extra)
         extra["divisor_override"] = None
-        return self.local("avg_pool2d", x, kernel=k, stride=k, extra=extra)
+        return self.local(f"avg_pool{n}d", x, kernel=k, stride=k, padding=pads, dilation=(1,) * n, extra=extra)
 
     def module_adaptive(self, node, m, op, out_shape):
         if getattr(m, "return_indices", False):
@@ -153,18 +165,22 @@ class LocalOps:
 
     # -- padding --------------------------------------------------------------
     def pad(self, x: Node, pad: Any, mode: str, value: Any) -> dict:
-        """Constant padding of H and W is local; F.pad lists (left, right, top, bottom, ...)."""
+        """Constant padding of the spatial axes is local; F.pad lists (left, right,
+        top, bottom, front, back), the last axis first."""
         pad = [int(p) for p in self.const(pad, "pad")]
+        n = self.ndim
         if mode != "constant":
             raise NotModelled(f"{mode!r} padding is not constant")
         if any(p < 0 for p in pad):
             raise NotModelled(f"negative padding {tuple(pad)} crops the input")
-        if len(pad) % 2 or len(pad) < 2 or any(pad[4:]):
-            raise NotModelled(f"padding {tuple(pad)} pads dimensions other than H and W")
-        left, right = pad[0], pad[1]
-        top, bottom = (pad[2], pad[3]) if len(pad) >= 4 else (0, 0)
+        if len(pad) % 2 or len(pad) < 2 or any(pad[2 * n:]):
+            raise NotModelled(f"padding {tuple(pad)} pads dimensions other than "
+                              f"{'D, H and W' if n == 3 else 'H and W'}")
+        pad = pad + [0] * (2 * n - len(pad))
+        # pairs from the last axis back: ((before, after) of axis 0, ..., of axis n-1)
+        pads = tuple((pad[2 * (n - 1 - a)], pad[2 * (n - 1 - a) + 1]) for a in range(n))
         value = self.const(value, "pad value")
-        return self.local("pad", x, padding=((top, bottom), (left, right)),
+        return self.local("pad", x, padding=pads, kernel=(1,) * n, stride=(1,) * n, dilation=(1,) * n,
                           pad_value=float(0.0 if value is None else value), extra={"mode": "constant"})
 
     def module_pad(self, node, m, op, out_shape):

@@ -11,7 +11,8 @@ torch.fx's own signature normalisation (``torch.fx.operator_schemas``).
 FLOPs are multiply-adds for one image (Krypton eq. 16 counts one per
 multiplication of a fused multiply-add), :func:`flops`:
 
-- conv: ``C_out * H_out * W_out * (C_in / groups) * kh * kw`` (eq. 16);
+- conv: ``C_out * H_out * W_out * (C_in / groups) * kh * kw`` (eq. 16; a 3-D
+  conv times ``D_out * kd`` as well);
 - linear: ``in * out``, times the leading non-batch dims if any (a Linear on
   a channels-last map: ``in * out`` per pixel);
 - pooling windows: ``C * H_out * W_out * kh * kw``;
@@ -33,7 +34,7 @@ import torch
 import torch.fx
 from torch.fx.node import Node
 
-from kql.planner.ir import Kind, Layer
+from kql.planner.ir import AVG_POOL_OPS, CONV_OPS, MAX_POOL_OPS, Kind, Layer
 
 # Point ops of one tensor (``torch.<name>``, ``F.<name>``, ``Tensor.<name>``
 # and the in-place ``<name>_``); their non-tensor arguments go to ``extra``.
@@ -98,6 +99,16 @@ def _function_table() -> dict[str, tuple[str, str]]:
         "torch.nn.functional.adaptive_avg_pool2d": ("adaptive", "adaptive_avg_pool2d"),
         "torch.nn.functional.adaptive_max_pool2d": ("adaptive", "adaptive_max_pool2d"),
         "torch.nn.functional._adaptive_max_pool2d": ("adaptive", "adaptive_max_pool2d"),
+        "torch.conv3d": ("conv", "conv3d"), "torch.nn.functional.conv3d": ("conv", "conv3d"),
+        "torch.nn.functional.max_pool3d": ("max_pool", "max_pool3d"),
+        "torch.nn.functional._max_pool3d": ("max_pool", "max_pool3d"),
+        "torch.max_pool3d": ("max_pool", "max_pool3d"),
+        "torch.nn.functional.avg_pool3d": ("avg_pool", "avg_pool3d"),
+        "torch.nn.functional.adaptive_avg_pool3d": ("adaptive", "adaptive_avg_pool3d"),
+        "torch.nn.functional.adaptive_max_pool3d": ("adaptive", "adaptive_max_pool3d"),
+        "torch.nn.functional._adaptive_max_pool3d": ("adaptive", "adaptive_max_pool3d"),
+        "torch.nn.functional.instance_norm": ("instance_norm", "instance_norm"),
+        "torch.instance_norm": ("instance_norm", "instance_norm"),
         "torch.nn.functional.pad": ("pad", "pad"),
         "torch.constant_pad_nd": ("pad", "constant_pad_nd"),
         "torch.nn.functional.batch_norm": ("batch_norm", "batch_norm"),
@@ -160,6 +171,14 @@ def _module_table() -> dict[type, tuple[str, str]]:
         nn.AvgPool2d: ("avg_pool", "avg_pool2d"),
         nn.AdaptiveAvgPool2d: ("adaptive", "adaptive_avg_pool2d"),
         nn.AdaptiveMaxPool2d: ("adaptive", "adaptive_max_pool2d"),
+        nn.Conv3d: ("conv", "conv3d"), nn.MaxPool3d: ("max_pool", "max_pool3d"),
+        nn.AvgPool3d: ("avg_pool", "avg_pool3d"),
+        nn.AdaptiveAvgPool3d: ("adaptive", "adaptive_avg_pool3d"),
+        nn.AdaptiveMaxPool3d: ("adaptive", "adaptive_max_pool3d"),
+        nn.BatchNorm3d: ("batch_norm", "batch_norm"),
+        nn.InstanceNorm1d: ("instance_norm", "instance_norm"),
+        nn.InstanceNorm2d: ("instance_norm", "instance_norm"),
+        nn.InstanceNorm3d: ("instance_norm", "instance_norm"),
         nn.BatchNorm1d: ("batch_norm", "batch_norm"), nn.BatchNorm2d: ("batch_norm", "batch_norm"),
         nn.SyncBatchNorm: ("batch_norm", "batch_norm"), nn.LayerNorm: ("layer_norm", "layer_norm"),
         nn.Identity: ("identity", "identity"), nn.Linear: ("linear", "linear"),
@@ -216,7 +235,8 @@ def op_name(handler: str, op: str) -> str:
 
 _ZERO_FLOPS = {"input", "output", "pad", "flatten", "reshape", "view", "squeeze", "unsqueeze",
                "unflatten", "permute", "transpose", "dropout", "identity", "contiguous", "getitem", "chunk"}
-_REDUCTIONS = {"mean", "sum", "amax", "amin", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+               "adaptive_avg_pool3d", "adaptive_max_pool3d"}
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -236,11 +256,10 @@ def flops(layer: Layer) -> int:
     out = _numel(layer.out_shape)
     if layer.op in _ZERO_FLOPS:
         return 0
-    if layer.op == "conv2d" and layer.kind is Kind.LOCAL:
-        kh, kw = layer.kernel
-        return out * (layer.in_shapes[0][0] // layer.groups) * kh * kw  # Krypton eq. 16
-    if layer.op in ("max_pool2d", "avg_pool2d") and layer.kind is Kind.LOCAL:
-        return out * layer.kernel[0] * layer.kernel[1]
+    if layer.op in CONV_OPS and layer.kind is Kind.LOCAL:
+        return out * (layer.in_shapes[0][0] // layer.groups) * math.prod(layer.kernel)  # Krypton eq. 16
+    if (layer.op in MAX_POOL_OPS or layer.op in AVG_POOL_OPS) and layer.kind is Kind.LOCAL:
+        return out * math.prod(layer.kernel)
     if layer.op == "linear":
         return out * (layer.in_shapes[0][-1] if layer.in_shapes and layer.in_shapes[0] else 1)
     if layer.op in _REDUCTIONS:

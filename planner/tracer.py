@@ -33,14 +33,16 @@ from kql.planner.ir import CNNGraph
 from kql.planner.ops import target_name
 
 
-def trace(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> CNNGraph:
+def trace(model: torch.nn.Module, input_shape: tuple[int, ...]) -> CNNGraph:
     """Trace ``model`` once and annotate every layer (kind, window, shapes, FLOPs).
 
     Args:
         model: any ``torch.nn.Module`` that takes one ``(N, C, H, W)`` image
             batch (further ``forward`` arguments must have defaults, which are
             used). It is put in eval mode: the graph describes inference.
-        input_shape: ``(C, H, W)`` of one image.
+        input_shape: ``(C, H, W)`` of one image, or ``(C, D, H, W)`` of one
+            volume (a 3-D CNN: Conv3d, MaxPool3d, ...; a video clip is
+            ``(C, T, H, W)``).
 
     Returns:
         A :class:`CNNGraph` whose module is the ``torch.fx.GraphModule``
@@ -77,15 +79,16 @@ def trace(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> CNNGraph
     return CNNGraph(gm, layers, shape)
 
 
-def _check_input_shape(input_shape: Any) -> tuple[int, int, int]:
+def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in input_shape)
-        ok = len(shape) == 3 and all(v > 0 and v == s for v, s in zip(shape, input_shape))
+        ok = len(shape) in (3, 4) and all(v > 0 and v == s for v, s in zip(shape, input_shape))
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise PlanError(f"input_shape must be (C, H, W) of one image with positive ints "
-                        f"(the model gets a 4D (1, C, H, W) batch), got {input_shape!r}")
+        raise PlanError(f"input_shape must be (C, H, W) of one image or (C, D, H, W) of one volume with "
+                        f"positive ints (the model gets a (1, C, H, W) or (1, C, D, H, W) batch), "
+                        f"got {input_shape!r}")
     return shape  # type: ignore[return-value]
 
 
@@ -238,7 +241,7 @@ class _Propagator(torch.fx.Interpreter):
 
 
 def _propagate(gm: torch.fx.GraphModule, depends: dict[Node, bool],
-               shape: tuple[int, int, int]) -> dict[Node, Any]:
+               shape: tuple[int, ...]) -> dict[Node, Any]:
     ref = next(iter(gm.parameters()), None)
     if ref is None:
         ref = next(iter(gm.buffers()), None)

@@ -372,12 +372,18 @@ def naive_paste_nd(base, patch, patch_starts):
 
 
 GATHERS_ND = {
+    "numba": lambda *a, **k: gather_cpu.gather_nd(*a, parallel=True, **k),
+    "numba-1-thread": lambda *a, **k: gather_cpu.gather_nd(*a, parallel=False, **k),
+    "front-numba": lambda *a, **k: K.gather_nd(*a, backend="numba", **k),
     "torch-looped": reference.gather_looped_nd,
     "torch-vectorised": reference.gather_vectorised_nd,
     "front-torch": lambda *a, **k: K.gather_nd(*a, backend="torch", **k),
     "front-auto": lambda *a, **k: K.gather_nd(*a, backend="auto", **k),
 }
 PASTES_ND = {
+    "numba": lambda *a: gather_cpu.paste_nd(*a, parallel=True),
+    "numba-1-thread": lambda *a: gather_cpu.paste_nd(*a, parallel=False),
+    "front-numba": lambda *a, **k: K.paste_nd(*a, backend="numba", **k),
     "torch": reference.paste_nd,
     "front-torch": lambda *a, **k: K.paste_nd(*a, backend="torch", **k),
     "front-auto": lambda *a, **k: K.paste_nd(*a, backend="auto", **k),
@@ -491,7 +497,7 @@ def test_gather_nd_on_images_equals_gather(case, impl):
 def test_gather_nd_on_images_runs_the_2d_kernels(monkeypatch):
     """No second implementation for images: gather_nd hands two axes to the 2-D kernels."""
     calls = []
-    for module, name in ((reference, "gather"), (gather_cpu, "gather")):
+    for module, name in ((reference, "gather"), (gather_cpu, "gather_into")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _m=module.__name__, **k:
                             calls.append(_m) or _real(*a, **k))
@@ -499,10 +505,11 @@ def test_gather_nd_on_images_runs_the_2d_kernels(monkeypatch):
     for backend in ("torch", "numba"):
         K.gather_nd(a["base"], [a["win_y0"], a["win_x0"]], (5, 5), a["patch"],
                     [a["patch_y0"], a["patch_x0"]], backend=backend)
-    assert calls == ["kql.kernels.reference", "kql.kernels.gather_cpu"]
+    assert calls == ["kql.kernels.reference", "kql.kernels.gather_cpu"]  # reference.gather, gather_into
 
 
-@pytest.mark.parametrize("impl", ["torch-looped", "torch-vectorised", "front-auto"])
+@pytest.mark.parametrize("impl", ["numba", "numba-1-thread", "torch-looped", "torch-vectorised",
+                                  "front-auto"])
 def test_gather_3d_writes_into_out(impl):
     a = make_case_nd(*GATHER3_CASES["past the low corner"])
     out = torch.full((2, 2, 4, 4, 4), 42.0)
@@ -527,9 +534,10 @@ def test_gather_nd_accepts_numpy_and_list_positions():
     a = make_case_nd(*GATHER3_CASES["past the high corner"])
     want = expected_gather_nd(a)
     s, p = a["starts"], a["patch_starts"]
-    got = K.gather_nd(a["base"], (s[0].numpy().astype(np.int32), s[1].tolist(), tuple(s[2].tolist())),
-                      [4, 4, 4], a["patch"], [p[0].numpy(), p[1].tolist(), p[2]], backend="torch")
-    assert_same(got, want)
+    for backend in ("torch", "numba"):
+        got = K.gather_nd(a["base"], (s[0].numpy().astype(np.int32), s[1].tolist(), tuple(s[2].tolist())),
+                          [4, 4, 4], a["patch"], [p[0].numpy(), p[1].tolist(), p[2]], backend=backend)
+        assert_same(got, want)
 
 
 # name: (C, (D, H, W), patch shape, patch starts per axis)
@@ -567,9 +575,10 @@ def test_paste_nd_on_images_equals_paste():
 def test_paste_3d_writes_into_out():
     base, patch = torch.randn(2, 3, 4, 4), torch.randn(3, 2, 2, 2, 2)
     ps = [torch.tensor([-1, 1, 2]), torch.tensor([0, 3, 1]), torch.tensor([2, -1, 0])]
-    out = torch.empty(3, 2, 3, 4, 4)
-    assert K.paste_nd(base, patch, ps, backend="torch", out=out) is out
-    assert_same(out, naive_paste_nd(base.numpy(), patch.numpy(), [p.tolist() for p in ps]))
+    for backend in ("torch", "numba"):
+        out = torch.empty(3, 2, 3, 4, 4)
+        assert K.paste_nd(base, patch, ps, backend=backend, out=out) is out
+        assert_same(out, naive_paste_nd(base.numpy(), patch.numpy(), [p.tolist() for p in ps]))
 
 
 # ---------------------------------------------------------------- N-D validation (exact messages)
@@ -654,6 +663,7 @@ def test_paste_nd_rejects(change, message):
 def test_auto_on_a_large_volume():
     base = torch.randn(8, 12, 12, 12)
     starts = [torch.tensor([-2, 0, 5, 9])] * 3
+    assert K.auto_backend(base, 4 * 8 * 6 ** 3) == "numba"
     got = K.gather_nd(base, starts, (6, 6, 6), backend="auto")
     np.testing.assert_array_equal(got.numpy(), naive_gather_nd(base.numpy(), [s.tolist() for s in starts],
                                                                 (6, 6, 6)))
