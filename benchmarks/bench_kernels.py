@@ -4,18 +4,24 @@ Run by hand (not a test):
 
     .venv/bin/python benchmarks/bench_kernels.py            # layer table
     .venv/bin/python benchmarks/bench_kernels.py --sweep    # crossover for the auto rule
+    .venv/bin/python benchmarks/bench_kernels.py --volumes  # the 3-D table (and sweep) only
 
 Each row is one call for a batch of B occlusion positions of one layer, placed as
 the executor places them: a patch-sized changed region every ``stride`` cells in
 row-major order from the top-left corner (so batches touch the borders), read
 through a window of the patch plus a one-cell context, reaching into the padding.
-Times are the median of ``--repeats`` calls after warm-up, in milliseconds; each
-call allocates its output as the executor's calls do (``out=`` saves that).
+Times are the median of ``--repeats`` calls after warm-up, in milliseconds, the
+contenders of a row called in turn (interleaved) so that load from other processes
+falls on all of them alike; each call allocates its output as the executor's calls
+do (``out=`` saves that). Volumes (3-D CNNs, ``(C, D, H, W)``) have their own table:
+a patch box every ``stride`` cells in each axis, read through a window of the box
+plus its context, batches of 16 positions (3-D views are large).
 Other processes on the machine skew the numbers: compare columns of one run.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -44,6 +50,26 @@ PASTES = [
     ("AlexNet-ish (256x13x13)", 256, 13, 13, 4, 1, 64),
 ]
 
+# Volumes: name, C, (D, H, W), patch box (pd, ph, pw), context each side, stride, B, pad.
+# Shapes of MONAI DenseNet121-3D / ResNet18-3D on a 64^3 scan and of torchvision's
+# r3d_18 on a 16x112x112 clip (patch 8, stride 4 at the input).
+VOLUME_LAYERS = [
+    ("scan input (1x64^3)", 1, (64, 64, 64), (8, 8, 8), 1, 4, 64, 0.0),
+    ("DenseNet121-3D conv0 (64x32^3)", 64, (32, 32, 32), (5, 5, 5), 3, 2, 16, 0.0),
+    ("DenseNet121-3D pool0 (64x32^3, -inf)", 64, (32, 32, 32), (5, 5, 5), 1, 2, 16, float("-inf")),
+    ("DenseNet121-3D block1 (128x16^3)", 128, (16, 16, 16), (3, 3, 3), 1, 1, 16, 0.0),
+    ("ResNet18-3D layer1 (64x16^3)", 64, (16, 16, 16), (3, 3, 3), 1, 1, 16, 0.0),
+    ("ResNet18-3D layer3 (256x4^3)", 256, (4, 4, 4), (2, 2, 2), 1, 1, 16, 0.0),
+    ("r3d_18 stem (64x16x56x56)", 64, (16, 56, 56), (3, 6, 6), 1, 2, 16, 0.0),
+    ("small batch (32x16^3, B=2)", 32, (16, 16, 16), (3, 3, 3), 1, 1, 2, 0.0),
+]
+# name, C, (D, H, W), patch box, stride, B   (paste feeds a global pooling / linear layer)
+VOLUME_PASTES = [
+    ("ResNet18-3D layer4 -> pool (512x2^3)", 512, (2, 2, 2), (1, 1, 1), 1, 16),
+    ("DenseNet121-3D block4 (1024x2^3)", 1024, (2, 2, 2), (1, 1, 1), 1, 16),
+    ("ResNet18-3D layer3 -> ... (256x4^3)", 256, (4, 4, 4), (2, 2, 2), 1, 16),
+]
+
 
 def positions(H, W, patch, stride, B):
     """Top-left corners of B consecutive patch positions of a row-major scan."""
@@ -54,6 +80,14 @@ def positions(H, W, patch, stride, B):
     py = torch.tensor([p[0] for p in grid], dtype=torch.int64)
     px = torch.tensor([p[1] for p in grid], dtype=torch.int64)
     return py, px
+
+
+def positions_nd(S, patch, stride, B):
+    """First corners of B consecutive patch boxes of a scan in C order, one (B,) per axis."""
+    axes = [range(0, s - p + 1, stride) for s, p in zip(S, patch)]
+    grid = list(itertools.product(*axes))
+    grid = (grid * (B // len(grid) + 1))[:B]
+    return [torch.tensor([g[k] for g in grid], dtype=torch.int64) for k in range(len(S))]
 
 
 CLOCK = time.perf_counter
@@ -68,6 +102,20 @@ def median_ms(fn, repeats, warmup=3):
         fn()
         times.append(CLOCK() - t0)
     return statistics.median(times) * 1e3
+
+
+def interleaved_ms(fns, repeats, warmup=3):
+    """Median ms per function, the functions called in turn on every repeat."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = CLOCK()
+            f()
+            times[k].append(CLOCK() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def gather_row(name, C, H, W, patch, ctx, stride, B, pad, repeats):
@@ -87,7 +135,7 @@ def gather_row(name, C, H, W, patch, ctx, stride, B, pad, repeats):
     }
     for f in fns.values():
         assert torch.equal(f(), want)
-    times = {k: median_ms(f, repeats) for k, f in fns.items()}
+    times = interleaved_ms(fns, repeats)
     cells = B * C * win * win
     return name, f"{win}x{win}", cells, times, K.auto_backend(base, cells)
 
@@ -107,9 +155,52 @@ def paste_row(name, C, H, W, patch, stride, B, repeats):
     }
     for f in fns.values():
         assert torch.equal(f(), want)
-    times = {k: median_ms(f, repeats) for k, f in fns.items()}
+    times = interleaved_ms(fns, repeats)
     cells = B * C * H * W
     return name, f"paste {patch}x{patch}", cells, times, K.auto_backend(base, cells)
+
+
+def volume_gather_row(name, C, S, patch, ctx, stride, B, pad, repeats):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(C, *S, generator=g)
+    ps = positions_nd(S, patch, stride, B)
+    upd = torch.randn(B, C, *patch, generator=g)
+    starts, sizes = [p - ctx for p in ps], tuple(n + 2 * ctx for n in patch)
+    args = (base, starts, sizes, upd, ps, pad)
+    want = reference.gather_vectorised_nd(*args)
+    out = torch.empty_like(want)
+    fns = {
+        "torch loop": lambda: reference.gather_looped_nd(*args),
+        "torch vec": lambda: reference.gather_vectorised_nd(*args),
+        "numba": lambda: gather_cpu.gather_nd(*args),
+        "numba out=": lambda: gather_cpu.gather_nd(*args, out=out),
+    }
+    for f in fns.values():
+        assert torch.equal(f(), want)
+    cells = want.numel()
+    return name, "x".join(map(str, sizes)), cells, interleaved_ms(fns, repeats), \
+        K.auto_backend(base, cells)
+
+
+def volume_paste_row(name, C, S, patch, stride, B, repeats):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(C, *S, generator=g)
+    ps = positions_nd(S, patch, stride, B)
+    upd = torch.randn(B, C, *patch, generator=g)
+    zeros = [p * 0 for p in ps]
+    want = reference.paste_nd(base, upd, ps)
+    out = torch.empty_like(want)
+    fns = {
+        "torch loop": lambda: reference.gather_looped_nd(base, zeros, S, upd, ps),
+        "torch vec": lambda: reference.gather_vectorised_nd(base, zeros, S, upd, ps),
+        "numba": lambda: gather_cpu.paste_nd(base, upd, ps),
+        "numba out=": lambda: gather_cpu.paste_nd(base, upd, ps, out=out),
+    }
+    for f in fns.values():
+        assert torch.equal(f(), want)
+    cells = want.numel()
+    return name, "paste " + "x".join(map(str, patch)), cells, interleaved_ms(fns, repeats), \
+        K.auto_backend(base, cells)
 
 
 def print_table(rows):
@@ -147,10 +238,34 @@ def sweep(repeats):
               f"{t_all:8.3f} {t_torch / min(t_one, t_all):16.1f}x")
 
 
+def sweep_volumes(repeats):
+    """The crossover for volumes: windows of a 16^3 map, torch vs Numba interleaved."""
+    print(f"{'B':>3s} {'C':>4s} {'win':>4s} {'cells':>8s} {'torch':>8s} {'1 thread':>8s} "
+          f"{'all':>8s} {'torch/best numba':>17s}")
+    S = (16, 16, 16)
+    for B, C, win in [(1, 1, 3), (1, 4, 3), (2, 4, 3), (2, 8, 4), (4, 8, 4), (4, 16, 4),
+                      (4, 16, 6), (8, 32, 4), (8, 32, 6), (16, 64, 5), (16, 128, 6)]:
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(C, *S, generator=g)
+        ps = positions_nd(S, (win - 2,) * 3, 1, B)
+        upd = torch.randn(B, C, *(win - 2,) * 3, generator=g)
+        args = (base, [p - 1 for p in ps], (win,) * 3, upd, ps)
+        t = interleaved_ms({
+            "loop": lambda: reference.gather_looped_nd(*args),
+            "vec": lambda: reference.gather_vectorised_nd(*args),
+            "one": lambda: gather_cpu.gather_nd(*args, parallel=False),
+            "all": lambda: gather_cpu.gather_nd(*args, parallel=True)}, repeats)
+        t_torch = min(t["loop"], t["vec"])
+        cells = B * C * win ** 3
+        print(f"{B:3d} {C:4d} {win:4d} {cells:8d} {t_torch:8.3f} {t['one']:8.3f} "
+              f"{t['all']:8.3f} {t_torch / min(t['one'], t['all']):16.1f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--sweep", action="store_true", help="crossover sweep for auto rule")
+    parser.add_argument("--volumes", action="store_true", help="the 3-D (volume) cases only")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for torch and numba (default: theirs, all cores)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
@@ -172,11 +287,22 @@ def main():
     for parallel in (False, True):  # compile (or load from cache) before timing
         gather_cpu.gather(torch.zeros(1, 1, 1), np.zeros(1, np.int64), np.zeros(1, np.int64), 1, 1,
                           parallel=parallel)
+        gather_cpu.gather_nd(torch.zeros(1, 1, 1, 1), [np.zeros(1, np.int64)] * 3, (1, 1, 1),
+                             parallel=parallel)
     if opts.sweep:
-        sweep(opts.repeats)
+        if not opts.volumes:
+            sweep(opts.repeats)
+            print()
+        sweep_volumes(opts.repeats)
         return
-    rows = [gather_row(*layer, opts.repeats) for layer in LAYERS]
-    rows += [paste_row(*p, opts.repeats) for p in PASTES]
+    if not opts.volumes:
+        rows = [gather_row(*layer, opts.repeats) for layer in LAYERS]
+        rows += [paste_row(*p, opts.repeats) for p in PASTES]
+        print_table(rows)
+        print()
+    rows = [volume_gather_row(*layer, opts.repeats) for layer in VOLUME_LAYERS]
+    rows += [volume_paste_row(*p, opts.repeats) for p in VOLUME_PASTES]
+    print("Volumes (C, D, H, W):")
     print_table(rows)
 
 

@@ -24,7 +24,8 @@ class Execution:
     ``kql.compiler.run`` copies over (``dataclasses.fields``).
 
     Attributes:
-        heatmap: float32 ``(rows, cols)`` on the plan's grid.
+        heatmap: float32 ``(rows, cols)`` on the plan's grid (``(nd, nh, nw)``
+            grid cells on a volume).
         label: the class index (``LABEL PREDICTED`` resolved).
         p_original: its probability on the unoccluded image.
         timings: ``reference``, ``occlusion`` (and for DRILLDOWN ``stage
@@ -106,9 +107,9 @@ def _run(plan, progress, score) -> Execution:
             values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, executor_for, progress)
         else:
             values, t_occ = executor_for(plan.mode).occlusion_probabilities(plan, model, label, progress)
-    rows, cols = len(plan.ys), len(plan.xs)
-    maps = None if several is None else values.T.reshape(len(several), rows, cols)
-    done = Execution(heatmap=values.reshape(rows, cols) if maps is None else maps[0], label=label,
+    shape = plan.grid.shape   # (rows, cols), or (nd, nh, nw) on a volume
+    maps = None if several is None else values.T.reshape(len(several), *shape)
+    done = Execution(heatmap=values.reshape(shape) if maps is None else maps[0], label=label,
                      p_original=p_original, timings={"reference": t_ref, "occlusion": t_occ},
                      peak_memory=mem.peak)
     if maps is not None:

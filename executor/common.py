@@ -135,16 +135,16 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
     return time.perf_counter() - start
 
 
-def occlude(x: torch.Tensor, fill, ys: np.ndarray, xs: np.ndarray,
-            patch: tuple[int, int]) -> torch.Tensor:
+def occlude(x: torch.Tensor, fill, *positions) -> torch.Tensor:
     """A batch of copies of ``x`` (C, H, W), each with its patch filled:
-    ``(len(ys), C, H, W)``. Krypton eq. 5. ``fill`` as :func:`patch_values`
-    takes it."""
-    ph, pw = patch
-    out = x.unsqueeze(0).repeat(len(ys), 1, 1, 1)
-    values = patch_values(fill, ys, xs, patch, x.shape[0], x.device).to(x.dtype)
-    for b, (y, x0) in enumerate(zip(ys.tolist(), xs.tolist())):
-        out[b, :, y:y + ph, x0:x0 + pw] = values[b]
+    ``(len(ys), C, H, W)``. Krypton eq. 5. Called ``occlude(x, fill, ys,
+    xs, (ph, pw))``; on a volume ``x`` (C, D, H, W), ``occlude(x, fill, zs,
+    ys, xs, (pd, ph, pw))``. ``fill`` as :func:`patch_values` takes it."""
+    *starts, patch = positions
+    out = x.unsqueeze(0).repeat(len(starts[0]), *(1,) * x.dim())
+    values = box_values(fill, starts, patch, x.shape[0], x.device).to(x.dtype)
+    for b, corner in enumerate(zip(*(np.asarray(a).tolist() for a in starts))):
+        out[(b, slice(None)) + tuple(slice(c, c + p) for c, p in zip(corner, patch))] = values[b]
     return out
 
 
@@ -156,17 +156,26 @@ def patch_values(fill, ys: np.ndarray, xs: np.ndarray, patch: tuple[int, int], c
     baseline image ``(C, H, W)`` (each patch takes the part of it under the
     patch) or a callable ``fill(ys, xs) -> (B, C, ph, pw)`` tensor (the
     tensor API's windows clipped at the border, ``kql.tensor_api``).
+    :func:`box_values` is the same on any number of spatial axes.
     """
-    ph, pw = patch
-    B = len(ys)
+    return box_values(fill, (ys, xs), patch, channels, device)
+
+
+def box_values(fill, starts, patch, channels: int, device) -> torch.Tensor:
+    """:func:`patch_values` with the corners along every spatial axis in
+    ``starts`` (``(ys, xs)``, or ``(zs, ys, xs)`` on a volume): float32
+    ``(B, C, *patch)``. A baseline is ``(C, *S)`` and a callable takes
+    ``fill(*starts)``."""
+    B = len(starts[0])
     if callable(fill) and not isinstance(fill, torch.Tensor):
-        return fill(np.asarray(ys), np.asarray(xs)).to(device, torch.float32)
+        return fill(*(np.asarray(a) for a in starts)).to(device, torch.float32)
     fill = fill.to(device, torch.float32)
-    if fill.dim() == 3:
+    if fill.dim() == len(starts) + 1:
         from kql import kernels
-        return kernels.gather(fill.contiguous(), torch.as_tensor(np.asarray(ys, dtype=np.int64), device=device),
-                              torch.as_tensor(np.asarray(xs, dtype=np.int64), device=device), ph, pw)
-    return fill.view(1, channels, 1, 1).expand(B, channels, ph, pw).contiguous()
+        return kernels.gather_nd(fill.contiguous(),
+                                 [torch.as_tensor(np.asarray(a, dtype=np.int64), device=device) for a in starts],
+                                 tuple(patch))
+    return fill.view(1, channels, *(1,) * len(patch)).expand(B, channels, *patch).contiguous()
 
 
 def model_failed(plan, error: Exception, batch: int) -> ExecutionError:

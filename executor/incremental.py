@@ -38,6 +38,7 @@ The heatmap equals the naive one up to float rounding (the tests hold it to
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -47,16 +48,25 @@ import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
 from kql import kernels
-from kql.executor.common import patch_values, probabilities, run_batches
+from kql.executor.common import box_values, probabilities, run_batches
 from kql.planner.geometry import Rects, read_region, thresholded
-from kql.planner.ir import Kind
+from kql.planner.ir import AVG_POOL_OPS, CONV_OPS, MAX_POOL_OPS, Kind
 
 
 @dataclass
 class Patch:
-    values: torch.Tensor      # (B, C, h, w), or the layer's layout with h x w pixels
-    oy: torch.Tensor          # (B,) int64, top row in the layer's output
-    ox: torch.Tensor          # (B,) int64
+    values: torch.Tensor      # (B, C, h, w), or the layer's layout with h x w pixels ((B, C, d, h, w) on a volume)
+    origin: tuple             # per spatial axis, (B,) int64: the box's first index in the layer's output
+
+    @property
+    def oy(self) -> torch.Tensor:
+        """Top row of each position's box."""
+        return self.origin[-2]
+
+    @property
+    def ox(self) -> torch.Tensor:
+        """Left column of each position's box."""
+        return self.origin[-1]
 
 
 @dataclass
@@ -200,13 +210,11 @@ class IncrementalRunner:
         """The model's raw output for the positions ``idx`` of the grid, as
         naive inference of the occluded images would return it."""
         B = len(idx)
-        ys, xs = self.plan.positions()
-        oy = _index(ys[idx], self.device)
-        ox = _index(xs[idx], self.device)
-        ph, pw = self.plan.patch
+        starts = [a[idx] for a in self.plan.positions()]   # (ys, xs), or (zs, ys, xs) on a volume
+        origin = tuple(_index(a, self.device) for a in starts)
         C = self.plan.input.shape[0]
-        patch = patch_values(self.plan.fill, ys[idx], xs[idx], (ph, pw), C, self.device)
-        state: dict[str, Any] = {self.graph.input: Patch(patch, oy, ox)}
+        patch = box_values(self.plan.fill, starts, self.plan.patch, C, self.device)
+        state: dict[str, Any] = {self.graph.input: Patch(patch, origin)}
         last_use = self.last_use
         out = None
         for i, node in enumerate(self.gm.graph.nodes):
@@ -251,9 +259,8 @@ class IncrementalRunner:
                      or (layer.kind == Kind.POINT and not self._point_ok[layer.name]))
         if not full_mode:
             region = self.regions[layer.name][idx]
-            ho, wo = layer.out_hw
-            h, w = int(region.h.max()), int(region.w.max())
-            if h == ho and w == wo and layer.kind != Kind.POINT:
+            box = tuple(int(n.max()) for n in region.sizes)   # the batch's patch size, per axis
+            if box == tuple(layer.out_hw) and layer.kind != Kind.POINT:
                 full_mode = True
         if full_mode:
             values = self._call(node, lambda n: self._full(n, state, B))
@@ -266,32 +273,27 @@ class IncrementalRunner:
                 shape = list(layer.out_shape)
                 for a, n in zip(layer.out_axes, (src.values.shape[a + 1] for a in layer.input_axes(0))):
                     shape[a] = n
-                return Patch(src.values.reshape(B, *shape), src.oy, src.ox)
+                return Patch(src.values.reshape(B, *shape), src.origin)
             values = self._call(node, lambda n: self._value_patch(n, state, src))
-            return Patch(values, src.oy, src.ox)
-        placed = _place(region, h, w, layer.out_hw)
-        oy, ox = _index(placed.y0, self.device), _index(placed.x0, self.device)
+            return Patch(values, src.origin)
+        placed = _place(region, box, layer.out_hw)
+        origin = tuple(_index(a, self.device) for a in placed.lo)
         if layer.kind == Kind.LOCAL:
-            return Patch(self._local(layer, state, placed, oy, ox, h, w), oy, ox)
-        # merge: every input over the same rectangles
-        values = self._call(node, lambda n: self._value_over(n, state, oy, ox, h, w, B))
+            return Patch(self._local(layer, state, placed, origin, box), origin)
+        # merge: every input over the same boxes
+        values = self._call(node, lambda n: self._value_over(n, state, origin, box, B))
         if any(isinstance(s, Full) and name in gates for s, name in zip(ins, layer.inputs)):
             # A changed gate applied only inside each position's region (gates
-            # 'local'): the rest of the batch's rectangle keeps the view, so the
+            # 'local'): the rest of the batch's box keeps the view, so the
             # result does not depend on how positions are batched.
-            values = self._outside_to_view(layer, values, region, placed, oy, ox, h, w)
-        return Patch(values, oy, ox)
+            values = self._outside_to_view(layer, values, region, placed, origin, box)
+        return Patch(values, origin)
 
-    def _outside_to_view(self, layer, values, region: Rects, placed: Rects, oy, ox, h, w) -> torch.Tensor:
-        dev = values.device
-        rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
-        y0, y1, x0, x1 = (_index(a, dev)[:, None] for a in (region.y0 - placed.y0, region.y1 - placed.y0,
-                                                            region.x0 - placed.x0, region.x1 - placed.x0))
-        inside = (((rows >= y0) & (rows < y1))[:, None, :, None]
-                  & ((cols >= x0) & (cols < x1))[:, None, None, :])
+    def _outside_to_view(self, layer, values, region: Rects, placed: Rects, origin, box) -> torch.Tensor:
+        inside = _inside(region.shift(*(-a for a in placed.lo)), box, values.device)
         if bool(inside.all()):
             return values
-        view = kernels.gather(self.views[layer.name], oy, ox, h, w, backend=self.backend)
+        view = kernels.gather_nd(self.views[layer.name], origin, box, backend=self.backend)
         return torch.where(inside, values, view)
 
     def _broadcast_into(self, layer, name: str) -> bool:
@@ -299,15 +301,15 @@ class IncrementalRunner:
         onto a larger map: being computed in full (it is 1x1) does not make
         the merge full, which runs over its region with the gate's new values."""
         src = self.layers.get(name)
-        return (layer.kind == Kind.MERGE and src is not None and src.spatial and src.out_hw == (1, 1)
-                and layer.out_hw != (1, 1))
+        return (layer.kind == Kind.MERGE and src is not None and src.spatial and _ones(src.out_hw)
+                and not _ones(layer.out_hw))
 
     def _is_global_mean(self, layer) -> bool:
         """An average pool whose one window is the whole unpadded input (the
         squeeze of squeeze-and-excitation, ``adaptive_avg_pool2d(x, 1)``)."""
-        return (layer.kind == Kind.LOCAL and layer.op == "avg_pool2d" and layer.spatial
-                and layer.out_hw == (1, 1) and tuple(layer.kernel) == tuple(layer.in_hw)
-                and layer.padding == ((0, 0), (0, 0)) and not layer.extra.get("divisor_override")
+        return (layer.kind == Kind.LOCAL and layer.op in AVG_POOL_OPS and layer.spatial
+                and _ones(layer.out_hw) and tuple(layer.kernel) == tuple(layer.in_hw)
+                and all(p == (0, 0) for p in layer.padding) and not layer.extra.get("divisor_override")
                 and layer.name not in self.full_layers and layer.name not in self.capped
                 and self.layers[layer.inputs[0]].spatial_axes is None)  # channels first
 
@@ -316,79 +318,77 @@ class IncrementalRunner:
         alone: mean + (sum of new values - sum of old values under the patch) / HW.
         Reads the patch instead of pasting it into a copy of the whole map."""
         name = layer.inputs[0]
-        h, w = src.values.shape[-2:]
-        old = kernels.gather(self.views[name], src.oy, src.ox, h, w, backend=self.backend)
-        hi, wi = layer.in_hw
-        delta = (src.values.sum(dim=(2, 3), dtype=torch.float64) - old.sum(dim=(2, 3), dtype=torch.float64))
-        mean = self.views[layer.name].to(torch.float64)[None, :, 0, 0] + delta / (hi * wi)
-        return mean.to(src.values.dtype)[:, :, None, None]
+        nd = len(src.origin)
+        box = tuple(src.values.shape[-nd:])
+        old = kernels.gather_nd(self.views[name], src.origin, box, backend=self.backend)
+        axes = tuple(range(2, 2 + nd))
+        delta = (src.values.sum(dim=axes, dtype=torch.float64) - old.sum(dim=axes, dtype=torch.float64))
+        view = self.views[layer.name].to(torch.float64).reshape(1, -1)
+        mean = view + delta / math.prod(layer.in_hw)
+        return mean.to(src.values.dtype).reshape(*mean.shape, *(1,) * nd)
 
     def _cap_full(self, layer, values: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
         """A thresholded layer computed in full: its values outside each
         position's capped region become the view's (projective-field
         thresholding, as when the layer runs incrementally)."""
         r = self.regions[layer.name][idx]
-        ho, wo = layer.out_hw
-        if (r.h == ho).all() and (r.w == wo).all():
+        if all((n == m).all() for n, m in zip(r.sizes, layer.out_hw)):
             return values
-        dev = values.device
-        rows, cols = torch.arange(ho, device=dev), torch.arange(wo, device=dev)
-        y0, y1, x0, x1 = (_index(a, dev)[:, None] for a in (r.y0, r.y1, r.x0, r.x1))
-        inside = (((rows >= y0) & (rows < y1))[:, None, :, None]
-                  & ((cols >= x0) & (cols < x1))[:, None, None, :])
+        inside = _inside(r, tuple(layer.out_hw), values.device)
         return torch.where(inside, values, self.views[layer.name])
 
-    def _local(self, layer, state, placed: Rects, oy, ox, h, w) -> torch.Tensor:
-        """Recompute a conv/pool/pad over the output rectangles ``placed`` (also
-        given as device tensors ``oy, ox``) from a gathered window."""
+    def _local(self, layer, state, placed: Rects, origin, box) -> torch.Tensor:
+        """Recompute a conv/pool/pad over the output boxes ``placed`` (their
+        first corners also given as device tensors ``origin``, their size
+        ``box``) from a gathered window."""
         src_name = layer.inputs[0]
         src = state.get(src_name)
         base = self.views[src_name]
         read = read_region(layer, placed)
-        wh, ww = int(read.h[0]), int(read.w[0])
-        win_y0 = _index(read.y0, self.device)
-        win_x0 = _index(read.x0, self.device)
-        pad_value = float(layer.pad_value)
-        window = kernels.gather(base, win_y0, win_x0, wh, ww,
-                                None if src is None else src.values,
-                                None if src is None else src.oy,
-                                None if src is None else src.ox,
-                                pad_value=pad_value, backend=self._backend(layer))
-        return self._apply_local(layer, window, oy, ox, h, w)
+        sizes = tuple(int(n[0]) for n in read.sizes)
+        starts = [_index(a, self.device) for a in read.lo]
+        window = kernels.gather_nd(base, starts, sizes,
+                                   None if src is None else src.values,
+                                   None if src is None else src.origin,
+                                   pad_value=float(layer.pad_value), backend=self._backend(layer))
+        return self._apply_local(layer, window, origin, box)
 
     def _backend(self, layer) -> str:
         return self.plan.layer_backends.get(layer.name, self.backend)
 
-    def _apply_local(self, layer, window, oy, ox, h, w) -> torch.Tensor:
+    def _apply_local(self, layer, window, origin, box) -> torch.Tensor:
         op = layer.op
         if op == "pad":
             return window
-        if op == "conv2d":
-            return F.conv2d(window, layer.extra["weight"], layer.extra.get("bias"), layer.stride, 0,
-                            layer.dilation, layer.groups)
-        if op == "max_pool2d":
-            return F.max_pool2d(window, layer.kernel, layer.stride, 0, layer.dilation)
-        if op == "avg_pool2d":
+        three = len(box) == 3   # a volume: the 3-D functional op
+        if op in CONV_OPS:
+            return (F.conv3d if three else F.conv2d)(window, layer.extra["weight"], layer.extra.get("bias"),
+                                                     layer.stride, 0, layer.dilation, layer.groups)
+        if op in MAX_POOL_OPS:
+            return (F.max_pool3d if three else F.max_pool2d)(window, layer.kernel, layer.stride, 0,
+                                                             layer.dilation)
+        if op in AVG_POOL_OPS:
             divisor = layer.extra.get("divisor_override")
-            summed = F.avg_pool2d(window, layer.kernel, layer.stride, 0, divisor_override=1)
+            summed = (F.avg_pool3d if three else F.avg_pool2d)(window, layer.kernel, layer.stride, 0,
+                                                               divisor_override=1)
             if divisor:
                 return summed / divisor
             # The divisor depends on where the window sits (padding, ceil_mode):
             # read it from a per-layer map of 1/divisor, cropped like the output.
             inv = self._inv_divisor(layer)
-            return summed * kernels.gather(inv, oy, ox, h, w, backend=self._backend(layer))
+            return summed * kernels.gather_nd(inv, origin, box, backend=self._backend(layer))
         raise NotImplementedError(f"incremental {op} is not implemented")  # planner marks such layers full
 
     def _inv_divisor(self, layer) -> torch.Tensor:
         cache = self._inv
         if layer.name not in cache:
-            _, hi, wi = layer.in_shapes[0]
-            (pt, pb), (pl, pr) = layer.padding
-            ones = torch.ones(1, 1, hi, wi, device=self.device)
-            padding = (pt, pl)
+            size = tuple(layer.in_shapes[0][1:])
+            ones = torch.ones(1, 1, *size, device=self.device)
+            padding = tuple(before for before, _ in layer.padding)
             ceil = layer.ceil_mode
-            mean = F.avg_pool2d(ones, layer.kernel, layer.stride, padding, ceil, layer.count_include_pad)
-            count = F.avg_pool2d(ones, layer.kernel, layer.stride, padding, ceil, True, divisor_override=1)
+            pool = F.avg_pool3d if len(size) == 3 else F.avg_pool2d
+            mean = pool(ones, layer.kernel, layer.stride, padding, ceil, layer.count_include_pad)
+            count = pool(ones, layer.kernel, layer.stride, padding, ceil, True, divisor_override=1)
             cache[layer.name] = (mean / count)[0].contiguous()
         return cache[layer.name]
 
@@ -402,25 +402,24 @@ class IncrementalRunner:
             return self._call(s.node, lambda m: self._value_patch(m, state, src))
         return s.values if isinstance(s, Patch) else s
 
-    def _value_over(self, n: Node, state, oy, ox, h, w, B):
-        """An input of a merge gathered over the output rectangles."""
+    def _value_over(self, n: Node, state, origin, box, B):
+        """An input of a merge gathered over the output boxes."""
         if n.name in self.consts:
             return self.consts[n.name]
         s = state.get(n.name)
         base = self.views.get(n.name)
         layer = self.layers[n.name]
-        if base is not None and layer.spatial and layer.out_hw == (1, 1):
+        if base is not None and layer.spatial and _ones(layer.out_hw):
             return base.expand(B, *base.shape) if s is None else s.values  # a broadcast gate
         if isinstance(s, Full):
             return s.values
         axes = layer.out_axes
         shape = [B, *layer.out_shape]
-        for a, n in zip(axes, (h, w)):
+        for a, n in zip(axes, box):
             shape[a + 1] = n
-        values = kernels.gather(_channels_first(base, axes, 0), oy, ox, h, w,
-                                None if s is None else _channels_first(s.values, axes, 1),
-                                None if s is None else s.oy,
-                                None if s is None else s.ox, backend=self.backend)
+        values = kernels.gather_nd(_channels_first(base, axes, 0), origin, box,
+                                   None if s is None else _channels_first(s.values, axes, 1),
+                                   None if s is None else s.origin, backend=self.backend)
         return _in_layout(values, axes, shape)
 
     def _full(self, n, state, B, shape_only: bool = False):
@@ -442,8 +441,8 @@ class IncrementalRunner:
         if s is None:
             return base.expand(B, *base.shape)
         axes = self.layers[n.name].out_axes
-        out = kernels.paste(_channels_first(base, axes, 0), _channels_first(s.values, axes, 1),
-                            s.oy, s.ox, backend=self.backend)
+        out = kernels.paste_nd(_channels_first(base, axes, 0), _channels_first(s.values, axes, 1),
+                               s.origin, backend=self.backend)
         return _in_layout(out, axes, (B, *base.shape))
 
     # -- fx plumbing ----------------------------------------------------------
@@ -513,13 +512,29 @@ def _shape_call(node, args, kwargs):
     raise NotImplementedError(f"cannot evaluate {node.format_node()} on a shape")
 
 
-def _place(region: Rects, h: int, w: int, out_hw) -> Rects:
-    """``h x w`` rectangles that contain each position's changed region and
-    lie inside the output, shifted inward at the borders (Krypton eqs. 29-34)."""
-    ho, wo = out_hw
-    oy = np.clip(np.minimum(region.y0, ho - h), 0, None)
-    ox = np.clip(np.minimum(region.x0, wo - w), 0, None)
-    return Rects(oy, ox, oy + h, ox + w)
+def _place(region: Rects, box, out_hw) -> Rects:
+    """Boxes of size ``box`` (``(h, w)``, or ``(d, h, w)``) that contain each
+    position's changed region and lie inside the output, shifted inward at the
+    borders (Krypton eqs. 29-34, along every axis)."""
+    lo = [np.clip(np.minimum(a, m - n), 0, None) for a, n, m in zip(region.lo, box, out_hw)]
+    return Rects(*lo, *(a + n for a, n in zip(lo, box)))
+
+
+def _ones(size) -> bool:
+    """A map of one pixel (voxel): a gate or a global mean."""
+    return all(n == 1 for n in size)
+
+
+def _inside(r: Rects, shape, device) -> torch.Tensor:
+    """``(B, 1, *shape)`` bool: the cells of a ``shape`` map inside each box of ``r``."""
+    nd = len(shape)
+    inside = None
+    for a, n in enumerate(shape):
+        idx = torch.arange(n, device=device)
+        lo, hi = _index(r.lo[a], device)[:, None], _index(r.hi[a], device)[:, None]
+        along = ((idx >= lo) & (idx < hi)).view(len(r), 1, *(n if b == a else 1 for b in range(nd)))
+        inside = along if inside is None else inside & along
+    return inside
 
 
 def _index(a, device) -> torch.Tensor:

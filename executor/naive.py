@@ -31,18 +31,19 @@ def occlusion_scores(plan, model, reduce, progress: str = "auto",
     of T labels -- at every position: ``(positions, T)`` float32, row-major,
     and the seconds it took. The positions run in the plan's batches, or in
     ``batches`` = ``(order, bounds)``; the rows not run are NaN."""
-    ys, xs = plan.positions()
-    out = np.full((len(ys), 0), np.nan, dtype=np.float32)
+    starts = plan.positions()   # (ys, xs), or (zs, ys, xs) on a volume
+    n = len(starts[0])
+    out = np.full((n, 0), np.nan, dtype=np.float32)
     idx, bounds = plan.batches() if batches is None else batches
     x = plan.input.to(plan.device)
 
     def step(sl: slice) -> None:
         nonlocal out
         sel = idx[sl]
-        batch = occlude(x, plan.fill, ys[sel], xs[sel], plan.patch)
+        batch = occlude(x, plan.fill, *(a[sel] for a in starts), plan.patch)
         values = reduce(model(batch)).float().cpu().numpy()
         if out.shape[1] != values.shape[1]:
-            out = np.full((len(ys), values.shape[1]), np.nan, dtype=np.float32)
+            out = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
         out[sel] = values
 
     with torch.inference_mode():

@@ -114,13 +114,14 @@ NAIVE_BUDGET = 4.0
 
 def _measure_naive(plan, model) -> LayerTimings:
     from kql.executor.common import occlude, probabilities
-    ys, xs = plan.positions()
+    starts = plan.positions()
+    ys = starts[0]
     x = plan.input.to(plan.device)
     big = max(1, min(plan.batch_size, len(ys)))
     small = max(1, big // 4)
 
     def run(b):
-        probabilities(model(occlude(x, plan.fill, ys[:b], xs[:b], plan.patch)))
+        probabilities(model(occlude(x, plan.fill, *(a[:b] for a in starts), plan.patch)))
 
     run(small)  # warm-up: first-call costs
     # Nearly every batch of a naive plan has the plan's size, so time that size

@@ -22,7 +22,7 @@ Backends, all giving identical results (float32 copies, no arithmetic):
 ``numba``  :mod:`kql.kernels.gather_cpu`, CPU tensors        parallel ``prange``
 ``cuda``   :mod:`kql.kernels.gather_cuda`, CUDA tensors      one launch per batch
 ``auto``   CUDA tensors: ``cuda`` if Numba sees the GPU, else ``torch``;
-           CPU tensors: :func:`auto_backend`'s size rule
+           CPU tensors: :func:`choose_backend`'s size rule
 =========  ==============================================  ======================
 
 Every argument is validated up front and a bad one raises ``ValueError`` naming
@@ -40,7 +40,8 @@ import torch
 
 from . import reference
 
-__all__ = ["gather", "paste", "gather_nd", "paste_nd", "available_backends", "auto_backend", "BACKENDS"]
+__all__ = ["gather", "paste", "gather_nd", "paste_nd", "available_backends", "auto_backend",
+           "choose_backend", "numba_min_cells", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "numba", "cuda")
 
@@ -49,6 +50,11 @@ BACKENDS = ("auto", "torch", "numba", "cuda")
 # waking the thread pool) dominates; above it Numba wins 2-5x
 # (benchmarks/bench_kernels.py). See auto_backend.
 NUMBA_MIN_CELLS = 4096
+# The same for volumes: none. Torch's per-position copy of a 3-D window (three
+# clipped slices, a fill where it reaches into the padding) costs more than a
+# Numba launch even for one 3x3x3 window of one channel; in thread time Numba
+# was 1.4-10x faster at every size of ``bench_kernels.py --volumes --sweep``.
+NUMBA_MIN_CELLS_VOLUME = 0
 
 
 def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_x0=None,
@@ -189,12 +195,8 @@ def _gather(name, base, starts, sizes, patch, patch_starts, pad_value, out):
         return gather_cpu.gather_nd(base, [t.cpu() for t in starts], sizes, patch,
                                     None if patch_starts is None else [t.cpu() for t in patch_starts],
                                     pad_value, out)
-    if len(starts) != 2:
-        raise ValueError(f"backend {name!r} has no kernel for {len(starts)} spatial axes yet: "
-                         "use backend='torch'")
     from . import gather_cuda
-    return gather_cuda.gather(base, *starts, *sizes, patch, *(patch_starts or (None, None)),
-                              pad_value, out)
+    return gather_cuda.gather_nd(base, starts, sizes, patch, patch_starts, pad_value, out)
 
 
 def paste(base, patch, patch_y0, patch_x0, *, backend="auto", out=None):
@@ -275,11 +277,8 @@ def _paste(name, base, patch, patch_starts, out):
     if name == "numba":
         from . import gather_cpu
         return gather_cpu.paste_nd(base, patch, [t.cpu() for t in patch_starts], out)
-    if len(patch_starts) != 2:
-        raise ValueError(f"backend {name!r} has no kernel for {len(patch_starts)} spatial axes "
-                         "yet: use backend='torch'")
     from . import gather_cuda
-    return gather_cuda.paste(base, patch, *patch_starts, out)
+    return gather_cuda.paste_nd(base, patch, patch_starts, out)
 
 
 @functools.cache
@@ -304,22 +303,43 @@ def available_backends() -> list[str]:
 
 
 def auto_backend(base: torch.Tensor, n_cells: int) -> str:
-    """The backend ``backend="auto"`` picks for ``base`` and an output of ``n_cells``.
-
-    CUDA tensors: ``"cuda"`` when Numba can launch on the GPU, else ``"torch"``.
-    CPU tensors: ``"numba"`` from :data:`NUMBA_MIN_CELLS` output cells on, where
-    its parallel copy loops beat torch's per-position slice copies, else
-    ``"torch"`` (its launch cost is lower for tiny outputs).
+    """The backend ``backend="auto"`` picks for ``base`` and an output of ``n_cells``:
+    :func:`choose_backend` for base's device and number of spatial axes.
 
     >>> auto_backend(torch.zeros(1, 2, 2), 4)
     'torch'
+    >>> auto_backend(torch.zeros(1, 2, 2, 2), 8) in ("numba", "torch")
+    True
+    """
+    return choose_backend(base.device.type, n_cells, base.dim() - 1)
+
+
+def choose_backend(device: str, n_cells: int, n_axes: int = 2) -> str:
+    """The gather/paste backend for an output of ``n_cells`` on ``device`` (``"cpu"``,
+    ``"cuda"``, ...) with ``n_axes`` spatial axes (2 images, 3 volumes). The rule of
+    ``backend="auto"``, and of the planner's per-layer choice.
+
+    CUDA: ``"cuda"`` when Numba can launch on the GPU, else ``"torch"``. CPU:
+    ``"numba"`` from :func:`numba_min_cells` output cells on, where its parallel
+    copy loops beat torch's per-position slice copies, else ``"torch"``.
+
+    >>> choose_backend("cpu", NUMBA_MIN_CELLS)
+    'numba'
+    >>> choose_backend("cpu", 100), choose_backend("cpu", 100, n_axes=3)
+    ('torch', 'numba')
     """
     available = available_backends()
-    if base.device.type == "cuda":
-        return "cuda" if "cuda" in available and base.dim() == 3 else "torch"
-    if base.device.type == "cpu" and "numba" in available and n_cells >= NUMBA_MIN_CELLS:
+    if device == "cuda":
+        return "cuda" if "cuda" in available else "torch"
+    if device == "cpu" and "numba" in available and n_cells >= numba_min_cells(n_axes):
         return "numba"
     return "torch"
+
+
+def numba_min_cells(n_axes: int) -> int:
+    """Output cells from which Numba beats torch on the CPU, for ``n_axes`` spatial axes:
+    :data:`NUMBA_MIN_CELLS` for images, :data:`NUMBA_MIN_CELLS_VOLUME` for volumes."""
+    return NUMBA_MIN_CELLS if n_axes == 2 else NUMBA_MIN_CELLS_VOLUME
 
 
 # --------------------------------------------------------------------------- checks

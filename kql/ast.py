@@ -223,7 +223,11 @@ class Select(_Sized):
     gates: Optional[str] = None         # "exact" | "local" | "frozen" (GATES, with APPROX)
     batch: Optional[int] = None         # None: sized from the memory budget
     device: Optional[str] = None        # "cpu" | "cuda" | None (session setting)
-    into: Optional[str] = None          # output .png or .npy path
+    into: Optional[str] = None          # output .png, .npy, .nii or .nii.gz path
+    # Volumes: preprocessing the query states (kql.sources.volumes).
+    window: Optional[tuple[float, float]] = None    # WINDOW (lo, hi), the scan's units
+    normalize: Optional[str] = None                 # "minmax" | "zscore" | "none"
+    resample: Optional[tuple[int, ...]] = None      # RESAMPLE as written, like patch
 
 
 def label_text(label: Label) -> str:
@@ -278,6 +282,12 @@ def select_text(select: Select, *, source: bool = True, into: bool = True) -> st
             parts.append("COLOR (" + ", ".join(_num(v) for v in c.value) + ")")
         else:
             parts.append(f"COLOR {c.kind.upper()}")
+    if select.window is not None:
+        parts.append(f"WINDOW ({_num(select.window[0])}, {_num(select.window[1])})")
+    if select.normalize is not None:
+        parts.append(f"NORMALIZE {select.normalize.upper()}")
+    if select.resample is not None:
+        parts.append(f"RESAMPLE {size_text(select.resample)}")
     if select.label != Label():
         parts.append(f"LABEL {label_text(select.label)}")
     if select.region is not None:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from kql import sources
+from kql.sources import volumes
 from kql.sources.models import canonical_name
 from kql.sources.names import did_you_mean
 from kql.errors import PlanError
@@ -36,31 +37,42 @@ class Catalog:
 
     # -- images -----------------------------------------------------------
     def image(self, source, bindings: Optional[dict] = None):
-        """Load the image a ``Source`` names: ``(array HxWx3 in [0,1], description)``."""
+        """Load the image or volume a ``Source`` names: ``(array HxWx3 in
+        [0,1] or a kql.sources.volumes.Volume, description)``."""
         bindings = bindings or {}
         if source.kind == "path":
             if source.value in self.files:
                 return self.files[source.value], f"file '{source.value}'"
+            if volumes.is_volume_path(source.value):
+                return volumes.load_volume(source.value), f"file '{source.value}'"
             return sources.load_image(source.value), f"file '{source.value}'"
         name = source.value
         bound = bindings.get(name)
         if name in bindings and not isinstance(bound, torch.nn.Module):
+            if volumes.looks_like_volume(bound):
+                return volumes.load_volume(bound, f"bound volume '{name}'"), f"bound volume '{name}'"
             return sources.load_image(bound), f"bound image '{name}'"
         if name in self.images:
-            return self.images[name], f"image '{name}'"
+            kind = "volume" if isinstance(self.images[name], volumes.Volume) else "image"
+            return self.images[name], f"{kind} '{name}'"
         if name.lower() in sources.SAMPLE_IMAGES:
             return sources.load_sample(name), f"sample image '{name.lower()}'"
+        if name.lower() in volumes.SAMPLE_VOLUMES:
+            return volumes.load_sample_volume(name), f"sample volume '{name.lower()}' (synthetic)"
         if isinstance(bound, torch.nn.Module):
             raise PlanError(f"'{name}' is bound to a model ({type(bound).__name__}), not an image: "
                             f"FROM takes an image (array, PIL image, tensor or file path)")
         known = [n for n, v in bindings.items() if not isinstance(v, torch.nn.Module)]
-        known += list(self.images) + list(sources.SAMPLE_IMAGES)
+        known += list(self.images) + list(sources.SAMPLE_IMAGES) + list(volumes.SAMPLE_VOLUMES)
         hint = did_you_mean(name, known)
         raise PlanError(f"unknown image '{name}': not a bound name, a LOAD IMAGE name or a sample "
                         f"image{hint} (SHOW IMAGES lists them; quote a file path: FROM '{name}.png')")
 
     def add_image(self, name: str, obj: Any) -> None:
-        self.images[name] = sources.load_image(obj)
+        if volumes.looks_like_volume(obj) or (isinstance(obj, (str, Path)) and volumes.is_volume_path(obj)):
+            self.images[name] = volumes.load_volume(obj, f"volume '{name}'")
+        else:
+            self.images[name] = sources.load_image(obj)
 
     # -- models -----------------------------------------------------------
     def model(self, name: str, weights: Optional[str] = None, bindings: Optional[dict] = None):

@@ -44,6 +44,8 @@ def compile_select(select, catalog, settings, bindings: Optional[dict] = None):
         check_output_path(select.into)  # fail before the work, not after
     t0 = time.perf_counter()
     plan = bind(select, catalog, settings, bindings or {})
+    if select.into is not None:     # now that the input is known: NIfTI only for volumes
+        check_output_path(select.into, volume=getattr(plan.display, "ndim", 2) == 3)
     t1 = time.perf_counter()
     plan = optimize_bound(plan, settings)
     plan.timings = {"bind": t1 - t0, "optimize": time.perf_counter() - t1}
@@ -91,7 +93,8 @@ def run(plan, progress: str = "auto", *, score: Optional[Callable] = None,
     result = HeatmapResult(
         **copied, label_name=name(done.label),
         label_names=None if done.labels is None else [name(i) for i in done.labels],
-        ys=plan.ys, xs=plan.xs, patch=plan.patch, stride=plan.stride, region=plan.region,
+        ys=plan.ys, xs=plan.xs, zs=plan.grid.starts[0] if plan.ndim == 3 else None,
+        patch=plan.patch, stride=plan.stride, region=plan.region,
         image=plan.display, model=plan.spec.name, mode=plan.mode,
         plan=plan, plan_text="", warnings=list(plan.warnings), output_path=None,
         tau=plan.tau, score=score_name,

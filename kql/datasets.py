@@ -1,4 +1,5 @@
-"""Real image data sets that install offline, for tests and benchmarks of trained networks.
+"""Data for tests, benchmarks and examples: real image data sets that install
+offline (Fashion-MNIST), and the synthetic sample volume `phantom`.
 
 Fashion-MNIST (Xiao, Rasul & Vollgraf, 2017; 70,000 28x28 grayscale photos of
 clothes in 10 classes) comes from the Debian package ``dataset-fashion-mnist``
@@ -14,14 +15,14 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from kql.errors import PlanError
 
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_PACKAGE", "FASHION_MNIST_CLASSES", "load_fashion_mnist",
-           "fashion_mnist_available"]
+           "fashion_mnist_available", "phantom", "phantom_affine", "PHANTOM_SHAPE", "PHANTOM_SPACING"]
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -101,3 +102,54 @@ def _read_idx(path: Path, magic: int, default_root: bool) -> np.ndarray:
         raise PlanError(f"'{path}' holds {len(data) - header} bytes of data; its header "
                         f"{'x'.join(map(str, shape))} needs {size}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+# ---------------------------------------------------------------- the sample volume
+
+PHANTOM_SHAPE = (64, 64, 64)
+PHANTOM_SPACING = (1.5, 1.5, 1.5)
+
+
+def phantom(shape: Sequence[int] = PHANTOM_SHAPE, seed: int = 0) -> np.ndarray:
+    """A synthetic CT-like volume (not a scan of anything): the bundled
+    sample volume ``phantom`` (``FROM phantom``).
+
+    Air (-1000 HU) around a body (an ellipsoid of soft tissue, 40 HU) that
+    holds two lungs (-800 HU), a spine (bone, 700 HU) and a small bright
+    lesion (120 HU) in one lung, plus Gaussian noise (15 HU). The same
+    ``shape`` and ``seed`` always give the same array; shapes need not be
+    cubes (axes are (D, H, W)).
+
+    Args:
+        shape: ``(D, H, W)``, each at least 8.
+        seed: the noise's seed.
+
+    Returns:
+        float32 ``(D, H, W)`` in Hounsfield units.
+
+    >>> v = phantom((16, 24, 24))
+    >>> v.shape, v.dtype, bool((phantom((16, 24, 24)) == v).all())
+    ((16, 24, 24), dtype('float32'), True)
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise PlanError(f"phantom shape must be (D, H, W) with every size at least 8, got {shape}")
+    # normalised coordinates in [-1, 1] per axis (voxel centres)
+    z, y, x = np.meshgrid(*[(np.arange(n) + 0.5) / n * 2 - 1 for n in shape], indexing="ij")
+
+    def ellipsoid(cz, cy, cx, rz, ry, rx):
+        return ((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+
+    vol = np.full(shape, -1000.0)
+    vol[ellipsoid(0, 0, 0, 0.9, 0.7, 0.85)] = 40.0                 # body, soft tissue
+    vol[ellipsoid(0.05, -0.05, -0.38, 0.6, 0.4, 0.28)] = -800.0    # right lung
+    vol[ellipsoid(0.05, -0.05, 0.38, 0.6, 0.4, 0.28)] = -800.0     # left lung
+    vol[ellipsoid(0, 0.45, 0, 0.85, 0.14, 0.14)] = 700.0           # spine
+    vol[ellipsoid(0.2, -0.15, 0.4, 0.14, 0.12, 0.12)] = 120.0      # lesion in the left lung
+    noise = np.random.default_rng(seed).normal(0.0, 15.0, shape)
+    return (vol + noise).astype(np.float32)
+
+
+def phantom_affine(spacing: Sequence[float] = PHANTOM_SPACING) -> np.ndarray:
+    """The phantom's voxel-to-world matrix: ``spacing`` mm per axis, origin 0."""
+    return np.diag([*map(float, spacing), 1.0])

@@ -320,6 +320,14 @@ class _ToAst(Transformer):
     label = _clause("label")
     batch = _clause("batch")
     into = _clause("into")
+    resample = _clause("resample")
+    normalize_minmax = _clause("normalize", "NORMALIZE", "minmax")
+    normalize_zscore = _clause("normalize", "NORMALIZE", "zscore")
+    normalize_none = _clause("normalize", "NORMALIZE", "none")
+
+    @v_args(meta=True)
+    def window(self, meta, children):
+        return _Clause("window", "WINDOW", (float(children[0]), float(children[1])), meta)
     input_size = _clause("input_size", "INPUT")
     architecture = _clause("architecture")
     gates_exact = _clause("gates", "GATES", "exact")

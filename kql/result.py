@@ -2,10 +2,13 @@
 
 The heatmap lives on the *position grid*: ``heatmap[i, j]`` is the probability
 of the label when the patch's top-left corner is at ``(ys[i], xs[j])`` in the
-model-input image. :meth:`HeatmapResult.pixel_map` spreads it back onto pixels.
+model-input image; on a volume ``heatmap[k, i, j]`` has the patch's first
+corner at ``(zs[k], ys[i], xs[j])``. :meth:`HeatmapResult.pixel_map` spreads
+it back onto pixels (voxels).
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,30 +22,50 @@ from kql.planner.plan import format_seconds
 
 __all__ = ["HeatmapResult", "check_output_path", "write_atomic"]
 
-_FORMATS = (".png", ".npy")
+_FORMATS = (".png", ".npy", ".nii", ".nii.gz")
 MAX_PANELS = 12  # labels a PNG shows (the first ones); the .npy holds them all
+MAX_VOLUME_ROWS = 4  # labels a volume's PNG shows (a row of three slices each)
 
 
-def check_output_path(path: str | os.PathLike) -> str:
+def output_format(path: str | os.PathLike) -> str:
+    """The lower-cased extension of an output file, ``.nii.gz`` counted whole.
+
+    >>> output_format("heat.NII.GZ"), output_format("a.png"), output_format("b")
+    ('.nii.gz', '.png', '')
+    """
+    shown = os.fspath(path)
+    if shown.lower().endswith(".nii.gz"):
+        return ".nii.gz"
+    return os.path.splitext(shown)[1].lower()
+
+
+def check_output_path(path: str | os.PathLike, volume: Optional[bool] = None) -> str:
     """Check that ``INTO '<path>'`` can be written, before any work is done.
 
     Args:
         path: the output file; its extension picks the format.
+        volume: whether the heatmap is a volume's (NIfTI needs one); ``None``
+            when not known yet.
 
     Returns:
-        The lower-cased extension, ``".png"`` or ``".npy"``.
+        The lower-cased extension, ``".png"``, ``".npy"``, ``".nii"`` or ``".nii.gz"``.
 
     Raises:
         PlanError: "cannot write 'x.jpg': INTO takes a .png or .npy file",
-            the directory does not exist, or the path is a directory.
+            NIfTI for an image, the directory does not exist, or the path is a
+            directory.
 
     >>> check_output_path("heatmap.NPY")
     '.npy'
     """
     shown = os.fspath(path)
-    ext = os.path.splitext(shown)[1].lower()
+    ext = output_format(shown)
     if ext not in _FORMATS:
-        raise PlanError(f"cannot write '{shown}': INTO takes a .png or .npy file")
+        raise PlanError(f"cannot write '{shown}': INTO takes a .png or .npy file, or .nii / .nii.gz "
+                        f"for a volume")
+    if volume is False and ext in (".nii", ".nii.gz"):
+        raise PlanError(f"cannot write '{shown}': NIfTI holds volumes; an image's heatmap goes to "
+                        f".png or .npy")
     if os.path.isdir(shown):
         raise PlanError(f"cannot write '{shown}': it is a directory")
     parent = os.path.dirname(shown) or "."
@@ -77,11 +100,13 @@ class HeatmapResult:
             column of each grid column, in model-input pixels. The last one may
             be closer than a stride to its neighbour: the grid always reaches
             the region's far edge.
-        patch, stride: ``(h, w)`` in pixels.
+        patch, stride: ``(h, w)`` in pixels; ``(d, h, w)`` on a volume.
         region: the occluded crop of the model input (``kql.ast.Region``), or
             ``None`` for the whole image.
         image: the display image, float ``HxWx3`` in ``[0, 1]`` (the model
-            input before normalisation).
+            input before normalisation); on a volume a
+            :class:`kql.sources.volumes.ScanView` (or a float ``(D, H, W)``
+            array in ``[0, 1]``).
         model: the model's name.
         mode: how it was computed ("naive", "exact", ...).
         timings: stage name -> seconds; ``"total"``, when present, is the
@@ -115,6 +140,8 @@ class HeatmapResult:
         score: what the maps hold: ``"probability"`` (the language), or the
             tensor API's ``"softmax"``, ``"sigmoid"``, ``"logits"``,
             ``"custom"``.
+        zs: on a volume, the first depth (slice, frame) of each grid layer;
+            ``None`` on an image. The heatmap is then ``(layers, rows, cols)``.
     """
     heatmap: np.ndarray
     label: int
@@ -144,6 +171,7 @@ class HeatmapResult:
     label_names: Optional[list[Optional[str]]] = None
     originals: Optional[np.ndarray] = None
     score: str = "probability"
+    zs: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if self.maps is None:  # one label: its map is the heatmap
@@ -156,9 +184,9 @@ class HeatmapResult:
             self.label_names = list(self.label_names) if self.label_names is not None \
                 else [None] * len(self.labels)
             self.originals = np.asarray(self.originals, dtype=np.float32).reshape(-1)
-            if self.maps.ndim != 3 or not (len(self.maps) == len(self.labels) == len(self.label_names)
-                                           == len(self.originals)) or not len(self.labels):
-                raise ValueError(f"HeatmapResult: maps {self.maps.shape} must be (labels, rows, cols) with "
+            if self.maps.ndim != self.ndim + 1 or not (len(self.maps) == len(self.labels) == len(self.label_names)
+                                                       == len(self.originals)) or not len(self.labels):
+                raise ValueError(f"HeatmapResult: maps {self.maps.shape} must be (labels, *grid) with "
                                  f"one entry of labels, label_names and originals per map")
             self.heatmap, self.label = self.maps[0], self.labels[0]
             self.label_name, self.p_original = self.label_names[0], float(self.originals[0])
@@ -167,13 +195,47 @@ class HeatmapResult:
         self.xs = np.asarray(self.xs, dtype=np.int64).reshape(-1)
         self.label = int(self.label)
         self.p_original = float(self.p_original)
-        self.patch = (int(self.patch[0]), int(self.patch[1]))
-        self.stride = (int(self.stride[0]), int(self.stride[1]))
-        if self.heatmap.shape != (len(self.ys), len(self.xs)):
+        if self.zs is not None:
+            self.zs = np.asarray(self.zs, dtype=np.int64).reshape(-1)
+        self.patch = tuple(int(v) for v in self.patch)
+        self.stride = tuple(int(v) for v in self.stride)
+        if len(self.patch) != self.ndim or len(self.stride) != self.ndim:
+            raise ValueError(f"HeatmapResult: patch {self.patch} and stride {self.stride} must have "
+                             f"{self.ndim} axes")
+        grid = tuple(len(s) for s in self.starts)
+        if self.heatmap.shape != grid:
             raise ValueError(f"HeatmapResult: heatmap shape {self.heatmap.shape} does not match the "
-                             f"grid of {len(self.ys)} rows x {len(self.xs)} columns (len(ys) x len(xs))")
-        if np.asarray(self.image).ndim != 3:
+                             f"grid {'x'.join(map(str, grid))} (len(zs) x len(ys) x len(xs), without zs on "
+                             f"an image)")
+        if self.ndim == 2 and np.asarray(self.image).ndim != 3:
             raise ValueError(f"HeatmapResult: image must be HxWx3, got shape {np.shape(self.image)}")
+        if self.ndim == 3 and len(self.voxel_shape) != 3:
+            raise ValueError(f"HeatmapResult: a volume's image must be a ScanView or (D, H, W), got shape "
+                             f"{np.shape(self.image)}")
+
+    # -- axes -------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        """Spatial axes: 2 for an image, 3 for a volume."""
+        return 2 if self.zs is None else 3
+
+    @property
+    def starts(self) -> tuple[np.ndarray, ...]:
+        """The grid's first corner per axis: ``(ys, xs)``, or ``(zs, ys, xs)``."""
+        return (self.ys, self.xs) if self.zs is None else (self.zs, self.ys, self.xs)
+
+    @property
+    def voxel_shape(self) -> tuple[int, ...]:
+        """The model input's spatial shape: ``(H, W)`` or ``(D, H, W)``."""
+        if self.ndim == 2:
+            return tuple(np.asarray(self.image).shape[:2])
+        image = getattr(self.image, "image", self.image)
+        return tuple(np.shape(image))
+
+    @property
+    def scan(self) -> np.ndarray:
+        """A volume's display scan, float ``(D, H, W)`` in ``[0, 1]``."""
+        return np.asarray(getattr(self.image, "image", self.image), dtype=np.float32)
 
     # -- several labels -------------------------------------------------------
     def map(self, label: int) -> np.ndarray:
@@ -229,16 +291,18 @@ class HeatmapResult:
         return self.label_name if self.label_name is not None else f"class {self.label}"
 
     def pixel_map(self) -> np.ndarray:
-        """The heatmap on the image's pixels.
+        """The heatmap on the image's pixels (a volume's voxels).
 
         Each pixel gets the mean heatmap value over all patch positions whose
         patch covers it, and NaN where no patch does (outside the region).
-        Computed with 2-D prefix sums: each position adds its value at its
-        patch's top-left corner and subtracts it past the other corners, so
-        the cost is O(positions + pixels), not O(positions x patch area).
+        Computed with N-D prefix sums: each position adds its value at its
+        patch's first corner and adds or subtracts it past the other corners
+        (inclusion-exclusion), so the cost is O(positions + pixels), not
+        O(positions x patch volume).
 
         Returns:
-            float32 array ``(H, W)`` of the display image's size.
+            float32 array ``(H, W)`` of the display image's size, or
+            ``(D, H, W)`` on a volume.
 
         >>> r = HeatmapResult(np.array([[1.0, 3.0]]), 0, None, 1.0, [0], [0, 1], (1, 2), (1, 1),
         ...                   None, np.zeros((1, 3, 3)), "m", "naive")
@@ -250,24 +314,20 @@ class HeatmapResult:
     def _pixel_mean(self, grid: np.ndarray) -> np.ndarray:
         """Per pixel, the float64 mean of ``grid`` (rows x cols) over the
         positions whose patch covers it; NaN where none does."""
-        H, W = np.asarray(self.image).shape[:2]
-        ph, pw = self.patch
-        # Clip patches to the image; a patch wholly outside contributes nothing.
-        y0 = np.clip(self.ys, 0, H)
-        y1 = np.clip(self.ys + ph, 0, H)
-        x0 = np.clip(self.xs, 0, W)
-        x1 = np.clip(self.xs + pw, 0, W)
-        Y0, X0 = np.meshgrid(y0, x0, indexing="ij")
-        Y1, X1 = np.meshgrid(y1, x1, indexing="ij")
+        shape = self.voxel_shape
+        # Clip patches to the input; a patch wholly outside contributes nothing.
+        first = [np.clip(s, 0, n) for s, n in zip(self.starts, shape)]
+        past = [np.clip(s + p, 0, n) for s, p, n in zip(self.starts, self.patch, shape)]
         values = np.asarray(grid, dtype=np.float64)
 
         def spread(weights: np.ndarray) -> np.ndarray:
-            acc = np.zeros((H + 1, W + 1), dtype=np.float64)
-            np.add.at(acc, (Y0, X0), weights)
-            np.add.at(acc, (Y0, X1), -weights)
-            np.add.at(acc, (Y1, X0), -weights)
-            np.add.at(acc, (Y1, X1), weights)
-            return acc.cumsum(axis=0).cumsum(axis=1)[:H, :W]
+            acc = np.zeros([n + 1 for n in shape], dtype=np.float64)
+            for corner in itertools.product((0, 1), repeat=len(shape)):
+                at = np.meshgrid(*[(past if c else first)[a] for a, c in enumerate(corner)], indexing="ij")
+                np.add.at(acc, tuple(at), -weights if sum(corner) % 2 else weights)
+            for axis in range(len(shape)):
+                acc = acc.cumsum(axis=axis)
+            return acc[tuple(slice(0, n) for n in shape)]
 
         total = spread(values)
         count = spread(np.ones_like(values))
@@ -278,7 +338,8 @@ class HeatmapResult:
 
     # -- output ---------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:
-        """Write the result: ``.png`` a figure, ``.npy`` the heatmap array.
+        """Write the result: ``.png`` a figure, ``.npy`` the heatmap array;
+        on a volume also ``.nii`` / ``.nii.gz`` (:meth:`voxel_volume`).
 
         The PNG shows the image with the pixel map overlaid (perceptual
         colormap ``inferno``, semi-transparent), the region outlined when it is
@@ -302,7 +363,7 @@ class HeatmapResult:
             ExecutionError: writing failed (disk full, permissions...).
         """
         shown = os.fspath(path)
-        ext = check_output_path(shown)
+        ext = check_output_path(shown, volume=self.ndim == 3)
         write_atomic(shown, self.to_bytes(ext))
         self.output_path = shown
         return shown
@@ -317,13 +378,126 @@ class HeatmapResult:
         """
         import io
         buf = io.BytesIO()
+        if self.ndim == 3 and fmt in (".npy", ".nii", ".nii.gz"):
+            return self._volume_bytes(fmt)
         if fmt == ".npy":
             np.save(buf, self.heatmap if len(self.labels) == 1 else self.maps)
         elif fmt == ".png":
-            self._figure().savefig(buf, format="png", dpi=100, bbox_inches="tight")
+            figure = self._figure() if self.ndim == 2 else self._volume_figure()
+            figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         else:
-            raise ValueError(f"to_bytes takes '.png' or '.npy', got {fmt!r}")
+            raise ValueError(f"to_bytes takes '.png' or '.npy' ('.nii', '.nii.gz' on a volume), got {fmt!r}")
         return buf.getvalue()
+
+    # -- volumes ----------------------------------------------------------------
+    def voxel_volume(self) -> tuple[np.ndarray, np.ndarray]:
+        """A volume's heatmap in the input's own voxel grid, and its affine.
+
+        The voxel map (:meth:`pixel_map`, NaN outside the region) of each
+        label, resampled back to the grid the volume had before RESAMPLE
+        (trilinear), with the source's 4x4 voxel-to-world matrix (identity
+        for a volume without one, e.g. from ``.npy``): what ``INTO
+        '....nii.gz'`` and ``INTO '....npy'`` write.
+
+        Returns:
+            ``(maps, affine)``: float32 ``(D, H, W)`` for one label,
+            ``(D, H, W, labels)`` for several (NIfTI's 4th axis); float64 4x4.
+        """
+        if self.ndim != 3:
+            raise ValueError("voxel_volume is for a volume's heatmap")
+        from kql.sources.volumes import resample_to
+        target = tuple(getattr(self.image, "original_shape", self.voxel_shape))
+        maps = np.stack([self._pixel_mean(m) for m in self.maps]).astype(np.float32)
+        maps = resample_to(maps, target)
+        affine = getattr(self.image, "affine", None)
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        out = maps[0] if len(maps) == 1 else np.moveaxis(maps, 0, -1)
+        return np.ascontiguousarray(out, dtype=np.float32), affine
+
+    def _volume_bytes(self, fmt: str) -> bytes:
+        import io
+        maps, affine = self.voxel_volume()
+        if fmt == ".npy":
+            buf = io.BytesIO()
+            np.save(buf, maps)
+            return buf.getvalue()
+        import nibabel as nib
+        image = nib.Nifti1Image(maps, affine)
+        image.header.set_xyzt_units("mm")
+        image.header["descrip"] = f"KQL occlusion {self.score} {self.label_text}"[:79].encode()
+        data = image.to_bytes()
+        if fmt == ".nii.gz":
+            import gzip
+            data = gzip.compress(data, compresslevel=6, mtime=0)
+        return data
+
+    def most_sensitive_voxel(self, label: Optional[int] = None) -> tuple[int, ...]:
+        """The voxel (pixel) where occlusion lowers the score most: the
+        minimum of the voxel map (the first one, in C order, on ties)."""
+        one = self if label is None else self.select(label)
+        pixels = one.pixel_map()
+        if np.isnan(pixels).all():
+            return tuple(n // 2 for n in pixels.shape)
+        return tuple(int(i) for i in np.unravel_index(np.nanargmin(pixels), pixels.shape))
+
+    def _volume_figure(self):
+        """Three orthogonal slices through the most sensitive voxel, the map
+        over the scan, a colour bar: one row per label (the first
+        :data:`MAX_VOLUME_ROWS`)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.figure import Figure
+
+        scan = np.clip(self.scan, 0.0, 1.0)
+        spacing = self._model_spacing()
+        n = min(len(self.labels), MAX_VOLUME_ROWS)
+        fig = Figure(figsize=(12.5, 4.2 * n), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(n, 3, squeeze=False)
+        for row in range(n):
+            one = self if len(self.labels) == 1 else self.select(self.labels[row])
+            pixels = one.pixel_map()
+            d, h, w = one.most_sensitive_voxel()
+            lo, hi = float(np.nanmin(one.heatmap)), float(np.nanmax(one.heatmap))
+            if hi - lo < 1e-6:
+                lo, hi = lo - 0.5e-3, hi + 0.5e-3
+            views = [("axial", f"depth {d}", scan[d], pixels[d], (spacing[1], spacing[2]), (w, h)),
+                     ("coronal", f"row {h}", scan[:, h], pixels[:, h], (spacing[0], spacing[2]), (w, d)),
+                     ("sagittal", f"column {w}", scan[:, :, w], pixels[:, :, w], (spacing[0], spacing[1]), (h, d))]
+            overlay = None
+            for ax, (name, where, base, heat, (sy, sx), (cx, cy)) in zip(axes[row], views):
+                ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=sy / sx)
+                overlay = ax.imshow(np.ma.masked_invalid(heat), cmap="inferno", alpha=0.55, vmin=lo, vmax=hi,
+                                    interpolation="nearest", aspect=sy / sx)
+                ax.axhline(cy, color="cyan", linewidth=0.8, alpha=0.7)
+                ax.axvline(cx, color="cyan", linewidth=0.8, alpha=0.7)
+                ax.set_title(f"{name} ({where})", fontsize=10)
+                ax.set_axis_off()
+            bar = fig.colorbar(ScalarMappable(norm=overlay.norm, cmap=overlay.cmap), ax=list(axes[row]),
+                               fraction=0.03, pad=0.02)
+            bar.set_label(f"P({one.label_text})" if self.score == "probability"
+                          else f"{self.score}({one.label_text})")
+            if lo <= one.p_original <= hi:
+                bar.ax.axhline(one.p_original, color="cyan", linewidth=1.5)
+            what = "p" if self.score == "probability" else self.score
+            heading = (f"{self.model}: {one.label_text} ({what}={one.p_original:.3f}); "
+                       f"most sensitive voxel (d, h, w) = ({d}, {h}, {w})")
+            if n == 1:
+                fig.suptitle(heading)
+            else:
+                axes[row][1].set_title(f"{heading}\n{axes[row][1].get_title()}", fontsize=10)
+        if len(self.labels) > n:
+            fig.suptitle(f"the first {n} of {len(self.labels)} labels")
+        return fig
+
+    def _model_spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) per axis on the model's grid, for the slices' aspect."""
+        affine = getattr(self.image, "affine", None)
+        original = getattr(self.image, "original_shape", None)
+        if affine is None or original is None:
+            return (1.0, 1.0, 1.0)
+        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+        return tuple(float(s * o / n) for s, o, n in zip(spacing, original, self.voxel_shape))
 
     def _figure(self):
         """The PNG figure (object-oriented matplotlib: no pyplot global state):
@@ -387,8 +561,7 @@ class HeatmapResult:
 
     # -- text -----------------------------------------------------------------
     def __str__(self) -> str:
-        rows, cols = self.heatmap.shape
-        n = rows * cols
+        n = int(self.heatmap.size)
         what = f"'{self.label_name}' (label {self.label}, " if self.label_name is not None \
             else f"label {self.label} ("
         p = "p" if self.score == "probability" else self.score
@@ -396,7 +569,7 @@ class HeatmapResult:
         if len(self.labels) > 1:
             what = f"{len(self.labels)} labels, the first {what}"
         mode = self.mode if self.tau is None else f"{self.mode} τ={self.tau:g}"
-        text = f"heatmap {rows}x{cols} of {what} by {self.model}, {mode}: " \
+        text = f"heatmap {'x'.join(map(str, self.heatmap.shape))} of {what} by {self.model}, {mode}: " \
                f"{n} position{'s' if n != 1 else ''}"
         if self.stage_positions is not None:
             one, two = self.stage_positions

@@ -35,11 +35,12 @@ def bind(select, catalog, settings, bindings=None) -> Plan:
     device = check_device(select.device or settings.device)
     image, image_desc = catalog.image(select.source, bindings)
     spec = catalog.model(select.model, select.weights, bindings)
-    x, display = spec.preprocess(image)
+    x, display = spec.preprocess(image, select)     # the query's WINDOW / NORMALIZE / RESAMPLE for volumes
     graph = catalog.graph(spec, tuple(x.shape))
     fill = spec.fill_value(select.color, display)
+    original = getattr(image, "spatial_shape", None) or image.shape[:2]    # a volume's (D, H, W)
     return bind_input(select, spec, graph, x, display, fill, settings, device,
-                      image_desc=image_desc, original_hw=tuple(image.shape[:2]))
+                      image_desc=image_desc, original_hw=tuple(original))
 
 
 def bind_input(select, spec, graph, x, display, fill, settings, device: str, *, image_desc: str,

@@ -26,6 +26,7 @@ with the border shift of eqs. 29-34), because one batch tensor has one shape.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
@@ -50,8 +51,7 @@ def _layer_inc(layer: Layer, r: Rects) -> np.ndarray:
     if layer.flops == 0:
         return np.zeros(len(r))
     if _scales_with_area(layer):
-        h, w = layer.out_hw
-        return r.area * (float(layer.flops) / (h * w))
+        return r.area * (float(layer.flops) / math.prod(layer.out_hw))
     return np.where(r.is_empty, 0.0, float(layer.flops))
 
 
@@ -79,9 +79,10 @@ class LayerCost:
     Attributes:
         name, op, kind: from the layer.
         in_hw: largest changed input region over the positions, ``(h, w)``
-            (for several inputs the largest of each side over all of them).
-        out_hw: largest changed output region, ``(h, w)``.
-        map_hw: the layer's output size ``(H, W)`` (``(1, 1)`` if not spatial).
+            (``(d, h, w)`` on a volume; for several inputs the largest of each
+            side over all of them).
+        out_hw: largest changed output region, ``(h, w)`` (``(d, h, w)``).
+        map_hw: the layer's output size ``(H, W)`` (ones if not spatial).
         full_flops: multiply-adds for a full image.
         inc_flops: mean over positions of the incremental multiply-adds.
         uniform_flops: multiply-adds per position when every position
@@ -142,8 +143,8 @@ class SpeedupReport:
             if skip_zero and r.full_flops == 0:
                 continue
             body.append((r.name, r.op, r.kind,
-                         f"{r.in_hw[0]}x{r.in_hw[1]} -> {r.out_hw[0]}x{r.out_hw[1]}",
-                         f"{r.map_hw[0]}x{r.map_hw[1]}",
+                         f"{_x(r.in_hw)} -> {_x(r.out_hw)}",
+                         _x(r.map_hw),
                          _cell(r.full_flops), _cell(r.inc_flops), _cell(r.uniform_flops)))
         mean_inc = float(self.inc_flops.mean()) if self.n_positions else 0.0
         foot = ("total", "", "", "", "", _cell(self.full_flops), _cell(mean_inc),
@@ -169,16 +170,19 @@ def _ratio(num: float, den: float) -> float:
     return float("inf") if num > 0 else 1.0
 
 
-def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
-                        tau: Optional[float] = None, regions: Optional[Mapping] = None,
+def theoretical_speedup(graph, *positions, tau: Optional[float] = None, regions: Optional[Mapping] = None,
                         gates: str = "exact") -> SpeedupReport:
     """Speedup of incremental inference for an occlusion sweep (Krypton Algorithm 1, eq. 20).
 
+    Called ``theoretical_speedup(graph, ys, xs, patch_hw)`` on an image and
+    ``theoretical_speedup(graph, zs, ys, xs, (pd, ph, pw))`` on a volume.
+
     Args:
         graph: a traced ``CNNGraph``.
-        ys, xs: top-left corners of the N patch positions (ints or int arrays of
-            equal length), in input pixels; see :func:`kql.planner.geometry.grid`.
-        patch_hw: the patch size ``(h, w)``, or one int for a square patch.
+        positions: the corners of the N patch positions along each spatial
+            axis (ints or int arrays of equal length), in input pixels (see
+            :func:`kql.planner.geometry.grid`), then the patch size per axis
+            (``(h, w)``), or one int for a square patch (a cube).
             Patches reaching past the image are clipped to it.
         tau: projective-field threshold (approximate inference), or None
             for exact regions (see :func:`kql.planner.geometry.threshold`).
@@ -203,39 +207,45 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
         >>> rep.inc_flops.tolist(), rep.r_grid    # 4x4 of 8x8 outputs recomputed
         ([144.0], 4.0)
     """
-    ys, xs = np.atleast_1d(np.asarray(ys)), np.atleast_1d(np.asarray(xs))
-    if ys.shape != xs.shape or ys.ndim != 1:
-        raise PlanError(f"patch positions need equal-length 1-D ys and xs, got shapes {ys.shape} and {xs.shape}")
-    if len(ys) == 0:
+    if len(positions) < 3:
+        raise PlanError("theoretical_speedup needs the positions along each spatial axis, then the patch size")
+    *starts, patch = positions
+    starts = [np.atleast_1d(np.asarray(a)) for a in starts]
+    nd = len(starts)
+    if len({a.shape for a in starts}) > 1 or starts[0].ndim != 1:
+        names = ("zs", "ys", "xs")[-nd:]
+        raise PlanError(f"patch positions need equal-length 1-D {', '.join(names[:-1])} and {names[-1]}, "
+                        f"got shapes {', '.join(str(a.shape) for a in starts[:-1])} and {starts[-1].shape}")
+    if len(starts[0]) == 0:
         raise PlanError("no patch positions to estimate the speedup over")
-    if not np.issubdtype(ys.dtype, np.integer) or not np.issubdtype(xs.dtype, np.integer):
-        raise PlanError(f"patch positions must be integers, got {ys.dtype} and {xs.dtype}")
-    ph, pw = (patch_hw, patch_hw) if isinstance(patch_hw, (int, np.integer)) else patch_hw
-    if ph < 1 or pw < 1:
-        raise PlanError(f"patch {ph}x{pw} must be at least 1x1")
+    bad = [str(a.dtype) for a in starts if not np.issubdtype(a.dtype, np.integer)]
+    if bad:
+        raise PlanError(f"patch positions must be integers, got {' and '.join(str(a.dtype) for a in starts)}")
+    patch = (int(patch),) * nd if isinstance(patch, (int, np.integer)) else tuple(patch)
+    if len(patch) != nd or any(p < 1 for p in patch):
+        raise PlanError(f"patch {_x(patch)} must be at least {_x((1,) * nd)}")
 
     layers = list(graph.layers())
     if regions is None:
-        regions = propagate(graph, Rects.from_patches(ys, xs, (ph, pw)), tau, gates)
+        regions = propagate(graph, Rects.from_patches(*starts, patch), tau, gates)
     inc = incremental_flops(graph, regions)
-    n = len(ys)
+    n = len(starts[0])
 
-    # the largest changed region of each layer's output, in h and w separately:
-    # a batch of regions is one tensor, of the largest height and width
-    largest = {name: (int(r.h.max()), int(r.w.max())) for name, r in regions.items()}
+    # the largest changed region of each layer's output, along each axis
+    # separately: a batch of regions is one tensor, of the largest size per axis
+    largest = {name: tuple(int(m.max()) for m in r.sizes) for name, r in regions.items()}
 
     rows, full_total, uniform_total = [], 0.0, 0.0
     inc_total = np.zeros(n)
     for layer in layers:
         out_hw = largest[layer.name]
-        ins = [largest[i] for i in layer.inputs] or [(ph, pw) if layer.kind == Kind.INPUT else (0, 0)]
-        in_hw = (max(h for h, _ in ins), max(w for _, w in ins))
+        ins = [largest[i] for i in layer.inputs] or [patch if layer.kind == Kind.INPUT else (0,) * nd]
+        in_hw = tuple(max(sizes[a] for sizes in ins) for a in range(nd))
         full = float(layer.flops)
         if _scales_with_area(layer):
-            H, W = layer.out_hw
-            uniform = full * out_hw[0] * out_hw[1] / (H * W)
+            uniform = full * math.prod(out_hw) / math.prod(layer.out_hw)
         else:
-            uniform = full if out_hw[0] * out_hw[1] > 0 else 0.0
+            uniform = full if math.prod(out_hw) > 0 else 0.0
         full_total += full
         uniform_total += uniform
         inc_total += inc[layer.name]
@@ -245,7 +255,12 @@ def theoretical_speedup(graph, ys, xs, patch_hw: Union[int, tuple[int, int]],
     return SpeedupReport(full_flops=full_total, inc_flops=inc_total,
                          r_grid=_ratio(n * full_total, float(inc_total.sum())),
                          r_uniform=_ratio(full_total, uniform_total), uniform_flops=uniform_total,
-                         rows=rows, patch_hw=(ph, pw))
+                         rows=rows, patch_hw=patch)
+
+
+def _x(sizes) -> str:
+    """``(16, 16)`` -> '16x16' (any number of axes)."""
+    return "x".join(map(str, sizes))
 
 
 def _cell(flops: float) -> str:

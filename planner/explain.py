@@ -75,21 +75,25 @@ def plan_tree(plan: Plan, timings: Optional[dict] = None) -> Step:
     under one DrillDown step. With EXPLAIN ANALYZE's ``timings`` the first
     Infer step carries the measured occlusion time."""
     q, spec = plan.query, plan.spec
-    H, W = plan.original_hw
-    C, h, w = plan.input.shape
-    scan = Step("Scan", [("", f"{plan.image_desc} ({H}x{W})")])
-    prep = Step("Preprocess", [("", f"resize {H}x{W} -> {h}x{w}" if (H, W) != (h, w) else f"{h}x{w}, no resize"),
+    original, size = tuple(plan.original_hw), tuple(plan.input.shape[1:])   # (H, W), or (D, H, W)
+    C = plan.input.shape[0]
+    scan = Step("Scan", [("", f"{plan.image_desc} ({_x(original)})")])
+    prep = Step("Preprocess", [("", f"resize {_x(original)} -> {_x(size)}" if original != size
+                                    else f"{_x(size)}, no resize"),
                                ("normalize", f"mean {_tup(spec.mean)} std {_tup(spec.std)}"),
                                ("channels", str(C))], [scan])
+    steps = getattr(plan.display, "steps", None)    # a volume's preprocessing (kql.sources.volumes.ScanView)
+    if steps is not None:
+        prep = Step("Preprocess", [*steps, ("channels", str(C))], [scan])
     infer = _infer_step(plan, prep)
     if plan.drilldown is not None:
         dd = plan.drilldown
         one = _infer_step(dd.stage_one, prep)
         s1, s2 = dd.stride_one, dd.stride_two
-        one.details.insert(0, ("stage", f"one, stride {s1[0]}x{s1[1]}, {dd.stage_one.n_positions} positions"))
+        one.details.insert(0, ("stage", f"one, stride {_x(s1)}, {dd.stage_one.n_positions} positions"))
         infer.details.insert(0, ("stage", f"two, the {dd.n_select} of {dd.n_fine} positions "
-                                          f"(r = {dd.fraction:g}) with the largest drop, at stride {s2[0]}x{s2[1]}"))
-        infer = Step("DrillDown", [("S1", f"{s1[0]}x{s1[1]}"), ("r", f"{dd.fraction:g}"),
+                                          f"(r = {dd.fraction:g}) with the largest drop, at stride {_x(s2)}"))
+        infer = Step("DrillDown", [("S1", _x(s1)), ("r", f"{dd.fraction:g}"),
                                    ("expected speedup", f"{dd.expected_speedup:.2f}x (eq. 46; "
                                                         f"≤{dd.max_positions} of {dd.n_fine} positions)")],
                      [one, infer], flops=one.flops + dd.fraction * infer.flops)
@@ -123,11 +127,13 @@ def _infer_step(plan: Plan, prep: Step) -> Step:
     shown = plan.fill_text or (color.kind.upper() if color.value is None else (
         str(color.value[0]) if color.kind == "value" else str(tuple(color.value))))
     region = plan.region
-    occlude = Step("Occlude", [("patch", f"{plan.patch[0]}x{plan.patch[1]}"),
-                               ("stride", f"{plan.stride[0]}x{plan.stride[1]}"),
+    region_text = region.text() if hasattr(region, "text") else (
+        f"({region.x0}, {region.y0}, {region.x1}, {region.y1})" if region is not None else
+        "whole " + ", ".join(f"[{a}, {b})" for a, b in plan.grid.bounds))
+    occlude = Step("Occlude", [("patch", _x(plan.patch)), ("stride", _x(plan.stride)),
                                ("color", shown),
-                               ("grid", f"{len(plan.ys)}x{len(plan.xs)} = {plan.n_positions} positions"),
-                               ("region", f"({region.x0}, {region.y0}, {region.x1}, {region.y1})")])
+                               ("grid", f"{_x(plan.grid.shape)} = {plan.n_positions} positions"),
+                               ("region", region_text)])
     infer = Step("Infer", [("model", f"{spec.name} ({spec.weights})"), ("device", plan.device)],
                  flops=plan.estimates.infer_flops)
     if plan.incremental:
@@ -161,6 +167,11 @@ def _infer_step(plan: Plan, prep: Step) -> Step:
     return infer
 
 
+def _x(sizes) -> str:
+    """``(8, 8, 8)`` -> '8x8x8'."""
+    return "x".join(map(str, sizes))
+
+
 def _tup(v) -> str:
     return "(" + ", ".join(f"{float(a):.3g}" for a in v) + ")"
 
@@ -186,9 +197,8 @@ def explain_text(plan: Plan, timings: Optional[dict] = None, peak_memory: Option
     if measured:
         lines.append(measured)
     lines += runtime_lines(plan, timings)
-    C, H, W = plan.input.shape
     lines.append("")
-    lines.append(f"Layers (input {C}x{H}x{W}, patch {plan.patch[0]}x{plan.patch[1]}; patch in -> out is the "
+    lines.append(f"Layers (input {_x(plan.input.shape)}, patch {_x(plan.patch)}; patch in -> out is the "
                  f"largest changed region over the grid)")
     lines.append(plan.cost.table())
     lines.append("")
@@ -350,34 +360,40 @@ def describe(spec, graph, patch=None, stride=None):
     from kql.errors import PlanError
     from kql.planner.geometry import grid
 
-    C, H, W = graph.input_shape
-    title = (f"{spec.name}: input {C}x{H}x{W}, {len(graph)} layers, "
+    shape = graph.input_shape[1:]
+    nd = len(shape)
+    title = (f"{spec.name}: input {_x(graph.input_shape)}, {len(graph)} layers, "
              f"{format_flops(graph.total_flops, unit='G')} (multiply-adds) per image; weights: {spec.weights}")
     if patch is None:
         rows = []
         for layer in graph.layers():
             geo = ""
             if layer.kind.value == "local":
-                (pt, pb), (pl, pr) = layer.padding
-                geo = (f"k{layer.kernel[0]}x{layer.kernel[1]} s{layer.stride[0]}x{layer.stride[1]} "
-                       f"p({pt},{pb},{pl},{pr})" + (f" d{layer.dilation[0]}" if layer.dilation != (1, 1) else "")
+                pads = ",".join(f"{a},{b}" for a, b in layer.padding)
+                geo = (f"k{_x(layer.kernel)} s{_x(layer.stride)} p({pads})"
+                       + (f" d{layer.dilation[0]}" if any(d != 1 for d in layer.dilation) else "")
                        + (f" g{layer.groups}" if layer.groups > 1 else ""))
             rows.append([layer.name, layer.op, str(layer.kind), geo,
                          "x".join(map(str, layer.out_shape)), f"{layer.flops:,}"])
         return ["layer", "op", "kind", "geometry", "output", "FLOPs"], rows, title
     if stride is None:
         raise PlanError("DESCRIBE ... PATCH needs STRIDE too (e.g. PATCH 16 STRIDE 4)")
-    (ph, pw), (sy, sx) = patch, stride
-    if min(ph, pw) < 1 or min(sy, sx) < 1:
-        raise PlanError(f"patch and stride must be at least 1, got PATCH {ph}x{pw} STRIDE {sy}x{sx}")
-    if ph > H or pw > W:
-        raise PlanError(f"patch {ph}x{pw} does not fit image {H}x{W}")
+    patch, stride = tuple(patch), tuple(stride)
+    patch = patch * nd if len(patch) == 1 else patch
+    stride = stride * nd if len(stride) == 1 else stride
+    if len(patch) != nd or len(stride) != nd:
+        raise PlanError(f"PATCH {_x(patch)} STRIDE {_x(stride)} do not have the {nd} axes of the "
+                        f"input {_x(graph.input_shape)}")
+    if min(patch) < 1 or min(stride) < 1:
+        raise PlanError(f"patch and stride must be at least 1, got PATCH {_x(patch)} STRIDE {_x(stride)}")
+    if any(p > n for p, n in zip(patch, shape)):
+        raise PlanError(f"patch {_x(patch)} does not fit {'image' if nd == 2 else 'volume'} {_x(shape)}")
     from kql.planner.cost import theoretical_speedup
-    ys, xs = grid((H, W), (ph, pw), (sy, sx))
-    report = theoretical_speedup(graph, ys, xs, (ph, pw))
+    starts = grid(shape, patch, stride)
+    report = theoretical_speedup(graph, *starts, patch)
     return "\n".join([title, report.table(), "",
                       f"theoretical speedup of incremental vs naive: R = {report.r_grid:.2f} "
-                      f"(exact regions over {ys.size} positions; {report.r_uniform:.2f} with one "
+                      f"(exact regions over {starts[0].size} positions; {report.r_uniform:.2f} with one "
                       f"patch size per layer)"])
 
 

@@ -137,22 +137,53 @@ class SettingsLike(Protocol):
     allocator: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Grid:
     """The positions of the patch (``rules/resolve_region.py``).
 
+    ``Grid(region, ys, xs)`` on an image, ``Grid(region, zs, ys, xs)`` on a
+    volume: one array of starts per spatial axis.
+
     Attributes:
         region: the occluded crop of the model input.
-        ys, xs: top-left row of each grid row and left column of each grid
-            column, in model-input pixels (the last aligned to the region's edge).
+        starts: per spatial axis, the first index of each grid step along it
+            (``(ys, xs)``: top-left row of each grid row and left column of
+            each grid column), in model-input pixels (voxels), the last aligned
+            to the region's edge.
+        bounds: per spatial axis, the region's ``(start, stop)``.
     """
     region: "Region"
-    ys: np.ndarray
-    xs: np.ndarray
+    starts: tuple
+    bounds: tuple
+
+    def __init__(self, region, *starts, bounds=None):
+        object.__setattr__(self, "region", region)
+        object.__setattr__(self, "starts", tuple(np.asarray(a, dtype=np.int64) for a in starts))
+        if bounds is None:
+            bounds = ((region.y0, region.y1), (region.x0, region.x1)) if len(starts) == 2 and region is not None \
+                else tuple((int(a[0]), int(a[-1]) + 1) for a in self.starts)
+        object.__setattr__(self, "bounds", tuple(bounds))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.starts)
+
+    @property
+    def ys(self) -> np.ndarray:
+        return self.starts[-2]
+
+    @property
+    def xs(self) -> np.ndarray:
+        return self.starts[-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Positions along each axis: the heatmap's shape (``(rows, cols)``, or ``(nd, nh, nw)``)."""
+        return tuple(len(a) for a in self.starts)
 
     @property
     def n_positions(self) -> int:
-        return len(self.ys) * len(self.xs)
+        return int(np.prod(self.shape))
 
 
 @dataclass(frozen=True)
@@ -336,18 +367,23 @@ class Plan:
         return self.mode in ("exact", "approx")
 
     @property
-    def input_hw(self) -> tuple[int, int]:
-        return tuple(self.input.shape[-2:])
+    def ndim(self) -> int:
+        """Spatial axes of the model input: 2 (an image) or 3 (a volume)."""
+        return self.input.dim() - 1 if self.input is not None else 2
 
     @property
-    def patch(self) -> tuple[int, int]:
-        # The query holds PATCH as written (`PATCH 8` is (8,)); this is 2-D
-        # until the planner is N-D (issue 12), and refuses a 3-D patch.
-        return self.query.patch_for(2, tuple(self.input.shape))
+    def input_hw(self) -> tuple[int, ...]:
+        """Spatial size of the model input: ``(H, W)``, or ``(D, H, W)`` for a volume."""
+        return tuple(self.input.shape[1:])
 
     @property
-    def stride(self) -> tuple[int, int]:
-        return self.query.stride_for(2, tuple(self.input.shape))
+    def patch(self) -> tuple[int, ...]:
+        """The patch per spatial axis (``(ph, pw)``, or ``(pd, ph, pw)``)."""
+        return axes_of(self.query, "patch", self.ndim, self.input)
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return axes_of(self.query, "stride", self.ndim, self.input)
 
     # -- the records' fields, read where they are used ------------------------
     @property
@@ -440,10 +476,10 @@ class Plan:
     def r_batched(self) -> Optional[float]:
         return None if self.estimates is None else self.estimates.r_batched
 
-    def positions(self) -> tuple[np.ndarray, np.ndarray]:
-        """Top-left (y, x) of every position, row-major over the grid."""
-        yy, xx = np.meshgrid(self.ys, self.xs, indexing="ij")
-        return yy.ravel(), xx.ravel()
+    def positions(self) -> tuple[np.ndarray, ...]:
+        """Top-left (y, x) of every position, row-major over the grid
+        (``(z, y, x)`` on a volume)."""
+        return tuple(a.ravel() for a in np.meshgrid(*self.grid.starts, indexing="ij"))
 
     def batches(self) -> tuple[np.ndarray, np.ndarray]:
         """``(order, bounds)``: the positions in the order they run and the
@@ -463,6 +499,25 @@ class Plan:
         new.warnings = list(self.warnings)
         new.rewrites = list(self.rewrites)
         return new
+
+
+def axes_of(query, what: str, ndim: int, x=None) -> tuple[int, ...]:
+    """The query's ``patch`` or ``stride`` with one entry per spatial axis:
+    ``Select.patch_for(ndim)`` / ``stride_for(ndim)`` (a 1-tuple is a square or
+    cube), raising ``PlanError`` on a rank mismatch (naming the input ``x``'s
+    shape)."""
+    expand = getattr(query, f"{what}_for", None)
+    if expand is not None:
+        return tuple(expand(ndim, None if x is None else tuple(x.shape)))
+    value = tuple(getattr(query, what))
+    if len(value) == 1:
+        return value * ndim
+    if len(value) != ndim:
+        from kql.errors import PlanError
+        kind = {2: "an image", 3: "a volume"}.get(ndim, f"{ndim} axes")
+        raise PlanError(f"{what.upper()} {'x'.join(map(str, value))} has {len(value)} axes; the model takes "
+                        f"{kind}")
+    return value
 
 
 def batch_bounds(n: int, batch) -> np.ndarray:

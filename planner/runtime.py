@@ -44,6 +44,7 @@ extended. Nothing is measured until EXPLAIN asks: ``SELECT`` never calibrates.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -124,12 +125,11 @@ def predict_runs(plan, order, bounds) -> list[list[tuple[str, str, int]]]:
     batch's largest region."""
     layers = [l for l in plan.graph.layers() if l.kind not in (Kind.INPUT, Kind.OUTPUT)]
     starts, sizes = bounds[:-1], np.diff(bounds)
-    hmax, wmax = {}, {}
+    largest = {}   # per layer: the batches' largest extent along each axis
     for l in layers:
         r = plan.regions.get(l.name) if plan.regions is not None else None
         if r is not None and l.spatial:
-            hmax[l.name] = np.maximum.reduceat(r.h[order], starts)
-            wmax[l.name] = np.maximum.reduceat(r.w[order], starts)
+            largest[l.name] = [np.maximum.reduceat(n[order], starts) for n in r.sizes]
     full_layers = plan.full_layers or frozenset()
     out = []
     for i, b in enumerate(sizes.tolist()):
@@ -141,19 +141,19 @@ def predict_runs(plan, order, bounds) -> list[list[tuple[str, str, int]]]:
                 state[l.name] = None
                 continue
             full = (l.kind == Kind.GLOBAL or l.name in full_layers or "full" in ins
-                    or l.name not in hmax)
+                    or l.name not in largest)
             if not full:
-                h, w = int(hmax[l.name][i]), int(wmax[l.name][i])
-                full = (h, w) == l.out_hw and l.kind != Kind.POINT
+                box = tuple(int(n[i]) for n in largest[l.name])
+                full = box == tuple(l.out_hw) and l.kind != Kind.POINT
             if full:
                 state[l.name] = "full"
-                units = b * (l.out_hw[0] * l.out_hw[1] if l.spatial else 1)
+                units = b * (math.prod(l.out_hw) if l.spatial else 1)
                 runs.append((l.name, "full", units))
             else:
                 state[l.name] = "patch"
                 name = ("patch:" + plan.layer_backends.get(l.name, plan.gather_backend)
                         if l.kind == Kind.LOCAL else "patch")
-                runs.append((l.name, name, b * h * w))
+                runs.append((l.name, name, b * math.prod(box)))
         out.append(runs)
     return out
 

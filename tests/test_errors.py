@@ -334,10 +334,11 @@ CASES = {
     "bad device": Case("SET device = tpu", SettingError, "device takes 'cpu' or 'cuda', got 'tpu'"),
     # ---- output paths
     "INTO .jpg": Case(
-        select("PATCH 4 STRIDE 4 INTO 'out.jpg'"), PlanError, "cannot write 'out.jpg': INTO takes a .png or .npy file"),
+        select("PATCH 4 STRIDE 4 INTO 'out.jpg'"), PlanError,
+        "cannot write 'out.jpg': INTO takes a .png or .npy file, or .nii / .nii.gz for a volume"),
     "INTO without extension": Case(
         select("PATCH 4 STRIDE 4 INTO 'heatmap'"), PlanError,
-        "cannot write 'heatmap': INTO takes a .png or .npy file"),
+        "cannot write 'heatmap': INTO takes a .png or .npy file, or .nii / .nii.gz for a volume"),
     "INTO missing directory": Case(
         select("PATCH 4 STRIDE 4 INTO 'nodir/out.png'"), PlanError,
         "cannot write 'nodir/out.png': directory 'nodir' does not exist (create it first)"),
@@ -420,7 +421,8 @@ def test_parse_error_position_caret_and_expected(con):
     assert e.source_line == "\tLABEL 'cat' COLOUR 3"
     assert e.caret == "\tLABEL 'cat' COLOUR 3\n\t            ^"      # a tab stays a tab, so the ^ lines up
     assert e.expected == ("APPROX", "BATCH", "COLOR", "DRILLDOWN", "EXACT", "GATES", "INTO", "LABEL", "NAIVE",
-                          "ON", "PATCH", "REGION", "STRIDE", "WEIGHTS", "','", "';'", "end of input")
+                          "NORMALIZE", "ON", "PATCH", "REGION", "RESAMPLE", "STRIDE", "WEIGHTS", "WINDOW",
+                          "','", "';'", "end of input")
     assert e.message == ("unexpected 'COLOUR' (did you mean COLOR?); expected one of APPROX, BATCH, COLOR, "
                          "DRILLDOWN, EXACT, GATES, INTO, LABEL, ..., ',', ';' or end of input")
     assert str(e) == f"line 3, column 14: {e.message}\n{e.caret}"     # str() shows where, as the shell does
@@ -467,7 +469,8 @@ def test_output_path_is_checked_before_any_work(con):
     """A bad INTO fails before the model is even traced (branchy cannot be)."""
     with pytest.raises(PlanError) as info:
         con.execute(select("PATCH 4 STRIDE 4 INTO 'out.jpg'", model="branchy"))
-    assert str(info.value) == "cannot write 'out.jpg': INTO takes a .png or .npy file"
+    assert str(info.value) == ("cannot write 'out.jpg': INTO takes a .png or .npy file, or .nii / .nii.gz "
+                               "for a volume")
 
 
 def test_pickled_model_loads_when_trusted(con, workdir):

@@ -272,6 +272,17 @@ def test_auto_dispatch_rule():
     assert K.auto_backend(cpu, 64 * 64 * 20 * 20) == "numba"  # VGG16 conv1, B=64
 
 
+def test_auto_dispatch_rule_for_volumes():
+    """Volumes: Numba on the CPU at any size (bench_kernels.py --volumes --sweep)."""
+    assert K.NUMBA_MIN_CELLS_VOLUME == 0 and K.numba_min_cells(3) == 0
+    assert K.numba_min_cells(2) == K.NUMBA_MIN_CELLS
+    assert K.auto_backend(torch.zeros(1, 1, 1, 1), 1) == "numba"
+    assert K.choose_backend("cpu", 27, n_axes=3) == "numba"
+    assert K.choose_backend("cpu", 27, n_axes=2) == "torch"
+    assert K.choose_backend("cuda", 10 ** 6, 3) == ("cuda" if "cuda" in K.available_backends() else "torch")
+    assert K.choose_backend("mps", 10 ** 6, 3) == "torch"
+
+
 def test_gather_cuda_module_imports_without_gpu():
     """Building the kernel is deferred to the first launch, so this never touches CUDA."""
     assert gather_cuda._gather_kernel.cache_info().currsize == 0 or torch.cuda.is_available()

@@ -51,6 +51,34 @@ SIM_CASES = {
     "paste on device arrays":      ("paste", "device", 1, 4, 5, 0, 0, [], [], (2, 2), [3, -1], [0, 4], 0.0),
 }
 
+# Volumes: name: (op, mode, C, (D, H, W), window sizes, window starts per axis,
+#                 patch shape or None, patch starts per axis, pad)
+#   op: gather3 | paste3 (paste3 ignores the window fields); mode as above
+SIM3_CASES = {
+    "3-D inside":                  ("gather3", "numpy", 2, (5, 6, 7), (3, 4, 4), ([1, 2], [1, 2], [0, 3]),
+                                    (2, 2, 2), ([2, 3], [2, 3], [1, 4]), 0.0),
+    "3-D past every border":       ("gather3", "numpy", 2, (4, 5, 5), (4, 4, 4), ([-2, 2], [-1, 3], [-3, 4]),
+                                    (2, 3, 2), ([-1, 3], [-2, 4], [-2, 5]), 0.0),
+    "3-D fully outside, no patch": ("gather3", "numpy", 1, (3, 3, 3), (2, 2, 2), ([5, -4], [0, 0], [0, 1]),
+                                    None, None, 0.5),
+    "3-D patch partly outside":    ("gather3", "numpy", 1, (6, 6, 6), (3, 3, 3), ([1, 1, 1], [1, 1, 1], [1, 1, 1]),
+                                    (2, 2, 2), ([0, 3, 2], [2, 0, 3], [3, 2, 0]), 0.0),
+    "3-D -inf padding":            ("gather3", "numpy", 2, (4, 4, 5), (3, 3, 3), ([-1, 2], [-1, 2], [0, 3]),
+                                    (1, 2, 2), ([0, 2], [-1, 3], [0, 4]), NEG_INF),
+    "3-D B=1, 1x1x1":              ("gather3", "numpy", 1, (2, 2, 2), (1, 1, 1), ([1], [-1], [0]),
+                                    (1, 1, 1), ([1], [-1], [0]), 0.0),
+    "3-D device arrays on a stream": ("gather3", "device", 2, (4, 5, 4), (2, 3, 3), ([-1, 3], [2, 4], [0, 2]),
+                                      (2, 2, 2), ([0, 3], [2, 5], [1, 2]), NEG_INF),
+    "3-D into a numpy out":        ("gather3", "out", 1, (4, 4, 4), (2, 2, 3), ([-1, 3], [0, 3], [2, -1]),
+                                    (1, 1, 2), ([0, 3], [0, 4], [2, 0]), 0.0),
+    "3-D empty batch":             ("gather3", "numpy", 2, (3, 3, 3), (2, 2, 2), ([], [], []), (1, 1, 1),
+                                    ([], [], []), 0.0),
+    "3-D paste clipped":           ("paste3", "numpy", 2, (3, 4, 4), None, None, (2, 3, 2),
+                                    ([-1, 2, 1], [3, -1, 1], [-1, 3, 0]), 0.0),
+    "3-D paste on device arrays":  ("paste3", "device", 1, (3, 3, 4), None, None, (2, 2, 2),
+                                    ([2, -1], [0, 2], [3, 0]), 0.0),
+}
+
 # Runs in the child. Builds each case's inputs from its seed, runs the CUDA kernel under
 # the simulator and the torch reference on the CPU, prints {case: {"ok", "detail"}}.
 CHILD = textwrap.dedent(r"""
@@ -63,7 +91,56 @@ CHILD = textwrap.dedent(r"""
 
     cases = json.loads(sys.stdin.read())
     results = {"__simulator__": bool(numba.config.ENABLE_CUDASIM)}
+    def volume_case(rng, op, mode, C, S, sizes, wz, pshape, pz, pad):
+        # a 3-D case's inputs (window and patch starts per axis) and the torch oracle
+        base = rng.standard_normal((C,) + tuple(S)).astype(np.float32)
+        B = len(pz[0]) if op == "paste3" else len(wz[0])
+        patch = None if pshape is None else (
+            rng.standard_normal((B, C) + tuple(pshape)).astype(np.float32) + 100)
+        ints = lambda vs: None if vs is None else [np.asarray(v, dtype=np.int64) for v in vs]
+        t = lambda vs: None if vs is None else [torch.from_numpy(v) for v in vs]
+        tp = None if patch is None else torch.from_numpy(patch)
+        if op == "paste3":
+            want = reference.paste_nd(torch.from_numpy(base), tp, t(ints(pz))).numpy()
+        else:
+            want = reference.gather_nd(torch.from_numpy(base), t(ints(wz)), sizes, tp,
+                                       t(ints(pz)), pad).numpy()
+        return base, patch, ints(wz), ints(pz), want
+
     for seed, (name, case) in enumerate(sorted(cases.items())):
+        if case[0] in ("gather3", "paste3"):
+            op, mode, C, S, sizes, wz, pshape, pz, pad = case
+            try:
+                rng = np.random.default_rng(seed)
+                base, patch, wz, pz, want = volume_case(rng, *case)
+                kw = dict(threads_per_block=8)
+                if mode == "device":
+                    stream = cuda.stream()
+                    dev = lambda a: cuda.to_device(a, stream=stream)
+                    if op == "paste3":
+                        got = gather_cuda.paste_nd(dev(base), dev(patch), [dev(v) for v in pz],
+                                                   stream=stream, **kw)
+                    else:
+                        got = gather_cuda.gather_nd(dev(base), [dev(v) for v in wz], sizes,
+                                                    dev(patch), [dev(v) for v in pz], pad,
+                                                    stream=stream, **kw)
+                    got_is = type(got).__name__
+                    got = got.copy_to_host(stream=stream)
+                    stream.synchronize()
+                elif op == "paste3":
+                    got = gather_cuda.paste_nd(base, patch, pz, **kw)
+                    got_is = type(got).__name__
+                else:
+                    out = np.full(want.shape, 7.0, np.float32) if mode == "out" else None
+                    got = gather_cuda.gather_nd(base, wz, sizes, patch, pz, pad, out, **kw)
+                    got_is = "out" if got is out else type(got).__name__
+                same = got.shape == want.shape and np.array_equal(got, want)
+                results[name] = {"ok": bool(same), "returned": got_is,
+                                 "detail": "" if same else f"got {got.tolist()}, want {want.tolist()}"}
+            except Exception as exc:
+                results[name] = {"ok": False, "returned": None,
+                                 "detail": f"{type(exc).__name__}: {exc}"}
+            continue
         op, mode, C, H, W, wh, ww, wy, wx, pshape, py, px, pad = case
         try:
             rng = np.random.default_rng(seed)
@@ -114,7 +191,7 @@ CHILD = textwrap.dedent(r"""
 @pytest.fixture(scope="module")
 def simulated():
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(SIM_CASES),
+    proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(ALL_SIM_CASES),
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -130,11 +207,14 @@ def test_simulator_variable_did_not_leak_into_this_session(simulated):
     assert not numba.config.ENABLE_CUDASIM
 
 
-@pytest.mark.parametrize("case", SIM_CASES)
+ALL_SIM_CASES = {**SIM_CASES, **SIM3_CASES}
+
+
+@pytest.mark.parametrize("case", ALL_SIM_CASES)
 def test_cuda_kernel_under_simulator(simulated, case):
     result = simulated[case]
     assert result["ok"], result["detail"]
-    mode = SIM_CASES[case][1]
+    mode = ALL_SIM_CASES[case][1]
     assert result["returned"] == {"numpy": "ndarray", "out": "out", "device": "FakeCUDAArray"}[mode]
 
 
@@ -196,3 +276,25 @@ def test_cuda_writes_into_out_without_copies():
     assert got is out
     assert torch.equal(out.cpu(), reference.gather(base, wy, wx, wh, ww, patch, py, px))
     assert np.isfinite(out.cpu().numpy()).all()
+
+
+@gpu
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("pad", [0.0, NEG_INF])
+def test_cuda_gather_and_paste_on_volumes(seed, pad):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(3, 7, 9, 8, generator=g)
+    sizes, P = (4, 5, 3), (2, 3, 2)
+    starts = [torch.randint(-n, s + 1, (6,), generator=g) for n, s in zip(sizes, base.shape[1:])]
+    pstarts = [w + torch.randint(-m, n + 1, (6,), generator=g) for w, m, n in zip(starts, P, sizes)]
+    patch = torch.randn(6, 3, *P, generator=g) + 100
+    dev = torch.device("cuda")
+    want = reference.gather_nd(base, starts, sizes, patch, pstarts, pad)
+    got = K.gather_nd(base.to(dev), starts, sizes, patch.to(dev), pstarts, pad_value=pad,
+                      backend="cuda")
+    assert torch.equal(got.cpu(), want)
+    ref_gpu = K.gather_nd(base.to(dev), [s.to(dev) for s in starts], sizes, patch.to(dev),
+                          [s.to(dev) for s in pstarts], pad_value=pad, backend="torch")
+    assert torch.equal(ref_gpu.cpu(), want)
+    assert torch.equal(K.paste_nd(base.to(dev), patch.to(dev), pstarts).cpu(),
+                       reference.paste_nd(base, patch, pstarts))

@@ -95,7 +95,8 @@ def test_error_fields():
     assert err.message.startswith("unexpected 'STRID' (did you mean STRIDE?); expected one of ")
     # The full list is kept even though the message shortens it.
     assert err.expected == ("APPROX", "BATCH", "COLOR", "DRILLDOWN", "EXACT", "GATES", "INTO", "LABEL", "NAIVE",
-                            "ON", "PATCH", "REGION", "STRIDE", "WEIGHTS", "';'", "end of input")
+                            "NORMALIZE", "ON", "PATCH", "REGION", "RESAMPLE", "STRIDE", "WEIGHTS", "WINDOW",
+                            "';'", "end of input")
 
 
 def test_result_is_hashable_and_equal_across_case_and_spacing():

@@ -154,9 +154,9 @@ def test_save_overwrites_existing_file(tmp_path):
 def test_save_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = make()
-    with raises(PlanError, "cannot write 'x.jpg': INTO takes a .png or .npy file"):
+    with raises(PlanError, "cannot write 'x.jpg': INTO takes a .png or .npy file, or .nii / .nii.gz for a volume"):
         res.save("x.jpg")
-    with raises(PlanError, "cannot write 'x': INTO takes a .png or .npy file"):
+    with raises(PlanError, "cannot write 'x': INTO takes a .png or .npy file, or .nii / .nii.gz for a volume"):
         res.save("x")
     with raises(PlanError, "cannot write 'out/x.png': directory 'out' does not exist (create it first)"):
         res.save("out/x.png")

@@ -66,16 +66,53 @@ class ModelSpec:
     warning: Optional[str]
     num_classes: Optional[int]
     aliases: Optional[list[tuple[str, ...]]] = None
+    ndim: int = 2       # spatial axes of the input: 2 (C, H, W) or 3 (C, D, H, W)
 
     # What the binder and the rules ask of a model. The planner is handed the
     # spec and calls these; it never imports the front end's sources.
-    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """``(input tensor (C, H, W), display image)``: :func:`kql.sources.preprocess`."""
+    def preprocess(self, image, query=None):
+        """``(input tensor (C, H, W), display image)`` of an image
+        (:func:`kql.sources.preprocess`), or ``(input (C, D, H, W), ScanView)``
+        of a :class:`~kql.sources.volumes.Volume` with the query's WINDOW,
+        NORMALIZE and RESAMPLE (:func:`kql.sources.volumes.preprocess_volume`).
+
+        Raises:
+            PlanError: a volume on a 2-D model, an image on a 3-D model, or
+                volume clauses on an image.
+        """
+        from kql.sources.volumes import Volume, preprocess_volume
+        window = getattr(query, "window", None)
+        normalize = getattr(query, "normalize", None)
+        resample = getattr(query, "resample", None)
+        if isinstance(image, Volume):
+            if self.ndim != 3:
+                raise PlanError(f"model '{self.name}' takes 2-D images ({self.input_text()}); "
+                                f"{image.description} is a volume ({'x'.join(map(str, image.data.shape))}): "
+                                f"use a 3-D model (SHOW MODELS lists them)")
+            return preprocess_volume(image, self, window=window, normalize=normalize, resample=resample)
+        if self.ndim == 3:
+            raise PlanError(f"model '{self.name}' takes volumes ({self.input_text()}); FROM gives a 2-D "
+                            f"image: give a .npy or NIfTI volume, or bind a DxHxW / CxDxHxW array")
+        clauses = [n for n, v in (("WINDOW", window), ("NORMALIZE", normalize), ("RESAMPLE", resample))
+                   if v is not None]
+        if clauses:
+            raise PlanError(f"{' and '.join(clauses)} appl{'ies' if len(clauses) == 1 else 'y'} to volumes; "
+                            f"an image is resized to the model's input size and scaled to [0, 1]")
         return preprocess(image, self)
 
-    def fill_value(self, color, display_image: np.ndarray) -> torch.Tensor:
-        """The patch colour, normalised per channel: :func:`kql.sources.fill_value`."""
+    def fill_value(self, color, display_image) -> torch.Tensor:
+        """The patch colour, normalised per channel: :func:`kql.sources.fill_value`
+        (on a volume, :func:`kql.sources.volumes.volume_fill`: values in the scan's units)."""
+        from kql.sources.volumes import ScanView, volume_fill
+        if isinstance(display_image, ScanView):
+            return volume_fill(color, display_image, self)
         return fill_value(color, display_image, self)
+
+    def input_text(self) -> str:
+        """The input shape for people: ``3x224x224``, ``1xDxHxW``, ``3x16x112x112``."""
+        axes = ("D", "H", "W")[3 - self.ndim:]
+        size = self.input_size if self.input_size is not None else axes
+        return "x".join(map(str, (self.channels, *size)))
 
     def resolve_label(self, label) -> tuple[Optional[int], Optional[str]]:
         """``(class index, display name)`` of a LABEL clause: :func:`kql.sources.resolve_label`."""
@@ -88,7 +125,8 @@ class ModelSpec:
         a new fingerprint, so results made with the old one are not trusted."""
         h = hashlib.sha256()
         h.update(f"{type(self.module).__module__}.{type(self.module).__qualname__}".encode())
-        h.update(repr((self.input_size, tuple(self.mean), tuple(self.std), self.channels)).encode())
+        h.update(repr((self.input_size, tuple(self.mean), tuple(self.std), self.channels)
+                      + ((self.ndim,) if self.ndim != 2 else ())).encode())
         h.update(weights_fingerprint(self.module).encode())
         return h.hexdigest()
 
@@ -142,13 +180,124 @@ def _torchvision_names() -> tuple[str, ...]:
 
 
 def list_models() -> list[str]:
-    """Names ``USING`` accepts: every torchvision classification architecture and
-    ``efficientnet_lite0`` (the only one with bundled pretrained weights), sorted.
+    """Names ``USING`` accepts: every torchvision classification architecture,
+    ``efficientnet_lite0`` (the only one with bundled pretrained weights) and
+    the 3-D networks (:data:`VOLUME_MODELS`), sorted.
 
-    >>> "resnet18" in list_models() and "efficientnet_lite0" in list_models()
+    >>> "resnet18" in list_models() and "efficientnet_lite0" in list_models() and "r3d_18" in list_models()
     True
     """
-    return sorted(set(_torchvision_names()) | {_LITE0})
+    return sorted(set(_torchvision_names()) | {_LITE0} | set(VOLUME_MODELS))
+
+
+# ---------------------------------------------------------------- 3-D networks
+
+# Kinetics-400 statistics of torchvision's video networks (their weights' transforms).
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+VIDEO_INPUT = (16, 112, 112)    # frames x height x width of torchvision's video weights
+MONAI_CLASSES = 2               # a binary classifier (finding / no finding) unless weights say otherwise
+
+VOLUME_MODELS = {
+    # name: (library, constructor, description)
+    "densenet121_3d": ("monai", "DenseNet121", "MONAI DenseNet121, spatial_dims=3"),
+    "densenet169_3d": ("monai", "DenseNet169", "MONAI DenseNet169, spatial_dims=3"),
+    "resnet10_3d": ("monai", "resnet10", "MONAI ResNet10, spatial_dims=3"),
+    "resnet18_3d": ("monai", "resnet18", "MONAI ResNet18, spatial_dims=3"),
+    "resnet34_3d": ("monai", "resnet34", "MONAI ResNet34, spatial_dims=3"),
+    "resnet50_3d": ("monai", "resnet50", "MONAI ResNet50, spatial_dims=3"),
+    "r3d_18": ("torchvision", "r3d_18", "torchvision video ResNet3D-18 (Kinetics-400 classes)"),
+    "mc3_18": ("torchvision", "mc3_18", "torchvision video MC3-18 (Kinetics-400 classes)"),
+    "r2plus1d_18": ("torchvision", "r2plus1d_18", "torchvision video R(2+1)D-18 (Kinetics-400 classes)"),
+}
+"""The built-in 3-D networks: MONAI's (single-channel volumes of any size,
+the optional extra ``kql[monai]``) and torchvision's video networks (3 x 16
+x 112 x 112 clips)."""
+
+
+def _build_volume(key: str, num_classes: int) -> nn.Module:
+    library, ctor, _ = VOLUME_MODELS[key]
+    if library == "monai":
+        try:
+            import monai.networks.nets as nets
+        except ImportError:
+            raise PlanError(f"model '{key}' is MONAI's: install the extra, pip install 'kql[monai]'") from None
+        if ctor.startswith("DenseNet"):
+            return getattr(nets, ctor)(spatial_dims=3, in_channels=1, out_channels=num_classes)
+        return getattr(nets, ctor)(spatial_dims=3, n_input_channels=1, num_classes=num_classes)
+    import torchvision.models.video as video
+    return getattr(video, ctor)(weights=None, num_classes=num_classes)
+
+
+@torch.no_grad()
+def trained_like(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give a randomly initialised network the statistics of a trained one,
+    in place; returns it in eval mode.
+
+    A fresh network's batch norms hold mean 0 and variance 1 whatever its
+    activations are, so its output hardly depends on the input and an
+    occlusion map would be flat. Here every batch norm gets running means
+    N(0, 0.1), variances and gains in [0.5, 1.5) and biases N(0, 0.1), and
+    convolutions and linear layers fan-in scaled Gaussian weights (variance
+    2 / fan-in, so the signal survives depth), all from one seeded generator:
+    the same network every time (the test suite's recipe for random nets).
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            if m.affine:
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+        elif isinstance(m, nn.Linear):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+    return module.eval()
+
+
+@torch.no_grad()
+def _temper_logits(module: nn.Module, shape: Sequence[int]) -> None:
+    """Scale the last linear layer so a random input's logits spread by about
+    one (residual networks with random weights reach logits of 50 and more,
+    a saturated softmax and a flat occlusion map)."""
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    logits = module(torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)))
+    spread = float(logits.std())
+    if spread > 1:
+        last.weight.div_(spread)
+        if last.bias is not None:
+            last.bias.div_(spread)
+
+
+def _load_volume_model(key: str, weights) -> ModelSpec:
+    library, _, description = VOLUME_MODELS[key]
+    video = library == "torchvision"
+    channels, mean, std = (3, KINETICS_MEAN, KINETICS_STD) if video else (1, (0.0,), (1.0,))
+    input_size = VIDEO_INPUT if video else None
+    n = 400 if video else MONAI_CLASSES
+    names = aliases = None
+    if weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)        # biases and anything trained_like leaves alone
+            module = trained_like(_build_volume(key, n), seed=sum(map(ord, key)))
+        _temper_logits(module, (channels, 8, 56, 56) if video else (channels, 32, 32, 32))
+        source = "random (no weights given; trained-like batch-norm statistics)"
+        warning = (f"no weights given for {key}: using random weights, so the heatmap is not meaningful "
+                   f"(WEIGHTS '<file>.pth' loads a state dict of {description})")
+    else:
+        state = read_state_dict(weights)
+        module, n = fit_state_dict(key, state, weights, lambda k, aux: _build_volume(key, k))
+        source, warning = f"state dict '{os.fspath(weights)}'", None
+    if video and n == 400:
+        from torchvision.models.video import R3D_18_Weights
+        names = list(R3D_18_Weights.KINETICS400_V1.meta["categories"])
+    return ModelSpec(name=key, module=module.eval(), input_size=input_size, mean=tuple(mean),
+                     std=tuple(std), channels=channels, class_names=names, aliases=aliases, weights=source,
+                     warning=warning, num_classes=n, ndim=3)
 
 
 _lite0_lock = threading.Lock()
@@ -205,7 +354,7 @@ def canonical_name(name: str) -> str:
     if key == _LITE0 or "-" not in key:
         return key
     for candidate in (key.replace("-", "_"), key.replace("-", "")):
-        if candidate == _LITE0 or candidate in _torchvision_names():
+        if candidate == _LITE0 or candidate in VOLUME_MODELS or candidate in _torchvision_names():
             return candidate
     return key
 
@@ -249,6 +398,8 @@ def load_model(name: str, weights: Optional[Union[str, os.PathLike]] = None) -> 
     ((224, 224), (0.5, 0.5, 0.5), 'espresso')
     """
     key = canonical_name(name)
+    if key in VOLUME_MODELS:
+        return _load_volume_model(key, weights)
     # Check efficientnet_lite0 first: importing torchvision costs seconds.
     if key != _LITE0 and key not in _torchvision_names():
         raise PlanError(f"unknown model '{name}'{did_you_mean(key, list_models())} "
@@ -361,14 +512,17 @@ def spec_from_module(name: str, module: nn.Module, *, input_size: Optional[Seque
     Args:
         name: the name queries use after ``USING``.
         module: a ``torch.nn.Module`` classifier returning logits ``(N, classes)``.
-        input_size: ``(h, w)`` (or one int for a square) to resize images to;
-            ``None`` keeps each image's own size.
+        input_size: ``(h, w)`` (or one int for a square) to resize images to,
+            ``(d, h, w)`` (or one int for a cube) to resample volumes to for a
+            3-D model; ``None`` keeps each input's own size.
         mean, std: per-channel normalisation of pixels in ``[0, 1]``, one number
             (all channels) or one per channel; default 0 and 1.
         labels: class names, so ``LABEL '<name>'`` works; entries may list
             comma-separated synonyms ("tabby, tabby cat").
-        channels: 1 or 3; default the first ``nn.Conv2d``'s ``in_channels``
-            (3 if the model has none).
+        channels: 1 or 3 for an image model, any for a volume model; default
+            the first ``nn.Conv2d`` / ``nn.Conv3d``'s ``in_channels`` (3 if the
+            model has none). A model whose first convolution is an
+            ``nn.Conv3d`` takes volumes ``(C, D, H, W)``.
 
     Returns:
         A :class:`ModelSpec` with ``weights`` "bound from Python" and
@@ -384,20 +538,24 @@ def spec_from_module(name: str, module: nn.Module, *, input_size: Optional[Seque
     """
     if not isinstance(module, nn.Module):
         raise PlanError(f"model '{name}' must be a torch.nn.Module, got {type(module).__name__}")
+    # The first convolution tells images (Conv2d) from volumes (Conv3d).
+    first = next((m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    ndim = 3 if isinstance(first, nn.Conv3d) else 2
     if channels is None:
-        first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
         channels = first.in_channels if first is not None else 3
-    if channels not in (1, 3):
+    if ndim == 2 and channels not in (1, 3):
         raise PlanError(f"model '{name}' takes {channels} input channels; KQL feeds images with 1 "
                         f"(gray) or 3 (RGB) channels")
+    if ndim == 3 and not (isinstance(channels, (int, np.integer)) and channels >= 1):
+        raise PlanError(f"model '{name}' must take at least 1 input channel, got {channels!r}")
     if input_size is not None:
         if isinstance(input_size, (int, np.integer)):
-            input_size = (int(input_size), int(input_size))
+            input_size = (int(input_size),) * ndim
         size = tuple(input_size)
-        if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in size):
-            raise PlanError(f"input_size for model '{name}' must be (height, width) in pixels >= 1, "
-                            f"got {input_size!r}")
-        input_size = (int(size[0]), int(size[1]))
+        if len(size) != ndim or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in size):
+            what = "(height, width) in pixels" if ndim == 2 else "(depth, height, width) in voxels"
+            raise PlanError(f"input_size for model '{name}' must be {what} >= 1, got {input_size!r}")
+        input_size = tuple(int(s) for s in size)
     mean_t = _per_channel(mean, 0.0, channels, "mean", name)
     std_t = _per_channel(std, 1.0, channels, "std", name)
     if any(s <= 0 for s in std_t):
@@ -421,7 +579,7 @@ def spec_from_module(name: str, module: nn.Module, *, input_size: Optional[Seque
         num_classes = len(class_names)
     return ModelSpec(name=name, module=module.eval(), input_size=input_size, mean=mean_t, std=std_t,
                      channels=int(channels), class_names=class_names, weights="bound from Python",
-                     warning=None, num_classes=num_classes)
+                     warning=None, num_classes=num_classes, ndim=ndim)
 
 
 def _per_channel(value, default: float, channels: int, what: str, name: str) -> tuple[float, ...]:

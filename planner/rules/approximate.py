@@ -47,12 +47,13 @@ def approximate(plan, calibrations=None):
             calibration = None
             plan.warnings.append(f"no SSIM prediction: {first_line(e)}")
     elif (calibration := _calibration(plan, calibrations)) is None:
-        ph, pw = plan.patch
+        patch = plan.patch
         plan.mode = "exact"
         plan.warnings.append(
             f"no SSIM calibration for {plan.spec.name} ({plan.spec.weights}) at input "
-            f"{plan.input_hw[0]}x{plan.input_hw[1]} with patch {ph}x{pw}: ran EXACT. Calibrate with "
-            f"TUNE {plan.spec.name} ON <sample images> PATCH {ph if ph == pw else f'{ph}x{pw}'}")
+            f"{'x'.join(map(str, plan.input_hw))} with patch {'x'.join(map(str, patch))}: ran EXACT. "
+            f"Calibrate with TUNE {plan.spec.name} ON <sample images> PATCH "
+            f"{patch[0] if len(set(patch)) == 1 else 'x'.join(map(str, patch))}")
         plan.record("approximate", f"{keyword} {approx.value:g}: no calibration, running exact")
         if plan.query.drilldown is not None:   # its SSIM cannot be predicted either
             plan.warnings.append("DRILLDOWN with APPROX SSIM needs the calibration too: ran every position")
@@ -150,8 +151,7 @@ def tau_cost(plan, tau: float) -> float:
     """Incremental FLOPs of a τ plan as a share of the exact plan's, over
     every third row and column of the grid (a sample is enough to compare)."""
     from kql.planner.cost import theoretical_speedup
-    yy, xx = np.meshgrid(plan.ys[::3], plan.xs[::3], indexing="ij")
-    ys, xs = yy.ravel(), xx.ravel()
-    approx = theoretical_speedup(plan.graph, ys, xs, plan.patch, tau)
-    exact = theoretical_speedup(plan.graph, ys, xs, plan.patch)
+    starts = tuple(a.ravel() for a in np.meshgrid(*(s[::3] for s in plan.grid.starts), indexing="ij"))
+    approx = theoretical_speedup(plan.graph, *starts, plan.patch, tau=tau)
+    exact = theoretical_speedup(plan.graph, *starts, plan.patch)
     return float(np.mean(approx.inc_flops) / np.mean(exact.inc_flops))

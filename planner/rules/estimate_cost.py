@@ -11,12 +11,12 @@ def estimate_cost(plan):
     inference over naive (Krypton eq. 20 / Algorithm 1 over the query's grid),
     and for exact plans the speedup the chosen batching and cutoff can reach:
     ``plan.estimates`` (changes the plan in place)."""
-    ys, xs = plan.positions()
+    starts = plan.positions()
     # incremental plans have the regions already (rules/incremental.py)
-    cost = theoretical_speedup(plan.graph, ys, xs, plan.patch, plan.tau,
-                               plan.regions if plan.incremental else None, plan.gates)
+    cost = theoretical_speedup(plan.graph, *starts, plan.patch, tau=plan.tau,
+                               regions=plan.regions if plan.incremental else None, gates=plan.gates)
     # what thresholding adds over exact
-    cost_exact = theoretical_speedup(plan.graph, ys, xs, plan.patch) if plan.approximation is not None else None
+    cost_exact = theoretical_speedup(plan.graph, *starts, plan.patch) if plan.approximation is not None else None
     naive_flops = float(cost.full_flops) * plan.n_positions
     if not plan.incremental:
         plan.estimates = Estimates(cost, naive_flops)

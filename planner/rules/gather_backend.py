@@ -18,6 +18,7 @@ and the size of the layer's windows for a full batch, so EXPLAIN can name it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 from kql.errors import PlanError
@@ -47,11 +48,10 @@ def gather_backend(plan, settings=None):
         if forced != "auto":
             choice[layer.name] = forced
         elif cuda:
-            choice[layer.name] = "cuda" if "cuda" in available else "torch"
+            choice[layer.name] = kernels.choose_backend("cuda", 0)
         else:
             cells = plan.batch_size * layer.in_shapes[0][0] * _window_cells(plan, layer)
-            choice[layer.name] = ("numba" if "numba" in available and cells >= kernels.NUMBA_MIN_CELLS
-                                  else "torch")
+            choice[layer.name] = kernels.choose_backend("cpu", cells, len(layer.in_shapes[0]) - 1)
     counts = Counter(choice.values())
     plan.schedule = dataclasses.replace(plan.schedule, layer_backends=choice, gather_backend=(
         forced if forced != "auto" else (max(counts, key=counts.get) if counts else "torch")))
@@ -72,6 +72,5 @@ def gather_summary(choice: dict) -> str:
 
 def _window_cells(plan, layer) -> int:
     """Cells of the layer's largest read-in window for one position."""
-    r = plan.regions[layer.name]
-    wh, ww = window_size(layer, r.h.max(), r.w.max())
-    return int(wh * ww)
+    window = window_size(layer, *(n.max() for n in plan.regions[layer.name].sizes))
+    return int(math.prod(int(n) for n in window))

@@ -21,6 +21,8 @@ completed by the batch and kernel rules); the rule also sets
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kql.planner.geometry import Rects, propagate, read_region, window_size
@@ -77,13 +79,12 @@ def layer_costs(graph, regions, order, batch):
             inc[layer.name] = float(layer.flops) * n
             gathered[layer.name] = 0.0
             continue
-        h = np.maximum.reduceat(r.h[order], starts)
-        w = np.maximum.reduceat(r.w[order], starts)
-        H, W = layer.out_hw
-        per_pixel = float(layer.flops) / (H * W)
-        inc[layer.name] = float((sizes * h * w).sum()) * per_pixel
-        wh, ww = window_size(layer, h, w)
-        gathered[layer.name] = float((sizes * wh * ww).sum()) * gathered_channels(layer)
+        # the batch's largest extent along every axis (depth too, on a volume)
+        largest = [np.maximum.reduceat(n[order], starts) for n in r.sizes]
+        per_pixel = float(layer.flops) / math.prod(layer.out_hw)
+        inc[layer.name] = float((sizes * math.prod(largest)).sum()) * per_pixel
+        window = window_size(layer, *largest)
+        gathered[layer.name] = float((sizes * math.prod(window)).sum()) * gathered_channels(layer)
     return inc, gathered, full
 
 
@@ -129,8 +130,7 @@ def incremental(plan, settings=None):
     if not plan.incremental:
         return plan
     graph = plan.graph
-    ys, xs = plan.positions()
-    regions = propagate(graph, Rects.from_patches(ys, xs, plan.patch), plan.tau, plan.gates)
+    regions = propagate(graph, Rects.from_patches(*plan.positions(), plan.patch), plan.tau, plan.gates)
     order = sort_positions(graph, regions)
 
     # Cutoff with a provisional batch (the batch rule runs next; the choice
@@ -163,14 +163,13 @@ def _peak_patch_elements(graph, regions, full_layers) -> int:
     def size(layer):
         if layer.name in full_layers or not layer.spatial or layer.kind in (Kind.GLOBAL, Kind.OUTPUT):
             return numel(layer.out_shape)
-        r = regions[layer.name]
-        return int(layer.channels * r.h.max() * r.w.max())
+        return int(layer.channels * math.prod(int(n.max()) for n in regions[layer.name].sizes))
 
     def transient(layer):
         if layer.kind != Kind.LOCAL or layer.name in full_layers or not layer.spatial:
             return 0
-        r = regions[layer.name]
-        rr = read_region(layer, Rects(0, 0, r.h.max(), r.w.max()))
-        return int(layer.in_channels(0) * rr.h[0] * rr.w[0])
+        largest = [int(n.max()) for n in regions[layer.name].sizes]
+        rr = read_region(layer, Rects(*(0,) * len(largest), *largest))
+        return int(layer.in_channels(0) * math.prod(int(n[0]) for n in rr.sizes))
 
     return peak_elements(graph, size, transient)

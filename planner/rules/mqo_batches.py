@@ -28,6 +28,7 @@ into ``order``, with ``len(order)`` appended) describe the result.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -84,47 +85,58 @@ class _BatchCost:
         layers = [l for l in graph.layers()
                   if l.kind in (Kind.POINT, Kind.LOCAL, Kind.MERGE) and l.spatial
                   and l.name not in plan.full_layers]
-        self.h = np.stack([regions[l.name].h for l in layers], 1) if layers else np.zeros((plan.n_positions, 0))
-        self.w = np.stack([regions[l.name].w for l in layers], 1) if layers else np.zeros((plan.n_positions, 0))
-        self.per_pixel = np.array([float(l.flops) / (l.out_hw[0] * l.out_hw[1]) for l in layers])
+        nd = plan.ndim
+        # per axis: (positions, layers) extents of every position's region
+        self.sizes = [np.stack([regions[l.name].size(a) for l in layers], 1) if layers
+                      else np.zeros((plan.n_positions, 0), np.int64) for a in range(nd)]
+        self.per_pixel = np.array([float(l.flops) / math.prod(l.out_hw) for l in layers])
         # Gathered elements: the read-in window a*n + b per axis (geometry.window_extent).
         self.gather = np.array([GATHER_COST * gathered_channels(l) for l in layers])
-        extents = np.array([window_extent(l) for l in layers], dtype=np.int64).reshape(-1, 2, 2)
-        self.ah, self.bh = extents[:, 0, 0], extents[:, 0, 1]
-        self.aw, self.bw = extents[:, 1, 0], extents[:, 1, 1]
+        extents = np.array([window_extent(l) for l in layers], dtype=np.int64).reshape(-1, nd, 2)
+        self.a, self.b = extents[:, :, 0].T, extents[:, :, 1].T  # (axes, layers)
         self.overhead = batch_overhead(graph)
         self.plan = plan
 
+    @property
+    def h(self) -> np.ndarray:
+        return self.sizes[-2]
+
+    @property
+    def w(self) -> np.ndarray:
+        return self.sizes[-1]
+
     def row_column_order(self) -> np.ndarray:
         """Positions sorted by (row profile, column profile), largest first, so
-        positions with equal regions at every layer are contiguous."""
-        row_rank = _profile_rank(self.h, self.per_pixel)
-        col_rank = _profile_rank(self.w, self.per_pixel)
-        return np.lexsort((np.arange(len(row_rank)), col_rank, row_rank))
+        positions with equal regions at every layer are contiguous; on a
+        volume by (slice, row, column) profile: the geometry is separable
+        along every axis."""
+        ranks = [_profile_rank(n, self.per_pixel) for n in self.sizes]
+        return np.lexsort((np.arange(len(ranks[0])), *ranks[::-1]))
 
-    def batch_costs(self, hmax: np.ndarray, wmax: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    def batch_costs(self, *largest_and_counts) -> np.ndarray:
         """Cost of batches of ``counts`` positions whose per-layer largest
-        sizes are rows of ``hmax``/``wmax``."""
-        flops = (hmax * wmax) @ self.per_pixel
-        win_h = np.where(hmax > 0, hmax * self.ah + self.bh, 0)
-        win_w = np.where(wmax > 0, wmax * self.aw + self.bw, 0)
-        gathered = (win_h * win_w) @ self.gather
+        sizes along each axis are rows of the arrays before it
+        (``batch_costs(hmax, wmax, counts)``; ``dmax`` first on a volume)."""
+        *largest, counts = largest_and_counts
+        cells = math.prod(largest)
+        flops = cells @ self.per_pixel
+        window = math.prod(np.where(m > 0, m * a + b, 0) for m, a, b in zip(largest, self.a, self.b))
+        gathered = window @ self.gather
         return counts * (flops + gathered) + self.overhead
 
     def partition(self, order: np.ndarray, cap: int) -> tuple[np.ndarray, float]:
         """Cheapest split of ``order`` into contiguous batches of at most
         ``cap`` positions: (bounds, total cost)."""
         n = len(order)
-        h, w = self.h[order], self.w[order]
+        sizes = [m[order] for m in self.sizes]
         best = np.full(n + 1, np.inf)
         best[0] = 0.0
         back = np.zeros(n + 1, dtype=np.int64)
         counts = np.arange(1, cap + 1, dtype=np.float64)
         for i in range(n):
             j = min(n, i + cap)
-            hmax = np.maximum.accumulate(h[i:j], axis=0)
-            wmax = np.maximum.accumulate(w[i:j], axis=0)
-            cand = best[i] + self.batch_costs(hmax, wmax, counts[:j - i])
+            largest = [np.maximum.accumulate(m[i:j], axis=0) for m in sizes]
+            cand = best[i] + self.batch_costs(*largest, counts[:j - i])
             better = cand < best[i + 1:j + 1]
             best[i + 1:j + 1] = np.where(better, cand, best[i + 1:j + 1])
             back[i + 1:j + 1] = np.where(better, i, back[i + 1:j + 1])

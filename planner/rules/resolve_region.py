@@ -1,50 +1,94 @@
 """Rule: validate patch, stride and region, and lay out the grid of positions."""
 from __future__ import annotations
 
+import math
+
 from kql.ast import Region
 from kql.errors import PlanError
 from kql.planner.geometry import grid_positions  # noqa: F401  (re-exported: the grid rule lives here)
 from kql.planner.plan import Grid
+
+_AXES = {2: ("row", "column"), 3: ("slice", "row", "column")}
+
+
+def _x(sizes) -> str:
+    return "x".join(map(str, sizes))
+
+
+def region_bounds(region, ndim: int) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per spatial axis of a query's REGION, in tensor order."""
+    bounds = getattr(region, "bounds", None)
+    if bounds is None:  # an AST Region without axes of its own: (x0, y0, x1, y1)
+        bounds = ((region.y0, region.y1), (region.x0, region.x1))
+    bounds = tuple((int(a), int(b)) for a, b in bounds)
+    if len(bounds) != ndim:
+        kind = {2: "an image", 3: "a volume"}[ndim]
+        raise PlanError(f"REGION {getattr(region, 'text', lambda: str(bounds))()} has {len(bounds)} axes; "
+                        f"the model takes {kind}: REGION takes "
+                        + ("(x0, y0, x1, y1)" if ndim == 2 else "(x0, y0, z0, x1, y1, z1)"))
+    return bounds
+
+
+def whole_region(shape) -> Region:
+    """The REGION of the whole input of spatial ``shape``."""
+    if len(shape) == 2:
+        return Region(0, 0, shape[1], shape[0])
+    from_bounds = getattr(Region, "from_bounds", None)
+    return from_bounds(tuple((0, n) for n in shape)) if from_bounds is not None else None
 
 
 def resolve_region(plan):
     """Check PATCH/STRIDE/REGION against the model input and set ``plan.grid``
     (changes the plan in place).
 
-    Coordinates are pixels of the model's input (after resizing).
+    Coordinates are pixels (voxels) of the model's input (after resizing).
+    Every spatial axis is laid out alone (``geometry.grid_positions``).
     """
     q = plan.query
-    (ph, pw), (sy, sx) = plan.patch, plan.stride
-    H, W = plan.input_hw
-    if ph < 1 or pw < 1:
-        raise PlanError(f"patch must be at least 1x1, got {ph}x{pw}")
-    if sy < 1 or sx < 1:
-        bad = sy if sy < 1 else sx
+    ndim = plan.ndim
+    patch, stride = plan.patch, plan.stride   # PlanError on a rank mismatch
+    shape = plan.input_hw
+    if any(p < 1 for p in patch):
+        raise PlanError(f"patch must be at least {_x((1,) * ndim)}, got {_x(patch)}")
+    if any(s < 1 for s in stride):
+        bad = next(s for s in stride if s < 1)
         raise PlanError(f"stride must be at least 1, got {bad}")
     if q.region is None:
-        region = Region(0, 0, W, H)
+        region = whole_region(shape)
+        bounds = tuple((0, n) for n in shape)
     else:
         region = q.region
-        r = region
-        if r.x1 <= r.x0 or r.y1 <= r.y0:
-            raise PlanError(
-                f"region ({r.x0}, {r.y0}, {r.x1}, {r.y1}) is empty: REGION takes (x0, y0, x1, y1), "
-                f"the left, top, right and bottom edges, with x0 < x1 and y0 < y1")
-        if not (0 <= r.x0 < r.x1 <= W and 0 <= r.y0 < r.y1 <= H):
-            raise PlanError(
-                f"region ({r.x0}, {r.y0}, {r.x1}, {r.y1}) does not lie inside the image {H}x{W} "
-                f"(REGION takes (x0, y0, x1, y1) with 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H})")
-    rh, rw = region.y1 - region.y0, region.x1 - region.x0
-    if ph > rh or pw > rw:
-        where = f"image {H}x{W}" if q.region is None else f"region {rh}x{rw}"
-        raise PlanError(f"patch {ph}x{pw} does not fit {where}")
-    plan.grid = Grid(region, grid_positions(region.y0, region.y1, ph, sy),
-                     grid_positions(region.x0, region.x1, pw, sx))
-    uneven = []
-    if (rh - ph) % sy:
-        uneven.append("last row")
-    if (rw - pw) % sx:
-        uneven.append("last column")
+        bounds = region_bounds(region, ndim)
+        text = region.text() if hasattr(region, "text") else f"({region.x0}, {region.y0}, {region.x1}, {region.y1})"
+        if ndim == 2:
+            r = region
+            if r.x1 <= r.x0 or r.y1 <= r.y0:
+                raise PlanError(
+                    f"region {text} is empty: REGION takes (x0, y0, x1, y1), "
+                    f"the left, top, right and bottom edges, with x0 < x1 and y0 < y1")
+            H, W = shape
+            if not (0 <= r.x0 < r.x1 <= W and 0 <= r.y0 < r.y1 <= H):
+                raise PlanError(
+                    f"region {text} does not lie inside the image {H}x{W} "
+                    f"(REGION takes (x0, y0, x1, y1) with 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H})")
+        else:
+            if any(b <= a for a, b in bounds):
+                raise PlanError(f"region {text} is empty: REGION takes (x0, y0, z0, x1, y1, z1), "
+                                f"with x0 < x1, y0 < y1 and z0 < z1")
+            if not all(0 <= a < b <= n for (a, b), n in zip(bounds, shape)):
+                D, H, W = shape
+                raise PlanError(f"region {text} does not lie inside the volume {_x(shape)} (REGION takes "
+                                f"(x0, y0, z0, x1, y1, z1) with 0 <= x0 < x1 <= {W}, 0 <= y0 < y1 <= {H} "
+                                f"and 0 <= z0 < z1 <= {D})")
+    sizes = tuple(b - a for a, b in bounds)
+    if any(p > m for p, m in zip(patch, sizes)):
+        what = "image" if ndim == 2 else "volume"
+        where = f"{what} {_x(shape)}" if q.region is None else f"region {_x(sizes)}"
+        raise PlanError(f"patch {_x(patch)} does not fit {where}")
+    starts = [grid_positions(a, b, p, s) for (a, b), p, s in zip(bounds, patch, stride)]
+    plan.grid = Grid(region, *starts, bounds=bounds)
+    uneven = [f"last {name}" for name, m, p, s in zip(_AXES[ndim], sizes, patch, stride) if (m - p) % s]
     note = f" ({' and '.join(uneven)} aligned to the region's edge)" if uneven else ""
-    plan.record("resolve_region", f"grid {len(plan.ys)}x{len(plan.xs)} = {plan.n_positions} positions{note}")
+    counts = _x(len(a) for a in starts)
+    plan.record("resolve_region", f"grid {counts} = {math.prod(len(a) for a in starts)} positions{note}")
     return plan
