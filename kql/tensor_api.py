@@ -203,26 +203,11 @@ def compile_tensor(select, spec, graph, x: torch.Tensor, fill, settings, grid: s
     return plan
 
 
-def grid_starts(plan) -> tuple:
-    """The grid's start arrays, one per spatial axis (``(ys, xs)`` on images)."""
-    starts = getattr(plan.grid, "starts", None)
-    return tuple(starts) if starts is not None else (plan.ys, plan.xs)
-
-
-def region_bounds(plan) -> tuple:
-    """The plan's region as one ``(start, stop)`` per spatial axis."""
-    r = plan.region
-    bounds = getattr(r, "bounds", None)
-    if bounds is not None:
-        return tuple((int(a), int(b)) for a, b in bounds)
-    return (r.y0, r.y1), (r.x0, r.x1)
-
-
 def _set_starts(result, starts) -> None:
-    """Give a result the windows' starts (``ys``/``xs`` on images, ``starts`` always)."""
-    if len(starts) == 2:
-        result.ys, result.xs = starts
-    result.starts = tuple(starts)
+    """Give a result the windows' starts (``(ys, xs)``, or ``(zs, ys, xs)`` on volumes)."""
+    if len(starts) == 3:
+        result.zs = np.asarray(starts[0], dtype=np.int64)
+    result.ys, result.xs = (np.asarray(s, dtype=np.int64) for s in starts[-2:])
 
 
 def clip_windows(plan):
@@ -232,7 +217,7 @@ def clip_windows(plan):
     at the edge); their patch holds the baseline only where the clipped
     window lies and the input elsewhere, so the changed regions stay a
     superset."""
-    starts, bounds = grid_starts(plan), region_bounds(plan)
+    starts, bounds = plan.grid.starts, plan.grid.bounds
     windows = tuple(lo + st * np.arange(len(s)) for s, (lo, _), st in zip(starts, bounds, plan.stride))
     if any((w != s).any() for w, s in zip(windows, starts)):
         plan.fill = _ClippedFill(plan.input, plan.fill, starts, windows, plan.patch)
@@ -440,7 +425,9 @@ def _per_axis(value, what: str, ndim: int = 2, channels: Optional[int] = None) -
     axes = "h, w" if ndim == 2 else "d, h, w"
     if channels is not None and len(v) == ndim + 1:
         if v[0] != channels:
-            raise ValueError(f"{what} {tuple(v)} must span all {channels} channels (C, {axes})")
+            kind = "2-D images" if ndim == 2 else "volumes"
+            raise ValueError(f"{what} {tuple(v)} must span all {channels} channels (C, {axes}): the inputs are "
+                             f"{kind}, so give one size per axis ({axes})")
         v = v[1:]
     if len(v) != ndim:
         form = f"{axes[0]}, ({axes})" + (f" or (C, {axes})" if channels else "")
@@ -564,12 +551,17 @@ def _graph(spec, shape):
 
 
 def _display(x: torch.Tensor) -> np.ndarray:
-    """An ``HxWx3`` picture (``DxHxWx3`` for a volume) in [0, 1] of a
-    model-space input, for figures: each channel of an RGB input (the mean
-    of other channel counts) scaled to its own range."""
+    """A picture in [0, 1] of a model-space input, for figures: an image
+    ``HxWx3``, each channel of an RGB input (the mean of other channel
+    counts) scaled to its own range; a volume ``DxHxW``, the mean of its
+    channels scaled to its range."""
     a = x.detach().float().cpu().numpy()
-    a = a if a.shape[0] == 3 else np.repeat(a.mean(axis=0, keepdims=True), 3, axis=0)
+    if a.ndim == 4:
+        a = a.mean(axis=0, keepdims=True)
+    elif a.shape[0] != 3:
+        a = np.repeat(a.mean(axis=0, keepdims=True), 3, axis=0)
     spatial = tuple(range(1, a.ndim))
     lo = a.min(axis=spatial, keepdims=True)
     span = a.max(axis=spatial, keepdims=True) - lo
-    return np.moveaxis((a - lo) / np.where(span > 0, span, 1.0), 0, -1).astype(np.float32)
+    a = (a - lo) / np.where(span > 0, span, 1.0)
+    return (a[0] if x.dim() == 4 else np.moveaxis(a, 0, -1)).astype(np.float32)

@@ -127,7 +127,7 @@ class OcclusionSensitivity:
             if was_training:
                 self.nn_module.train()
         weights = _importance(mask, self.mode == "gaussian")
-        starts = getattr(result, "starts", None) or (result.ys, result.xs)
+        starts = result.starts
         blended = _blend(torch.from_numpy(result.maps), [np.asarray(s) - lo for s, (lo, _) in zip(starts, box)],
                          weights, size)
         out = torch.zeros((1, blended.shape[0], *shape), dtype=torch.float32)
