@@ -81,15 +81,10 @@ def calibrate_bn(model: nn.Module, volumes: torch.Tensor) -> nn.Module:
 
 
 def phantom(size: int, seed: int) -> torch.Tensor:
-    """A single-channel ``(1, size, size, size)`` volume: a few ellipsoids of
-    different intensities in a noisy background, standardised."""
-    g = np.random.default_rng(seed)
-    axes = np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij")
-    v = g.normal(0, 0.1, (size,) * 3)
-    for _ in range(5):
-        c, r, a = g.uniform(-0.5, 0.5, 3), g.uniform(0.15, 0.4, 3), g.uniform(0.5, 2.0)
-        v += a * (sum(((ax - ci) / ri) ** 2 for ax, ci, ri in zip(axes, c, r)) <= 1)
-    v = torch.as_tensor(v, dtype=torch.float32).reshape(1, size, size, size)
+    """``kql.datasets.phantom`` (a synthetic CT-like volume) of ``size``^3
+    voxels, standardised: ``(1, size, size, size)``."""
+    from kql.datasets import phantom as ct_phantom
+    v = torch.from_numpy(ct_phantom((size,) * 3, seed=seed))[None]
     return (v - v.mean()) / v.std().clamp_min(1e-6)
 
 
@@ -141,7 +136,7 @@ def bench_model(name: str, opts) -> dict:
     side = p + (k - 1) * s
     lo = (S - side) // 2
     box = ((lo, lo + side),) * 3
-    region = (lo, lo, lo, lo + side, lo + side, lo + side)            # d0, h0, w0, d1, h1, w1
+    region = box                                                      # (start, stop) per axis
     fill = float(opts.fill)
     crop = x[:, :, lo:lo + side, lo:lo + side, lo:lo + side].clone()
     softmax = lambda out: out.softmax(1)  # noqa: E731
