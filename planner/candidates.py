@@ -92,11 +92,11 @@ def enumerate_plans(plan, target: float, calibration, policy, refine_share: Opti
     dd = plan.query.drilldown
     if dd is not None:
         from kql.planner.drilldown import expected_speedup, stage_one_stride
-        s1 = (stage_one_stride(plan.stride[0], dd.fraction, dd.speedup),
-              stage_one_stride(plan.stride[1], dd.fraction, dd.speedup))
-        name = f"drill-down S1 {s1[0]}x{s1[1]} r {dd.fraction:g}"
-        share = 1.0 / math.sqrt(expected_speedup(s1[0], plan.stride[0], dd.fraction)
-                                * expected_speedup(s1[1], plan.stride[1], dd.fraction))
+        nd = len(plan.stride)
+        s1 = tuple(stage_one_stride(s, dd.fraction, dd.speedup, nd) for s in plan.stride)
+        name = f"drill-down S1 {'x'.join(map(str, s1))} r {dd.fraction:g}"
+        share = 1.0 / math.prod(expected_speedup(a, b, dd.fraction, nd)
+                                for a, b in zip(s1, plan.stride)) ** (1.0 / nd)
         predicted = None if calibration is None else calibration.drilldown_ssim(dd.fraction, s1, plan.stride)
         if predicted is None:
             out.append(Candidate(name, None, share, False, "its SSIM cannot be predicted (no calibration "
@@ -104,8 +104,11 @@ def enumerate_plans(plan, target: float, calibration, policy, refine_share: Opti
         else:
             out.append(Candidate(name, predicted, share, predicted >= target,
                                  f"replayed on {calibration.coverage_text()}"))
-    small = policy.too_small((len(plan.ys), len(plan.xs)))
-    if plan.label_choice.several is not None:
+    small = policy.too_small((len(plan.ys), len(plan.xs))) if plan.ndim == 2 else None
+    if plan.ndim != 2:
+        out.append(Candidate("refine", None, 1.0, False, "adaptive refinement interpolates on images "
+                                                         "(a 2-D lattice), not on volumes"))
+    elif plan.label_choice.several is not None:
         # the executor computes every position of every map (refinement
         # chooses positions for one map): refinement would be exact's work
         out.append(Candidate("refine", None, 1.0, False,

@@ -31,30 +31,37 @@ from kql.errors import PlanError
 from kql.planner.plan import batch_bounds
 
 
-def stage_one_stride(s2: int, fraction: float, speedup: float) -> int:
+def stage_one_stride(s2: int, fraction: float, speedup: float, ndim: int = 2) -> int:
     """``S1`` for one axis: eq. 47 gives ``S2 * f``; of the two multiples of
     ``S2`` around it, the one whose eq. 46 speedup is closer to the target
-    (the smaller on a tie), at least ``S2``.
+    (the smaller on a tie), at least ``S2``. On a volume (``ndim`` 3) the
+    coarse grid thins out along three axes, so ``f`` is the cube root of
+    ``t / (1 - r t)`` instead of the square root.
 
     >>> stage_one_stride(4, 0.25, 3.0)    # f = 3.46: 3 gives 2.77x, 4 gives 3.2x
     16
     >>> stage_one_stride(2, 0.1, 5.0)     # f = 3.16: 3 gives 4.74x, 4 gives 6.15x
     6
+    >>> stage_one_stride(4, 0.25, 3.0, ndim=3)   # f = 2.29: 2 gives 2.67x, 3 gives 3.48x
+    8
     """
     check(fraction, speedup)
-    factor = math.sqrt(speedup / (1.0 - fraction * speedup))
+    factor = (speedup / (1.0 - fraction * speedup)) ** (1.0 / ndim)
     candidates = sorted({max(1, math.floor(factor)), max(1, math.ceil(factor))})
-    best = min(candidates, key=lambda m: abs(expected_speedup(m, 1, fraction) - speedup))
+    best = min(candidates, key=lambda m: abs(expected_speedup(m, 1, fraction, ndim) - speedup))
     return s2 * best
 
 
-def expected_speedup(s1: float, s2: float, fraction: float) -> float:
-    """Krypton eq. 46: positions of a full fine pass over those of drill-down.
+def expected_speedup(s1: float, s2: float, fraction: float, ndim: int = 2) -> float:
+    """Krypton eq. 46: positions of a full fine pass over those of drill-down,
+    ``f^n / (1 + r f^n)`` with ``f = S1 / S2`` along each of ``ndim`` axes
+    (``S1^2 / (S2^2 + r S1^2)`` on an image).
 
     >>> round(expected_speedup(12, 4, 0.25), 2)
     2.77
     """
-    return s1 ** 2 / (s2 ** 2 + fraction * s1 ** 2)
+    f = (s1 / s2) ** ndim
+    return f / (1.0 + fraction * f)
 
 
 def check(fraction: float, speedup: float) -> None:
@@ -74,8 +81,8 @@ class StageTwo:
     """Drill-down's stage two, decided at run time (:meth:`DrilldownPlan.stage_two`).
 
     Attributes:
-        estimate: float32 ``(rows, cols)``: stage one interpolated onto the
-            query's grid (its own positions exact).
+        estimate: float32 ``(rows, cols)`` (``(nd, nh, nw)`` on a volume):
+            stage one interpolated onto the query's grid (its own positions exact).
         positions: flat indices of the positions stage two runs.
         order, bounds: the batches they run in (``Plan.batches`` form).
         computed: boolean ``(rows, cols)``: positions computed by either stage.
@@ -94,7 +101,7 @@ class DrilldownPlan:
     Attributes:
         stage_one: the optimized :class:`~kql.planner.plan.Plan` of the
             coarse pass (the query at stride ``stride_one``).
-        stride_one, stride_two: ``(h, w)`` strides of the two stages.
+        stride_one, stride_two: ``(h, w)`` (``(d, h, w)``) strides of the two stages.
         fraction, speedup: ``r`` and the target ``t`` the user asked for.
         n_fine: positions of the query's (fine) grid.
         n_select: ``ceil(r * n_fine)``, the positions stage two covers
@@ -119,8 +126,8 @@ class DrilldownPlan:
         interpolated onto the query's grid; the ``n_select`` positions with the largest drop,
         less those stage one ran, are batched as the fine plan batches them."""
         one = self.stage_one
-        coarse = np.asarray(coarse).reshape(len(one.ys), len(one.xs))
-        estimate = interpolate(one.ys, one.xs, coarse, fine.ys, fine.xs).astype(np.float32)
+        coarse = np.asarray(coarse).reshape(one.grid.shape)
+        estimate = interpolate_nd(one.grid.starts, coarse, fine.grid.starts).astype(np.float32)
         # Positions of the coarse grid are on the fine grid: keep their computed
         # values exactly (interpolation at a node returns it, up to rounding).
         estimate[self.on_coarse] = coarse.ravel()
@@ -142,10 +149,10 @@ class DrilldownPlan:
 
     @property
     def expected_speedup(self) -> float:
-        """Eq. 46 with the rounded stride (geometric mean of the two axes)."""
-        sy = expected_speedup(self.stride_one[0], self.stride_two[0], self.fraction)
-        sx = expected_speedup(self.stride_one[1], self.stride_two[1], self.fraction)
-        return math.sqrt(sy * sx)
+        """Eq. 46 with the rounded stride (geometric mean over the axes)."""
+        n = len(self.stride_one)
+        each = [expected_speedup(a, b, self.fraction, n) for a, b in zip(self.stride_one, self.stride_two)]
+        return math.prod(each) ** (1.0 / n)
 
     @property
     def max_positions(self) -> int:
@@ -168,11 +175,13 @@ def plan_drilldown(bound, fine, optimize, **kwargs):
     dd = fine.query.drilldown
     check(dd.fraction, dd.speedup)
     s2 = fine.stride
-    s1 = (stage_one_stride(s2[0], dd.fraction, dd.speedup), stage_one_stride(s2[1], dd.fraction, dd.speedup))
+    s1 = tuple(stage_one_stride(s, dd.fraction, dd.speedup, len(s2)) for s in s2)
     coarse = bound.copy()
     coarse.query = dataclasses.replace(fine.query, stride=s1, drilldown=None, into=None)
     stage_one = optimize(coarse, **kwargs)
-    on_coarse = np.isin(fine.ys, stage_one.ys)[:, None] & np.isin(fine.xs, stage_one.xs)[None, :]
+    on_coarse = np.ones(fine.grid.shape, bool)
+    for a, (f, c) in enumerate(zip(fine.grid.starts, stage_one.grid.starts)):
+        on_coarse &= np.isin(f, c).reshape([-1 if b == a else 1 for b in range(len(s2))])
     n_fine = fine.n_positions
     n_select = min(n_fine, int(math.ceil(dd.fraction * n_fine)))
     plan = DrilldownPlan(stage_one, s1, s2, dd.fraction, dd.speedup, n_fine, n_select, on_coarse)
@@ -181,10 +190,10 @@ def plan_drilldown(bound, fine, optimize, **kwargs):
         fine.warnings.append(f"DRILLDOWN SPEEDUP {dd.speedup:g} with FRACTION {dd.fraction:g} gives a stage-one "
                              f"stride equal to the query's: stage one covers the whole grid")
 
-    fine.record("drilldown", f"stage one at stride {s1[0]}x{s1[1]} (eq. 47 for r = {dd.fraction:g}, "
+    fine.record("drilldown", f"stage one at stride {'x'.join(map(str, s1))} (eq. 47 for r = {dd.fraction:g}, "
                              f"t = {dd.speedup:g}, to a multiple of the stride): "
                              f"{stage_one.n_positions} positions, then ≤{n_select} of {n_fine} at "
-                             f"stride {s2[0]}x{s2[1]}; expected speedup {plan.expected_speedup:.2f}x")
+                             f"stride {'x'.join(map(str, s2))}; expected speedup {plan.expected_speedup:.2f}x")
     return fine
 
 
@@ -199,9 +208,22 @@ def interpolate(ys1: np.ndarray, xs1: np.ndarray, coarse: np.ndarray,
     ...             np.array([0, 1, 2, 4]), np.array([0])).ravel().tolist()
     [0.0, 0.25, 0.5, 1.0]
     """
-    coarse = np.asarray(coarse, dtype=np.float64)
-    rows = np.stack([np.interp(ys2, ys1, coarse[:, j]) for j in range(coarse.shape[1])], axis=1)
-    return np.stack([np.interp(xs2, xs1, rows[i]) for i in range(rows.shape[0])], axis=0)
+    return interpolate_nd((ys1, xs1), coarse, (ys2, xs2))
+
+
+def interpolate_nd(grid1, coarse: np.ndarray, grid2) -> np.ndarray:
+    """:func:`interpolate` on any number of axes (``(zs, ys, xs)`` grids on a
+    volume): linear along each axis in turn (bilinear, trilinear), on
+    coordinates; exact at the coarse grid's own positions.
+
+    >>> interpolate_nd((np.array([0, 2]),) * 3, np.arange(8.0).reshape(2, 2, 2),
+    ...                (np.array([1]),) * 3).ravel().tolist()
+    [3.5]
+    """
+    out = np.asarray(coarse, dtype=np.float64)
+    for axis, (a1, a2) in enumerate(zip(grid1, grid2)):
+        out = np.apply_along_axis(lambda v: np.interp(a2, a1, v), axis, out)
+    return out
 
 
 def select(estimate: np.ndarray, n_select: int) -> np.ndarray:

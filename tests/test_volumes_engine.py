@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from kql import ast
 from kql.compiler import optimize_bound
+from kql.errors import PlanError
 from kql.executor import execute
 from kql.executor.incremental import IncrementalRunner
 from kql.planner.binder import bind_input
@@ -39,14 +40,15 @@ def _spec(module, channels):
                      channels=channels, class_names=None, weights="random", warning=None, num_classes=None)
 
 
-def volume_plan(model, x, patch, stride, *, mode="exact", region=None, batch=None, memory_limit=None):
+def volume_plan(model, x, patch, stride, *, mode="exact", region=None, batch=None, memory_limit=None,
+                drilldown=None):
     """The optimized plan of an occlusion query on the volume ``x`` ``(C, D, H, W)``."""
     settings = Settings().with_option("progress", "off")
     if memory_limit is not None:
         settings = settings.with_option("memory_limit", memory_limit)
     select = ast.Select(source=ast.Source("name", "x"), model="net", patch=tuple(patch), stride=tuple(stride),
                         label=ast.Label("predicted"), region=region, mode=mode, approx=None, batch=batch,
-                        device="cpu")
+                        device="cpu", drilldown=drilldown)
     graph = trace(model.eval(), tuple(x.shape))
     plan = bind_input(select, _spec(model, x.shape[0]), graph, x, None, torch.zeros(x.shape[0]), settings, "cpu",
                       image_desc="volume", original_hw=tuple(x.shape[1:]))
@@ -366,6 +368,23 @@ def test_region_restricts_the_grid():
     assert zs.min() == 2 and zs.max() + 2 == 7 and ys.max() + 3 == 9 and xs.max() + 2 == 4
 
 
+def test_drilldown_on_a_volume():
+    """Stage one at a coarser stride along all three axes (eq. 47 with a cube
+    root), trilinear estimate, stage two exact at the positions it runs."""
+    net = calibrated(Pads(), (1, 8, 9, 7))
+    x = volume((1, 8, 9, 7), seed=6)
+    plan = volume_plan(net, x, (2, 2, 2), (1, 1, 1), drilldown=ast.Drilldown(fraction=0.25, speedup=2.0))
+    dd = plan.drilldown
+    assert dd.stride_one == (2, 2, 2) and dd.on_coarse.shape == plan.grid.shape == (7, 8, 6)
+    assert dd.on_coarse.sum() == dd.stage_one.n_positions
+    done = execute(plan, progress="off")
+    full = execute(volume_plan(net, x, (2, 2, 2), (1, 1, 1), mode="naive"), progress="off").heatmap
+    assert done.heatmap.shape == full.shape
+    computed = done.computed if getattr(done, "computed", None) is not None else dd.on_coarse
+    np.testing.assert_allclose(done.heatmap[computed], full[computed], atol=1e-5, rtol=0)
+    assert computed.sum() > dd.on_coarse.sum()    # stage two ran positions of its own
+
+
 # -- memory ------------------------------------------------------------------------------
 
 def test_tight_memory_limit_sizes_the_batches():
@@ -373,11 +392,13 @@ def test_tight_memory_limit_sizes_the_batches():
     net = calibrated(Every3dOp(), shape)
     x = volume(shape, seed=4)
     loose = volume_plan(net, x, (4, 4, 4), (2, 2, 2))
-    per = loose.per_position_bytes
-    limit = 5 * per + per // 2
+    per, views = loose.per_position_bytes, loose.schedule.view_bytes
+    limit = views + 5 * per + per // 2      # the views stay for the whole run, then 5.5 positions
     tight = volume_plan(net, x, (4, 4, 4), (2, 2, 2), memory_limit=str(limit))
     assert tight.batch_size == 5 < loose.batch_size
-    assert tight.batch_size * tight.per_position_bytes <= limit
+    assert views + tight.batch_size * tight.per_position_bytes <= limit
+    with pytest.raises(PlanError, match="is too small: one position needs .* besides the views'"):
+        volume_plan(net, x, (4, 4, 4), (2, 2, 2), memory_limit=str(views + per // 2))
     assert np.diff(tight.bounds).max() <= 5
     # it runs, in those batches, and equals the loose plan's map
     a = execute(tight, progress="off").heatmap
@@ -410,3 +431,39 @@ def test_explain_on_a_volume_shows_grid_speedup_and_views():
     assert f"R = {plan.cost.r_grid:.2f}" in text and plan.cost.r_grid > 1
     assert "views:" in text and "memory: views" in text
     assert "4x4x4 ->" in text   # the cost table's changed regions are 3-D
+
+
+# -- 3-D networks people use -------------------------------------------------------------
+
+def _monai(name):
+    nets = pytest.importorskip("monai.networks.nets")
+    if name == "densenet121":
+        return nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=4)
+    return nets.resnet18(spatial_dims=3, n_input_channels=1, num_classes=4)
+
+
+def _video(name):
+    import torchvision.models.video as video
+    return getattr(video, name)(weights=None, num_classes=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["densenet121", "resnet18"])
+def test_monai_3d_networks_exact_at_every_position(name):
+    """MONAI DenseNet121 / ResNet18 (spatial_dims=3, one channel) on a 32^3
+    volume: patch 8, stride 12 (27 positions, every border)."""
+    shape = (1, 32, 32, 32)
+    net = calibrated(_monai(name), shape)
+    plan = check_exact(net, volume(shape, seed=7), (8, 8, 8), (12, 12, 12))
+    assert plan.grid.shape == (3, 3, 3) and plan.cost.r_grid > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18"])
+def test_video_networks_exact_over_time_and_space(name):
+    """torchvision's video CNNs on a 3x8x32x32 clip (C x T x H x W): the patch
+    occludes 4 frames of an 8x12 window; 2x3x3 positions."""
+    shape = (3, 8, 32, 32)
+    net = calibrated(_video(name), shape)
+    plan = check_exact(net, volume(shape, seed=8), (4, 8, 12), (4, 12, 10))
+    assert plan.grid.shape == (2, 3, 3) and plan.cost.r_grid > 1

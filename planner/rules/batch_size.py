@@ -32,10 +32,15 @@ def batch_size(plan, settings=None):
     """
     limit = settings.memory_limit if settings is not None else 2 * 2**30
     per = max(int(plan.per_position_bytes), 1)
-    fits = limit // per
+    # An incremental plan keeps the views (every materialized layer output of
+    # the unoccluded input) for the whole run: they come off the budget first.
+    # Small on images; a 3-D network's views can take hundreds of MiB.
+    views = int(plan.schedule.view_bytes) if plan.incremental and plan.schedule is not None else 0
+    fits = (limit - views) // per
     if fits < 1:
+        kept = f" besides the views' {format_bytes(views)}" if views else ""
         raise PlanError(f"memory_limit {format_bytes(limit)} is too small: one position needs "
-                        f"{format_bytes(per)} (SET memory_limit = '{_suggest(per)}')")
+                        f"{format_bytes(per)}{kept} (SET memory_limit = '{_suggest(per + views)}')")
     asked = plan.query.batch
     if asked is not None and asked < 1:
         raise PlanError(f"BATCH must be at least 1, got {asked}")
@@ -45,7 +50,8 @@ def batch_size(plan, settings=None):
     if asked is None:
         cap = auto_cap(plan)
         size = int(min(fits, n, cap))
-        why = (f"{format_bytes(per)} per position, memory_limit {format_bytes(limit)}, at most {cap} "
+        views_text = f" less the views' {format_bytes(views)}" if views else ""
+        why = (f"{format_bytes(per)} per position, memory_limit {format_bytes(limit)}{views_text}, at most {cap} "
                f"automatically on {plan.device} in {plan.mode} mode")
     elif asked > fits:
         size = int(min(fits, n))

@@ -58,7 +58,7 @@ def gather_backend(plan, settings=None):
     summary = gather_summary(choice)
     why = ("forced by SET gather_backend" if forced != "auto" else
            "CUDA device" if cuda else
-           f"numba from {kernels.NUMBA_MIN_CELLS} window cells per batch, torch below"
+           f"numba from {kernels.numba_min_cells(plan.ndim)} window cells per batch, torch below"
            + ("" if "numba" in available else " (numba not installed)"))
     if choice:
         plan.record("gather_backend", f"{summary} ({why})")
