@@ -214,7 +214,8 @@ def test_show_images(con):
     t = con.execute("SHOW IMAGES")
     assert t.rows[0] == ["img", "session", f"{H}x{W}"]
     assert ["coffee", "sample (scikit-image)", ""] in t.rows
-    assert str(t).endswith("(a quoted path also works: FROM 'scan.png')")
+    assert ["phantom", "sample volume (synthetic)", "1x64x64x64"] in t.rows
+    assert str(t).endswith("(a quoted path also works: FROM 'photo.png', FROM 'ct.nii.gz', FROM 'clip.npy')")
 
 
 def test_set_and_show_settings(con):

@@ -82,6 +82,7 @@ def test_nifti_round_trip_keeps_axes_and_affine(tmp_path):
 
 @pytest.mark.parametrize("obj, volume", [
     (np.zeros((16, 16, 16)), True), (np.zeros((1, 8, 8, 8)), True), (np.zeros((32, 32, 3)), False),
+    (np.zeros((3, 32, 32)), False),
     (np.zeros((32, 32)), False), (torch.zeros(1, 1, 8, 8, 8), True), (torch.zeros(1, 3, 8, 8), False),
     (torch.zeros(3, 16, 16), False), (torch.zeros(16, 16, 16), True), (torch.zeros(2, 8, 8, 8), True),
 ])

@@ -97,25 +97,23 @@ def is_volume_path(path: Union[str, os.PathLike]) -> bool:
 def looks_like_volume(obj: Any) -> bool:
     """Whether a bound object is a volume rather than an image.
 
-    A :class:`Volume` is; a numpy array of 4 axes ``(C, D, H, W)``, or of 3
-    whose last axis is not 1, 3 or 4 (an image's channels), ``(D, H, W)``; a
-    tensor ``(1, C, D, H, W)``, ``(C, D, H, W)`` unless it is an image batch
-    ``1xCxHxW`` with C = 1, 3 or 4, or ``(D, H, W)`` when neither its first nor
-    its last axis could be an image's channels. Wrap an array that reads
-    the other way in :class:`Volume` (``kql.Volume(array[None])``).
+    A :class:`Volume` is; a numpy array of 4 axes ``(C, D, H, W)``; a tensor
+    ``(1, C, D, H, W)``, or ``(C, D, H, W)`` unless it is an image batch
+    ``1xCxHxW`` with C = 1, 3 or 4; an array or tensor ``(D, H, W)`` when
+    neither its first nor its last axis could be an image's channels (1, 3
+    or 4). Wrap an array that reads the other way in :class:`Volume`
+    (``Volume(array[None].astype("float32"))``).
     """
     if isinstance(obj, Volume):
         return True
+    if not isinstance(obj, (np.ndarray, torch.Tensor)):
+        return False
+    s = tuple(obj.shape)
+    if len(s) == 3:
+        return s[0] not in (1, 3, 4) and s[2] not in (1, 3, 4)
     if isinstance(obj, np.ndarray):
-        return obj.ndim == 4 or (obj.ndim == 3 and obj.shape[2] not in (1, 3, 4))
-    if isinstance(obj, torch.Tensor):
-        s = tuple(obj.shape)
-        if obj.ndim == 5:
-            return True
-        if obj.ndim == 4:
-            return not (s[0] == 1 and s[1] in (1, 3, 4))
-        return obj.ndim == 3 and s[0] not in (1, 3, 4) and s[2] not in (1, 3, 4)
-    return False
+        return len(s) == 4
+    return len(s) == 5 or (len(s) == 4 and not (s[0] == 1 and s[1] in (1, 3, 4)))
 
 
 # ---------------------------------------------------------------- loading
