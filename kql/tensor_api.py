@@ -14,6 +14,9 @@ every requested class:
 >>> [r.heatmap.shape for r in results], [r.label for r in results]
 ([(4, 4), (4, 4)], [1, 3])
 
+Volumes ``(N, C, D, H, W)`` take a patch and stride per axis (or one number
+for a cube) and give ``(nd, nh, nw)`` heatmaps.
+
 The drop-ins ``kql.compat.captum`` and ``kql.compat.monai`` are built on it.
 """
 from __future__ import annotations
@@ -54,11 +57,13 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
         model: an ``nn.Module`` or a function around modules (``lambda x:
             net(x).softmax(1)``) that torch.fx can trace; it is put in eval
             mode.
-        inputs: ``(N, C, H, W)`` tensor in the model's space (already
-            normalised), or one ``(C, H, W)`` input.
-        patch: the occluding window: ``h`` (square), ``(h, w)`` or ``(C, h,
-            w)`` spanning all channels.
-        stride: ``s`` or ``(sy, sx)``.
+        inputs: ``(N, C, H, W)`` images or ``(N, C, D, H, W)`` volumes in
+            the model's space (already normalised), or one ``(C, H, W)``
+            image.
+        patch: the occluding window: one int (a square, or a cube on
+            volumes), one per spatial axis (``(h, w)``, ``(d, h, w)``), or
+            that preceded by ``C`` (spanning all channels).
+        stride: one int or one per spatial axis.
         target: the classes to map. ``None``: the top class of each input;
             an int: that class for every input; ``"all"``: every class; a
             sequence (or 1-D tensor) of length N: one entry per input, each an
@@ -71,11 +76,14 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
             as a tensor is ``(C, 1, 1)``), or a function ``f(input, ys, xs,
             (ph, pw))`` of one input ``(C, H, W)`` and a batch of patch
             corners returning the patches ``(B, C, ph, pw)`` (e.g. the input
-            blurred, or scaled by a mask).
+            blurred, or scaled by a mask); on volumes ``f(input, ds, ys,
+            xs, (pd, ph, pw))`` returning ``(B, C, pd, ph, pw)``.
         score: what the maps hold: ``"softmax"`` (probabilities),
             ``"sigmoid"``, ``"logits"`` (the model's raw output), or a
             callable ``output -> (B, K)`` tensor.
-        region: ``(x0, y0, x1, y1)``: occlude only this crop.
+        region: occlude only this crop: ``(x0, y0, x1, y1)`` on images,
+            or one ``(start, stop)`` per spatial axis in tensor order
+            (``((d0, d1), (h0, h1), (w0, w1))`` on volumes).
         mode: ``"exact"`` (incremental, equal to naive up to float rounding),
             ``"naive"`` or ``"approx"`` (with ``tau``, the projective-field
             threshold in (0, 1]).
@@ -100,9 +108,9 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
     """
     module, name = as_module(model)
     x = _check_inputs(inputs)
-    N, C, H, W = x.shape
-    patch_hw = _pair(patch, "patch", C)
-    stride_hw = _pair(stride, "stride")
+    N, C, *S = x.shape
+    patch_hw = _per_axis(patch, "patch", len(S), C)
+    stride_hw = _per_axis(stride, "stride", len(S))
     fills = _baselines(baseline, x)
     scorer = _scorer(score)
     targets = _targets(target, top, N)
@@ -119,9 +127,9 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
         raise ValueError(f"tau applies to mode='approx', not mode={mode!r}")
     settings = _settings(x.device.type, batch_size, memory_limit, progress)
     spec = _spec(name, module, C)
-    graph = _graph(spec, (C, H, W))
+    graph = _graph(spec, (C, *S))
     select = ast.Select(source=ast.Source("name", "inputs"), model=name, patch=patch_hw,
-                        stride=stride_hw, label=ast.Label("predicted"), region=_region(region),
+                        stride=stride_hw, label=ast.Label("predicted"), region=_region(region, len(S)),
                         mode=mode, approx=None if tau is None else ast.Approx("tau", float(tau)),
                         batch=batch_size, device=x.device.type)
     results = []
@@ -146,7 +154,7 @@ def _one(select, spec, graph, x: torch.Tensor, fill, scorer, target, settings, g
             raise
         raise ValueError(f"target of {desc}: {e}") from None  # a class beyond the model's outputs
     if isinstance(plan.fill, _ClippedFill):  # grid='clip': where each window starts
-        result.ys, result.xs = plan.fill.window_ys, plan.fill.window_xs
+        _set_starts(result, plan.fill.window_starts)
     result.timings = {"plan": t_plan, **result.timings, "total": time.perf_counter() - start}
     return result
 
@@ -166,22 +174,22 @@ def _label(target) -> ast.Label:
 
 def compile_tensor(select, spec, graph, x: torch.Tensor, fill, settings, grid: str = "edge",
                    desc: str = "input"):
-    """Bind and optimize one model-space input ``x`` ``(C, H, W)``: the
-    query language's path (``bind_input`` then the optimizer's rules,
+    """Bind and optimize one model-space input ``x`` (``(C, H, W)`` or
+    ``(C, D, H, W)``): the query language's path (``bind_input`` then the optimizer's rules,
     ``kql.compiler.optimize_bound``), with ``fill`` the patch's content
     (``(C,)``, a ``(C, H, W)`` baseline or a function) and, for
     ``grid='clip'``, the rule that clips the last windows at the edge."""
     from kql.compiler import optimize_bound
     from kql.planner.binder import bind_input
     from kql.planner.optimizer import RULES
-    C, H, W = x.shape
+    C, *S = x.shape
     if isinstance(fill, _PatchFill):
         fill.patch = select.patch
-    shown = "baseline function" if isinstance(fill, _PatchFill) else "baseline tensor" if fill.dim() == 3 else \
+    shown = "baseline function" if isinstance(fill, _PatchFill) else "baseline tensor" if fill.dim() > 1 else \
         ("(" + ", ".join(f"{float(v):.3g}" for v in fill) + ")" if C <= 4 else f"{C} channel values")
     t0 = time.perf_counter()
     plan = bind_input(select, spec, graph, x, _display(x), fill, settings, select.device,
-                      image_desc=f"tensor {desc}", original_hw=(H, W), fill_text=shown)
+                      image_desc=f"tensor {desc}", original_hw=tuple(S), fill_text=shown)
     rules = RULES
     if grid == "clip":
         i = RULES.index(next(r for r in RULES if r.__name__ == "resolve_region")) + 1
@@ -195,20 +203,27 @@ def compile_tensor(select, spec, graph, x: torch.Tensor, fill, settings, grid: s
     return plan
 
 
+def _set_starts(result, starts) -> None:
+    """Give a result the windows' starts (``(ys, xs)``, or ``(zs, ys, xs)`` on volumes)."""
+    if len(starts) == 3:
+        result.zs = np.asarray(starts[0], dtype=np.int64)
+    result.ys, result.xs = (np.asarray(s, dtype=np.int64) for s in starts[-2:])
+
+
 def clip_windows(plan):
     """Rule (tensor API, ``grid='clip'``): windows start at multiples of the
-    stride and the last row and column are clipped at the region's edge, as
-    Captum lays them out. The grid keeps its positions (the last ones end at
-    the edge); their patch holds the baseline only where the clipped window
-    lies and the input elsewhere, so the changed regions stay a superset."""
-    r = plan.region
-    (ph, pw), (sy, sx) = plan.patch, plan.stride
-    wy = r.y0 + sy * np.arange(len(plan.ys))
-    wx = r.x0 + sx * np.arange(len(plan.xs))
-    if (wy != plan.ys).any() or (wx != plan.xs).any():
-        plan.fill = _ClippedFill(plan.input, plan.fill, plan.ys, plan.xs, wy, wx, (ph, pw))
-        plan.record("clip_windows", f"last window row/column clipped at the edge: "
-                                    f"{int(wy[-1])}..{r.y1} x {int(wx[-1])}..{r.x1}")
+    stride and the last ones on every axis are clipped at the region's edge,
+    as Captum lays them out. The grid keeps its positions (the last ones end
+    at the edge); their patch holds the baseline only where the clipped
+    window lies and the input elsewhere, so the changed regions stay a
+    superset."""
+    starts, bounds = plan.grid.starts, plan.grid.bounds
+    windows = tuple(lo + st * np.arange(len(s)) for s, (lo, _), st in zip(starts, bounds, plan.stride))
+    if any((w != s).any() for w, s in zip(windows, starts)):
+        plan.fill = _ClippedFill(plan.input, plan.fill, starts, windows, plan.patch)
+        what = "row/column" if len(starts) == 2 else "window on every axis"
+        plan.record("clip_windows", f"last {what} clipped at the edge: "
+                    + " x ".join(f"{int(w[-1])}..{hi}" for w, (_, hi) in zip(windows, bounds)))
     else:
         plan.record("clip_windows", "the windows end at the edge: nothing to clip")
     return plan
@@ -218,24 +233,24 @@ class _ClippedFill:
     """Patch contents for clipped windows: the baseline from each window's
     start on, the input before it (``executor.common.patch_values``)."""
 
-    def __init__(self, x, fill, ys, xs, window_ys, window_xs, patch):
-        C, H, W = x.shape
+    def __init__(self, x, fill, starts, window_starts, patch):
+        C, *S = x.shape
         self.x = x
-        self.base = (fill.view(C, 1, 1) if fill.dim() == 1 else fill).expand(C, H, W).contiguous()
-        self.dy = dict(zip(np.asarray(ys).tolist(), (window_ys - ys).tolist()))
-        self.dx = dict(zip(np.asarray(xs).tolist(), (window_xs - xs).tolist()))
-        self.window_ys, self.window_xs = window_ys, window_xs
+        self.base = (fill.view(C, *[1] * len(S)) if fill.dim() == 1 else fill).expand(x.shape).contiguous()
+        self.shift = [dict(zip(np.asarray(s).tolist(), (w - s).tolist())) for s, w in zip(starts, window_starts)]
+        self.window_starts = window_starts
         self.patch = patch
 
-    def __call__(self, ys: np.ndarray, xs: np.ndarray) -> torch.Tensor:
+    def __call__(self, *starts: np.ndarray) -> torch.Tensor:
         from kql import kernels
-        ph, pw = self.patch
-        y0, x0 = torch.as_tensor(ys, dtype=torch.int64), torch.as_tensor(xs, dtype=torch.int64)
-        base = kernels.gather(self.base, y0, x0, ph, pw, backend="torch")
-        inp = kernels.gather(self.x.float().contiguous(), y0, x0, ph, pw, backend="torch")
-        dy = torch.tensor([self.dy[int(v)] for v in ys])[:, None, None, None]
-        dx = torch.tensor([self.dx[int(v)] for v in xs])[:, None, None, None]
-        inside = (torch.arange(ph)[None, None, :, None] >= dy) & (torch.arange(pw)[None, None, None, :] >= dx)
+        at = [torch.as_tensor(np.asarray(s), dtype=torch.int64) for s in starts]
+        base = kernels.gather_nd(self.base, at, self.patch, backend="torch")
+        inp = kernels.gather_nd(self.x.float().contiguous(), at, self.patch, backend="torch")
+        inside = torch.ones(inp.shape, dtype=torch.bool)
+        n = len(self.patch)
+        for axis, (s, shift, size) in enumerate(zip(starts, self.shift, self.patch)):
+            d = torch.tensor([shift[int(v)] for v in s]).view(-1, *[1] * (n + 1))
+            inside &= torch.arange(size).view(*[1] * (2 + axis), size, *[1] * (n - axis - 1)) >= d
         return torch.where(inside, base, inp)
 
 
@@ -387,36 +402,45 @@ def _check_inputs(inputs) -> torch.Tensor:
         raise TypeError(f"inputs must be a torch.Tensor (N, C, H, W), got {type(inputs).__name__}")
     if inputs.dim() == 3:
         inputs = inputs[None]
-    if inputs.dim() != 4 or 0 in inputs.shape:
-        raise ValueError(f"inputs must be (N, C, H, W) or one (C, H, W) input, got shape {tuple(inputs.shape)}")
+    if inputs.dim() not in (4, 5) or 0 in inputs.shape:
+        raise ValueError(f"inputs must be (N, C, H, W) images, (N, C, D, H, W) volumes or one (C, H, W) image, "
+                         f"got shape {tuple(inputs.shape)}")
     if not inputs.is_floating_point():
         raise TypeError(f"inputs must be floating point, got {inputs.dtype}")
     return inputs.detach().float()
 
 
-def _pair(value, what: str, channels: Optional[int] = None) -> tuple[int, int]:
+def _per_axis(value, what: str, ndim: int = 2, channels: Optional[int] = None) -> tuple[int, ...]:
+    """``value`` as one int per spatial axis (``ndim`` of them): an int for
+    every axis, one per axis, or (given ``channels``) that preceded by the
+    channel count."""
     v = value
     if isinstance(v, torch.Tensor):
         v = v.tolist()
     if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        v = (v, v)
+        v = (v,) * ndim
     if not isinstance(v, (tuple, list)) or not all(
             isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in v):
         raise TypeError(f"{what} must be an int or a tuple of ints, got {value!r}")
-    if channels is not None and len(v) == 3:
+    axes = "h, w" if ndim == 2 else "d, h, w"
+    if channels is not None and len(v) == ndim + 1:
         if v[0] != channels:
-            raise ValueError(f"{what} {tuple(v)} must span all {channels} channels (C, h, w)")
+            kind = "2-D images" if ndim == 2 else "volumes"
+            raise ValueError(f"{what} {tuple(v)} must span all {channels} channels (C, {axes}): the inputs are "
+                             f"{kind}, so give one size per axis ({axes})")
         v = v[1:]
-    if len(v) != 2:
-        raise ValueError(f"{what} must be h, (h, w){' or (C, h, w)' if channels else ''}, got {value!r}")
-    if v[0] < 1 or v[1] < 1:
+    if len(v) != ndim:
+        form = f"{axes[0]}, ({axes})" + (f" or (C, {axes})" if channels else "")
+        kind = "images" if ndim == 2 else "volumes"
+        raise ValueError(f"{what} must be {form} on {kind}, got {value!r}")
+    if min(v) < 1:
         raise ValueError(f"{what} must be at least 1, got {tuple(v)}")
-    return int(v[0]), int(v[1])
+    return tuple(int(a) for a in v)
 
 
 def _baselines(baseline, x: torch.Tensor) -> list[torch.Tensor]:
-    """Per input, the patch content: ``(C,)`` or a ``(C, H, W)`` baseline."""
-    N, C, H, W = x.shape
+    """Per input, the patch content: ``(C,)`` or a ``(C, *S)`` baseline."""
+    N, C = x.shape[:2]
     if callable(baseline) and not isinstance(baseline, torch.Tensor):
         return [_PatchFill(baseline, x[n]) for n in range(N)]
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
@@ -444,36 +468,53 @@ def _baselines(baseline, x: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for n in range(N):
         one = full[n]
-        per_channel = (one == one[:, :1, :1]).all() if one.numel() else False
-        out.append(one[:, 0, 0].clone() if per_channel else one.contiguous())
+        flat = one.reshape(C, -1)
+        per_channel = (flat == flat[:, :1]).all() if one.numel() else False
+        out.append(flat[:, 0].clone() if per_channel else one.contiguous())
     return out
 
 
 class _PatchFill:
-    """A callable baseline bound to one input: ``fill(ys, xs)`` for the
-    executors (``executor.common.patch_values``)."""
+    """A callable baseline bound to one input: ``fill(ys, xs)`` (``fill(ds,
+    ys, xs)`` on volumes) for the executors (``executor.common.patch_values``)."""
 
     def __init__(self, fn: Callable, x: torch.Tensor):
         self.fn, self.x, self.patch = fn, x, None
 
-    def __call__(self, ys: np.ndarray, xs: np.ndarray) -> torch.Tensor:
-        out = self.fn(self.x, ys, xs, self.patch)
-        want = (len(ys), self.x.shape[0], *self.patch)
+    def __call__(self, *starts: np.ndarray) -> torch.Tensor:
+        out = self.fn(self.x, *starts, self.patch)
+        want = (len(starts[0]), self.x.shape[0], *self.patch)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"baseline(input, ys, xs, patch) must return a tensor of shape {want}, got {got}")
         return out
 
 
-def _region(region) -> Optional[ast.Region]:
+def _region(region, ndim: int = 2) -> Optional[ast.Region]:
+    """The REGION of ``region``: ``(x0, y0, x1, y1)`` on images, or one
+    ``(start, stop)`` per spatial axis in tensor order."""
     if region is None:
         return None
     if isinstance(region, ast.Region):
         return region
     try:
+        pairs = [tuple(int(v) for v in axis) for axis in region]
+        if len(pairs) != ndim or any(len(p) != 2 for p in pairs):
+            raise ValueError
+    except (TypeError, ValueError):
+        pairs = None
+    if pairs is not None:
+        if ndim == 2:
+            (y0, y1), (x0, x1) = pairs
+            return ast.Region(x0, y0, x1, y1)
+        return ast.Region.from_bounds(pairs)
+    if ndim != 2:
+        raise ValueError(f"region must be one (start, stop) per spatial axis, ((d0, d1), (h0, h1), (w0, w1)), "
+                         f"got {region!r}")
+    try:
         x0, y0, x1, y1 = (int(v) for v in region)
     except (TypeError, ValueError):
-        raise ValueError(f"region must be (x0, y0, x1, y1), got {region!r}") from None
+        raise ValueError(f"region must be (x0, y0, x1, y1) or ((y0, y1), (x0, x1)), got {region!r}") from None
     return ast.Region(x0, y0, x1, y1)
 
 
@@ -510,11 +551,17 @@ def _graph(spec, shape):
 
 
 def _display(x: torch.Tensor) -> np.ndarray:
-    """An ``HxWx3`` picture in [0, 1] of a model-space input, for figures:
-    each channel of an RGB input (the mean of other channel counts) scaled
-    to its own range."""
+    """A picture in [0, 1] of a model-space input, for figures: an image
+    ``HxWx3``, each channel of an RGB input (the mean of other channel
+    counts) scaled to its own range; a volume ``DxHxW``, the mean of its
+    channels scaled to its range."""
     a = x.detach().float().cpu().numpy()
-    a = a if a.shape[0] == 3 else np.repeat(a.mean(axis=0, keepdims=True), 3, axis=0)
-    lo = a.min(axis=(1, 2), keepdims=True)
-    span = a.max(axis=(1, 2), keepdims=True) - lo
-    return np.transpose((a - lo) / np.where(span > 0, span, 1.0), (1, 2, 0)).astype(np.float32)
+    if a.ndim == 4:
+        a = a.mean(axis=0, keepdims=True)
+    elif a.shape[0] != 3:
+        a = np.repeat(a.mean(axis=0, keepdims=True), 3, axis=0)
+    spatial = tuple(range(1, a.ndim))
+    lo = a.min(axis=spatial, keepdims=True)
+    span = a.max(axis=spatial, keepdims=True) - lo
+    a = (a - lo) / np.where(span > 0, span, 1.0)
+    return (a[0] if x.dim() == 4 else np.moveaxis(a, 0, -1)).astype(np.float32)

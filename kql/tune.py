@@ -45,7 +45,7 @@ from kql.errors import KqlError, PlanError, QueryInterrupted
 from kql.table import Table
 
 __all__ = ["DEFAULT_TAUS", "FLAT", "default_stride", "heatmap_ssim",
-           "sample_images", "tune", "show_calibrations"]
+           "sample_images", "tune", "tune_tensors", "show_calibrations"]
 
 #: The thresholds TUNE measures when the statement gives no TAUS (Krypton's
 #: 0.9 ... 0.4, plus 1.0, which is exact and anchors the fit at SSIM 1).
@@ -59,17 +59,17 @@ TARGETS = (0.8, 0.9, 0.95)
 _BOUND = "__kql_tune_image__"     # the binding each sample image runs under
 
 
-def default_stride(patch: tuple[int, int]) -> tuple[int, int]:
-    """The stride TUNE uses when none is given: half the patch (at least 1).
+def default_stride(patch: tuple[int, ...]) -> tuple[int, ...]:
+    """The stride TUNE uses when none is given: half the patch (at least 1) on every axis.
 
     Neighbouring patches overlap by half, so the heatmap has the smooth
     structure a finer query grid shows, at a quarter of the cost of a stride
     of patch/4 (TUNE runs ``1 + len(TAUS) - 1`` heatmaps per image).
 
-    >>> default_stride((16, 16)), default_stride((1, 3))
-    ((8, 8), (1, 1))
+    >>> default_stride((16, 16)), default_stride((1, 3)), default_stride((8, 8, 4))
+    ((8, 8), (1, 1), (4, 4, 2))
     """
-    return max(1, patch[0] // 2), max(1, patch[1] // 2)
+    return tuple(max(1, p // 2) for p in patch)
 
 
 # ---------------------------------------------------------------------------
@@ -230,6 +230,65 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
         notes.append(f"adaptive refinement not calibrated: {policy.too_small(np.shape(exact.heatmap))}")
     path = calibration.save(cal)
     return summary(cal, notes + [f"saved to {path}"])
+
+
+def tune_tensors(model, inputs, patch, stride=None, *, taus: Sequence[float] = DEFAULT_TAUS,
+                 baseline: float = 0.0, score: str = "softmax", name: Optional[str] = None,
+                 save: bool = False) -> calibration.Calibration:
+    """TUNE for inputs already in the model's space (the tensor API's):
+    images ``(N, C, H, W)`` or volumes ``(N, C, D, H, W)``.
+
+    For every input, the exact heatmap of its top class and the approximate
+    one at each of ``taus`` (``kql.occlusion(..., mode='approx', tau=t)``),
+    compared by :func:`heatmap_ssim` (on volumes over ``(nd, nh, nw)`` grid
+    cells); flat exact heatmaps are left out, as TUNE leaves them out. Then
+    ``kql.occlusion(..., mode='approx', tau=cal.tau_for(0.9))`` is the
+    tensor API's ``APPROX SSIM 0.9``.
+
+    Args:
+        model: the module (or a function around one), as for ``kql.occlusion``.
+        inputs: the sample inputs.
+        patch, stride: as for ``kql.occlusion`` (default stride: half the patch).
+        taus: the thresholds to measure (at least 3 different ones).
+        baseline: the patch's value (a number).
+        score: ``"softmax"``, ``"sigmoid"`` or ``"logits"``.
+        name: the calibration's model name (default the module's class name).
+        save: also store it in the user's calibrations (``SHOW CALIBRATIONS``).
+
+    Returns:
+        The :class:`kql.calibration.Calibration` (``input_hw`` is the input's
+        spatial shape, 2 or 3 sizes).
+
+    Raises:
+        PlanError: bad ``taus``, or every exact heatmap flat.
+        ValueError / TypeError: what ``kql.occlusion`` raises for the arguments.
+    """
+    from kql.tensor_api import _per_axis, as_module, occlusion
+    taus = _check_taus(taus)
+    module, default_name = as_module(model)
+    ndim = inputs.dim() - 2
+    patch = _per_axis(patch, "patch", ndim)
+    stride = default_stride(patch) if stride is None else _per_axis(stride, "stride", ndim)
+    ssim: dict[str, list[float]] = {}
+    for n, exact in enumerate(occlusion(module, inputs, patch, stride, baseline=baseline, score=score)):
+        if float(np.ptp(exact.heatmap)) < FLAT:
+            continue
+        one = inputs[n:n + 1]
+        ssim[f"inputs[{n}]"] = [1.0 if t >= 1 else heatmap_ssim(exact.heatmap, occlusion(
+            module, one, patch, stride, target=exact.label, baseline=baseline, score=score, mode="approx",
+            tau=t)[0].heatmap) for t in taus]
+    if not ssim:
+        raise PlanError(f"every exact heatmap is flat: occluding {'x'.join(map(str, patch))} patches never "
+                        f"changes the score, so there is nothing to calibrate")
+    cal = calibration.Calibration(
+        model=name or default_name, weights="bound from Python",
+        fingerprint=calibration.weights_fingerprint(module), input_hw=tuple(inputs.shape[2:]),
+        patch=tuple(patch), stride=tuple(stride), color=f"value {float(baseline):g}", taus=taus, ssim=ssim,
+        coefficients=calibration.fit(taus, ssim),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if save:
+        calibration.save(cal)
+    return cal
 
 
 def measure_refinement(con, model: str, images, patch, stride, color=None, weights=None,

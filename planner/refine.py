@@ -264,15 +264,14 @@ def heatmap_ssim(exact: np.ndarray, approx: np.ndarray) -> float:
     approx = np.asarray(approx, dtype=np.float64)
     if exact.shape != approx.shape:
         raise PlanError(f"cannot compare heatmaps of shapes {exact.shape} and {approx.shape}")
-    rows, cols = exact.shape
-    if min(rows, cols) < 3:
-        raise PlanError(f"a {rows}x{cols} heatmap is too small for SSIM (at least 3x3 positions): "
-                        f"use a smaller STRIDE")
+    if min(exact.shape) < 3:   # an image's (rows, cols) or a volume's (nd, nh, nw)
+        raise PlanError(f"a {'x'.join(map(str, exact.shape))} heatmap is too small for SSIM (at least "
+                        f"{'x'.join('3' * exact.ndim)} positions): use a smaller STRIDE")
     span = float(np.ptp(exact))
     if span < FLAT:
         raise PlanError(f"the exact heatmap is flat (its probability spans {span:.2g} < {FLAT:g}): "
                         f"SSIM is undefined")
-    win = min(7, rows, cols)
+    win = min(7, *exact.shape)
     win -= 1 - win % 2
     return float(structural_similarity(exact, approx, data_range=span, win_size=win))
 

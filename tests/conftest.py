@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(items):
     """Every test that needs the trained net (directly or through another fixture)
     is ``slow``: the first one in a run trains it (``make test-fast`` leaves them out)."""
     for item in items:
-        if "fmnist_net" in getattr(item, "fixturenames", ()):
+        if {"fmnist_net", "fmnist3d_net"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
@@ -69,3 +69,16 @@ def fmnist_net(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent
     return zoo.trained_fmnist_net(base / "kql-zoo")
+
+
+@pytest.fixture(scope="session")
+def fmnist3d_net(tmp_path_factory):
+    """kql.zoo's 3-D CNN on Fashion-MNIST volumes (about 80% test accuracy),
+    trained at most once per run and shared by the xdist workers, as
+    :func:`fmnist_net`. Read-only."""
+    import os
+    from kql import zoo
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    return zoo.trained_fmnist3d_net(base / "kql-zoo")

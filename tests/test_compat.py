@@ -252,7 +252,7 @@ def test_monai_activate_callable_and_module_kwargs():
     (torch.zeros(1, 3, 16, 16), dict(mask_size=20), ValueError, "should be bigger than mask"),
     (torch.zeros(1, 3, 16, 16), dict(overlap=1.0), ValueError, "overlap"),
     (torch.zeros(1, 3, 16, 16), dict(mask_size=(4, 4, 4)), ValueError, "mask_size"),
-    (torch.zeros(1, 3, 8, 8, 8), {}, ValueError, "3-D volumes"),
+    (torch.zeros(1, 3, 8, 8, 8, 8), {}, ValueError, "an image .* or a volume"),
     (torch.zeros(1, 3, 16, 16).numpy(), {}, TypeError, "Tensor"),
 ])
 def test_monai_bad_input_is_a_clear_error(x, kwargs, error, text):

@@ -18,7 +18,8 @@ the planner sizes batches itself.
 
 Where the engine cannot run the forward function -- it cannot be traced by
 torch.fx, takes tensor ``additional_forward_args``, the window does not span
-all channels, the input is not ``(N, C, H, W)``, several input tensors, a
+all channels, the input is neither images ``(N, C, H, W)`` nor volumes
+``(N, C, D, H, W)``, several input tensors, a
 target Captum selects from a >2-D output, or a model in training mode -- it
 is computed anyway by batched naive occlusion, with one warning saying why;
 the result still equals Captum's.
@@ -103,8 +104,8 @@ class Occlusion:
         if len(xs) != 1:
             return "several input tensors"
         x, w = xs[0], windows[0]
-        if x.dim() != 4:
-            return f"the input is {x.dim()}-D, not (N, C, H, W)"
+        if x.dim() not in (4, 5):
+            return f"the input is {x.dim()}-D, not images (N, C, H, W) or volumes (N, C, D, H, W)"
         if w[0] != x.shape[1]:
             return f"the window {w} does not span all {x.shape[1]} channels"
         if not x.is_floating_point():

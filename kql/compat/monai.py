@@ -8,10 +8,11 @@
 >>> tuple(occ_map.shape), tuple(most_probable.shape)
 ((1, 3, 24, 32), (1, 1, 24, 32))
 
-Same constructor, same call, same tensors as MONAI (1.3 to 1.6): the map is
-``(1, N, H, W)`` with the N classes on axis 1 -- what MONAI returns, whatever
-its docstring's ``BCHW(D)N`` says -- and the most probable class
-``(1, 1, H, W)``. MONAI slides the mask over the image as
+Same constructor, same call, same tensors as MONAI (1.3 to 1.6), for images
+``(1, C, H, W)`` and volumes ``(1, C, D, H, W)``: the map is ``(1, N, H, W)``
+(``(1, N, D, H, W)``) with the N classes on axis 1 -- what MONAI returns,
+whatever its docstring's ``BCHW(D)N`` says -- and the most probable class
+``(1, 1, H, W)`` (``(1, 1, D, H, W)``). MONAI slides the mask over the image as
 ``sliding_window_inference`` slides a window: the step is ``int(mask_size *
 (1 - overlap))`` (at least 1), the last window ends at the image's edge, and
 every pixel gets the (Gaussian-weighted, for ``mode='gaussian'``) mean of the
@@ -20,8 +21,6 @@ position of one incremental plan whose output is every class
 (``kql.occlusion(..., target='all')``); the windows' outputs are then blended
 as MONAI blends them. ``n_batch`` is a memory hint only: the planner sizes
 batches itself.
-
-3-D volumes (``BCHWD``) are not supported yet: the engine takes 2-D images.
 """
 from __future__ import annotations
 
@@ -75,13 +74,13 @@ class OcclusionSensitivity:
 
     def __call__(self, x: torch.Tensor, b_box: Optional[Sequence[int]] = None,
                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The occlusion map ``(1, N, H, W)`` and the most probable class
-        ``(1, 1, H, W)``, both cropped to ``b_box`` when given.
+        """The occlusion map ``(1, N, *S)`` and the most probable class
+        ``(1, 1, *S)``, both cropped to ``b_box`` when given.
 
         Args:
-            x: one image ``(1, C, H, W)``.
-            b_box: ``[min_y, max_y, min_x, max_x]``; negative values mean the
-                whole axis (as in MONAI).
+            x: one image ``(1, C, H, W)`` or volume ``(1, C, D, H, W)``.
+            b_box: ``[min_1, max_1, min_2, max_2, ...]``, two per spatial
+                axis; negative values mean the whole axis (as in MONAI).
             kwargs: further arguments of the module's forward.
 
         Raises:
@@ -93,19 +92,20 @@ class OcclusionSensitivity:
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.shape[0] > 1:
             raise ValueError("Expected batch size of 1.")
-        if x.dim() != 4:
-            raise ValueError(f"x must be (1, C, H, W): the engine takes 2-D images (3-D volumes are not "
-                             f"supported yet), got shape {tuple(x.shape)}")
+        if x.dim() not in (4, 5):
+            raise ValueError(f"x must be an image (1, C, H, W) or a volume (1, C, D, H, W), got shape "
+                             f"{tuple(x.shape)}")
         if not isinstance(self.overlap, numbers.Real) or not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap!r}")
-        H, W = x.shape[2:]
-        mask = _mask_size(self.mask_size)
-        y0, y1, x0, x1 = 0, H, 0, W
+        shape = tuple(x.shape[2:])
+        mask = _mask_size(self.mask_size, len(shape))
+        box = [(0, n) for n in shape]
         if b_box is not None:
-            (y0, y1, x0, x1), mask = _crop(b_box, mask, (H, W))
-        if any(m > g for g, m in zip((y1 - y0, x1 - x0), mask)):
-            raise ValueError(f"Image (spatial shape) {(y1 - y0, x1 - x0)} should be bigger than mask {tuple(mask)}.")
-        step = tuple(_scan_interval(g, m, self.overlap) for g, m in zip((y1 - y0, x1 - x0), mask))
+            box, mask = _crop(b_box, mask, shape)
+        size = tuple(hi - lo for lo, hi in box)
+        if any(m > g for g, m in zip(size, mask)):
+            raise ValueError(f"Image (spatial shape) {size} should be bigger than mask {tuple(mask)}.")
+        step = tuple(_scan_interval(g, m, self.overlap) for g, m in zip(size, mask))
         module = self.nn_module
         if kwargs:
             inner = module
@@ -121,20 +121,21 @@ class OcclusionSensitivity:
         was_training = self.nn_module.training if isinstance(self.nn_module, nn.Module) else None
         try:
             result = occlusion(module, x, tuple(mask), step, target="all", baseline=self._fill(x, mask),
-                               score=score, region=(x0, y0, x1, y1),
+                               score=score, region=tuple(box),
                                progress="on" if self.verbose else "off")[0]
         finally:
             if was_training:
                 self.nn_module.train()
         weights = _importance(mask, self.mode == "gaussian")
-        blended = _blend(torch.from_numpy(result.maps), result.ys - y0, result.xs - x0, weights,
-                         (y1 - y0, x1 - x0))
-        out = torch.zeros((1, blended.shape[0], H, W), dtype=torch.float32)
-        out[0, :, y0:y1, x0:x1] = blended
+        starts = result.starts
+        blended = _blend(torch.from_numpy(result.maps), [np.asarray(s) - lo for s, (lo, _) in zip(starts, box)],
+                         weights, size)
+        out = torch.zeros((1, blended.shape[0], *shape), dtype=torch.float32)
+        out[(0, slice(None)) + tuple(slice(lo, hi) for lo, hi in box)] = blended
         if b_box is not None:
             lo = [max(int(b), 0) for b in b_box[0::2]]
-            hi = [int(b) if b > 0 else s for b, s in zip(b_box[1::2], (H, W))]
-            out = out[:, :, lo[0]:hi[0], lo[1]:hi[1]]
+            hi = [int(b) if b > 0 else s for b, s in zip(b_box[1::2], shape)]
+            out = out[(slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))]
         out = out.to(x.device)
         return out, out.argmax(dim=1, keepdim=True)
 
@@ -152,25 +153,28 @@ class OcclusionSensitivity:
         return _Custom(mode, x)
 
 
-def _mask_size(mask_size) -> list[int]:
-    m = [mask_size] * 2 if isinstance(mask_size, numbers.Integral) else list(mask_size)
-    if len(m) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in m):
-        raise ValueError(f"mask_size must be a positive int or two of them (2-D images), got {mask_size!r}")
+def _mask_size(mask_size, ndim: int = 2) -> list[int]:
+    m = [mask_size] * ndim if isinstance(mask_size, numbers.Integral) else list(mask_size)
+    if len(m) != ndim or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                                 for v in m):
+        raise ValueError(f"mask_size must be a positive int or {ndim} of them (one per spatial axis), got "
+                         f"{mask_size!r}")
     return [int(v) for v in m]
 
 
-def _crop(b_box, mask, shape) -> tuple[tuple[int, int, int, int], list[int]]:
-    """MONAI's ``crop_meshgrid``: the box widened by half the mask, clipped;
-    the mask clipped to it."""
-    if len(b_box) != 4 or not all(isinstance(b, numbers.Integral) for b in b_box):
-        raise ValueError(f"b_box must be [min_y, max_y, min_x, max_x] (ints), got {list(b_box)!r}")
+def _crop(b_box, mask, shape) -> tuple[list[tuple[int, int]], list[int]]:
+    """MONAI's ``crop_meshgrid``: the box widened by half the mask, clipped,
+    as ``(start, stop)`` per axis; the mask clipped to it."""
+    if len(b_box) != 2 * len(shape) or not all(isinstance(b, numbers.Integral) for b in b_box):
+        raise ValueError(f"b_box must be [min_1, max_1, ..., min_{len(shape)}, max_{len(shape)}] (ints, two "
+                         f"per spatial axis), got {list(b_box)!r}")
     edge = [(m - 1) // 2 for m in mask]
     lo = [max(int(b) - e, 0) for b, e in zip(b_box[0::2], edge)]
     hi = [s if b == -1 else min(int(b) + e, s) for b, e, s in zip(b_box[1::2], edge, shape)]
     if any(h <= l for l, h in zip(lo, hi)):
         raise ValueError(f"b_box {list(b_box)} is empty for an image of {tuple(shape)}")
     mask = [min(m, h - l) for m, l, h in zip(mask, lo, hi)]
-    return (lo[0], hi[0], lo[1], hi[1]), mask
+    return list(zip(lo, hi)), mask
 
 
 def _scan_interval(size: int, mask: int, overlap: float) -> int:
@@ -194,13 +198,28 @@ def _importance(mask: Sequence[int], gaussian: bool, sigma_scale: float = 0.125)
     return torch.clamp(out, min=floor)
 
 
-def _blend(maps: torch.Tensor, ys, xs, weights: torch.Tensor, shape) -> torch.Tensor:
-    """Every pixel: the weighted mean of the outputs (``maps``, classes x
-    rows x cols) of the windows covering it (``sliding_window_inference``).
+def _blend(maps: torch.Tensor, starts, weights: torch.Tensor, shape) -> torch.Tensor:
+    """Every pixel (voxel): the weighted mean of the outputs (``maps``,
+    classes x grid) of the windows covering it (``sliding_window_inference``);
+    ``starts`` the windows' first corner per axis."""
+    if len(shape) == 2:
+        return _blend_2d(maps, *starts, weights, shape)
+    values = maps.float()
+    w = weights.float()
+    total = torch.zeros((maps.shape[0], *shape))
+    count = torch.zeros((1, *shape))
+    starts = [np.asarray(s, dtype=np.int64).tolist() for s in starts]
+    for index in np.ndindex(*values.shape[1:]):
+        box = tuple(slice(s[i], s[i] + m) for s, i, m in zip(starts, index, w.shape))
+        total[(slice(None),) + box] += w * values[(slice(None),) + index].view(-1, *[1] * len(shape))
+        count[(slice(None),) + box] += w
+    return total / count
 
-    The windows on a regular step are summed with ``F.fold`` (col2im), a
-    few dozen classes at a time; the last row and column, shifted to end at
-    the edge, with ``index_add_``."""
+
+def _blend_2d(maps: torch.Tensor, ys, xs, weights: torch.Tensor, shape) -> torch.Tensor:
+    """:func:`_blend` of images: the windows on a regular step are summed with
+    ``F.fold`` (col2im), a few dozen classes at a time; the last row and
+    column, shifted to end at the edge, one by one."""
     import torch.nn.functional as F
     K = maps.shape[0]
     H, W = shape
@@ -244,7 +263,7 @@ def _regular(a: np.ndarray) -> tuple[int, int]:
 
 
 def _gaussian_mul(channels: int, mask: Sequence[int], sigma: float = 0.25) -> torch.Tensor:
-    """MONAI's ``gaussian_occlusion`` factor ``(C, mh, mw)``: 1 minus a
+    """MONAI's ``gaussian_occlusion`` factor ``(C, *mask)``: 1 minus a
     Gaussian (``GaussianSmooth`` of a centred impulse, erf kernel truncated
     at 4 sigma), scaled to [0, 1]: 0 at the centre."""
     kernels = []
@@ -257,7 +276,9 @@ def _gaussian_mul(channels: int, mask: Sequence[int], sigma: float = 0.25) -> to
         c = m // 2
         idx = torch.arange(m) - c + tail                     # the impulse at c, filtered with zero padding
         kernels.append(torch.where((idx >= 0) & (idx < len(k)), k[idx.clamp(0, len(k) - 1)], torch.zeros(())))
-    g = kernels[0][:, None] * kernels[1][None, :]
+    g = kernels[0]
+    for k in kernels[1:]:
+        g = g.unsqueeze(-1) * k
     g = -g.expand(channels, *g.shape)
     lo, hi = g.min(), g.max()
     if hi == lo:
@@ -271,33 +292,35 @@ class _Multiply:
     def __init__(self, mul: torch.Tensor):
         self.mul = mul
 
-    def __call__(self, x: torch.Tensor, ys, xs, patch) -> torch.Tensor:
-        return _boxes(x, ys, xs, patch) * self.mul.to(x.dtype)
+    def __call__(self, x: torch.Tensor, *starts_patch) -> torch.Tensor:
+        return _boxes(x, *starts_patch) * self.mul.to(x.dtype)
 
 
-def _mean_patch(x: torch.Tensor, ys, xs, patch) -> torch.Tensor:
+def _mean_patch(x: torch.Tensor, *starts_patch) -> torch.Tensor:
     """``mean_patch`` as MONAI (1.3 to 1.6) computes it: its predictor
     unpacks ``constant_occlusion``'s ``(mul, add)`` as ``(add, mul)``, so each
     box is multiplied by its own mean (over all channels) rather than
     replaced by it. Done the same here, so the maps match."""
-    boxes = _boxes(x, ys, xs, patch)
+    boxes = _boxes(x, *starts_patch)
     means = boxes.reshape(len(boxes), -1).mean(dim=1)
-    return boxes * means.view(-1, 1, 1, 1)
+    return boxes * means.view(-1, *[1] * (boxes.dim() - 1))
 
 
 class _Custom:
-    """A callable mode: ``mode(x, box)`` with x the ``(1, C, H, W)`` image."""
+    """A callable mode: ``mode(x, box)`` with x the ``(1, C, *S)`` input."""
 
     def __init__(self, fn: Callable, x: torch.Tensor):
         self.fn, self.x = fn, x
 
-    def __call__(self, x: torch.Tensor, ys, xs, patch) -> torch.Tensor:
-        boxes = _boxes(x, ys, xs, patch)
+    def __call__(self, x: torch.Tensor, *starts_patch) -> torch.Tensor:
+        boxes = _boxes(x, *starts_patch)
         return torch.cat([self.fn(self.x, box[None]) for box in boxes]).to(torch.float32)
 
 
-def _boxes(x: torch.Tensor, ys, xs, patch) -> torch.Tensor:
+def _boxes(x: torch.Tensor, *starts_patch) -> torch.Tensor:
+    """The input's boxes ``(B, C, *patch)`` at the windows' starts (one array
+    per axis, then the patch size)."""
     from kql import kernels
-    y0 = torch.as_tensor(np.asarray(ys, dtype=np.int64), device=x.device)
-    x0 = torch.as_tensor(np.asarray(xs, dtype=np.int64), device=x.device)
-    return kernels.gather(x.float().contiguous(), y0, x0, patch[0], patch[1], backend="torch")
+    *starts, patch = starts_patch
+    at = [torch.as_tensor(np.asarray(s, dtype=np.int64), device=x.device) for s in starts]
+    return kernels.gather_nd(x.float().contiguous(), at, tuple(patch), backend="torch")
