@@ -217,8 +217,10 @@ def _blend(maps: torch.Tensor, starts, weights: torch.Tensor, shape) -> torch.Te
     pixels = corners[:, None, :] + offsets[None, :, :]                 # (windows, window pixels, axes)
     flat = np.ravel_multi_index(tuple(np.moveaxis(pixels, -1, 0)), shape).reshape(-1)
     window = np.repeat(np.arange(len(corners)), len(offsets))
-    placed = torch.sparse_coo_tensor(np.stack([flat, window]), w.reshape(-1).repeat(len(corners)),
-                                     (int(np.prod(shape)), len(corners))).coalesce()
+    order = np.lexsort((window, flat))   # pixel-major: each (pixel, window) once, so already coalesced
+    placed = torch.sparse_coo_tensor(np.stack([flat[order], window[order]]),
+                                     w.reshape(-1).repeat(len(corners))[torch.from_numpy(order)],
+                                     (int(np.prod(shape)), len(corners)), is_coalesced=True)
     values = maps.float().reshape(K, -1).T.contiguous()                  # (windows, classes)
     total = torch.sparse.mm(placed, values)                             # (pixels, classes)
     count = torch.sparse.mm(placed, torch.ones(len(corners), 1))
