@@ -10,6 +10,7 @@ occluded volumes, and asserts that the patch really moves the outputs.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -55,25 +56,32 @@ def volume_plan(model, x, patch, stride, *, mode="exact", region=None, batch=Non
     return optimize_bound(plan, settings)
 
 
-def naive_volume_outputs(plan, model) -> torch.Tensor:
-    """Independent reference: one occluded copy of the volume per position."""
+def naive_volume_outputs(plan, model, dtype=torch.float32) -> torch.Tensor:
+    """Independent reference: one occluded copy of the volume per position
+    (run in ``dtype``: float64 gives the true values a float32 run rounds)."""
     starts = plan.positions()
     pd, ph, pw = plan.patch
+    net = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     outs = []
     with torch.inference_mode():
         for z, y, x in zip(*(a.tolist() for a in starts)):
-            vol = plan.input.clone()
+            vol = plan.input.clone().to(dtype)
             vol[:, z:z + pd, y:y + ph, x:x + pw] = 0.0
-            outs.append(model(vol[None]).reshape(-1))
+            outs.append(net(vol[None]).reshape(-1).float())
     return torch.stack(outs)
 
 
-def check_exact(model, x, patch, stride, *, batch=16, region=None, moves=1e-3):
-    """EXACT against the naive loop at every position; returns the plan."""
+def check_exact(model, x, patch, stride, *, batch=16, region=None, moves=1e-3, reference=torch.float32):
+    """EXACT against the naive loop at every position; returns the plan.
+
+    ``reference=torch.float64`` for the deep networks: on r2plus1d_18 a
+    float32 naive run is itself ~1e-5 off the float64 probabilities (the
+    incremental run is closer), so float32 against float32 compares two
+    roundings rather than checking the incremental run."""
     model = model.eval()
     plan = volume_plan(model, x, patch, stride, region=region)
     assert plan.mode == "exact" and plan.ndim == 3
-    ref = naive_volume_outputs(plan, model)
+    ref = naive_volume_outputs(plan, model, reference)
     with torch.inference_mode():
         runner = IncrementalRunner(plan, model, plan.regions, plan.full_layers)
         idx = np.arange(plan.n_positions)
@@ -353,7 +361,7 @@ def test_end_to_end_heatmap_is_a_volume_of_grid_cells():
     x = volume((1, 8, 9, 7), seed=1)
     exact = execute(volume_plan(net, x, (3, 3, 3), (2, 2, 2)), progress="off")
     naive = execute(volume_plan(net, x, (3, 3, 3), (2, 2, 2), mode="naive"), progress="off")
-    assert exact.heatmap.shape == naive.heatmap.shape == (4, 5, 4)   # (nd, nh, nw) grid cells
+    assert exact.heatmap.shape == naive.heatmap.shape == (4, 4, 3)   # (nd, nh, nw) grid cells
     np.testing.assert_allclose(exact.heatmap, naive.heatmap, atol=1e-5, rtol=0)
 
 
@@ -456,7 +464,7 @@ def test_monai_3d_networks_exact_at_every_position(name):
     volume: patch 8, stride 12 (27 positions, every border)."""
     shape = (1, 32, 32, 32)
     net = calibrated(_monai(name), shape)
-    plan = check_exact(net, volume(shape, seed=7), (8, 8, 8), (12, 12, 12))
+    plan = check_exact(net, volume(shape, seed=7), (8, 8, 8), (12, 12, 12), reference=torch.float64)
     assert plan.grid.shape == (3, 3, 3) and plan.cost.r_grid > 1
 
 
@@ -467,5 +475,5 @@ def test_video_networks_exact_over_time_and_space(name):
     occludes 4 frames of an 8x12 window; 2x3x3 positions."""
     shape = (3, 8, 32, 32)
     net = calibrated(_video(name), shape)
-    plan = check_exact(net, volume(shape, seed=8), (4, 8, 12), (4, 12, 10))
+    plan = check_exact(net, volume(shape, seed=8), (4, 8, 12), (4, 12, 10), reference=torch.float64)
     assert plan.grid.shape == (2, 3, 3) and plan.cost.r_grid > 1
