@@ -8,6 +8,7 @@ writes ``INTO``: the executor writes no files.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -29,8 +30,10 @@ class Execution:
         label: the class index (``LABEL PREDICTED`` resolved).
         p_original: its probability on the unoccluded image.
         timings: ``reference``, ``occlusion`` (and for DRILLDOWN ``stage
-            one`` / ``stage two``) in seconds.
-        peak_memory: bytes the occlusion stage added at its peak.
+            one`` / ``stage two``) in seconds; for incremental plans the
+            reference inference is also the materialization of the views.
+        peak_memory: bytes the occlusion stage (with the views it
+            materialized) added at its peak.
         computed: DRILLDOWN and adaptive refinement: the mask of positions
             computed (the rest interpolated).
         stage_positions: DRILLDOWN only: the positions of each stage.
@@ -81,32 +84,28 @@ def execute(plan, progress: str = "auto", score: Optional[Callable] = None) -> E
 
 
 def _run(plan, progress, score) -> Execution:
+    from kql.executor import incremental
     from kql.executor.memory import PeakMemory
 
     start = time.perf_counter()
     model = plan.spec.module.to(plan.device).eval()
-    label, p_original, scores = reference(plan, model, score or probabilities)
-    t_ref = time.perf_counter() - start
-    stages = refined = None
-    several = plan.label_choice.classes(scores)
-    if several is None and score is not None:
-        several = [label]
-    with PeakMemory(plan.device) as mem:
-        if plan.refine is not None and several is None:
-            from kql.executor import refine
-            values, t_occ, refined = refine.occlusion_probabilities(plan, model, label, progress)
-        elif several is not None:
-            # several maps: every position is computed (refinement and
-            # drill-down choose positions for one map)
-            import torch
-            columns = torch.as_tensor(several, device=plan.device)
-            values, t_occ = executor_for(plan.mode).occlusion_scores(
-                plan, model, lambda out: (score or probabilities)(out)[:, columns], progress)
-        elif plan.drilldown is not None:
-            from kql.executor import drilldown
-            values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, executor_for, progress)
-        else:
-            values, t_occ = executor_for(plan.mode).occlusion_probabilities(plan, model, label, progress)
+    # Incremental plans: one forward pass is the reference inference and the
+    # materialization of every runner (drill-down runs two); it counts in the
+    # peak memory, as the runners' own materialization did.
+    runners = 0 if plan.mode == "naive" else (2 if plan.drilldown is not None else 1)
+    with contextlib.ExitStack() as stack:
+        if runners:
+            mem = stack.enter_context(PeakMemory(plan.device))
+            stack.enter_context(incremental.shared_forward(runners))
+        label, p_original, scores = (incremental.reference if runners else reference)(
+            plan, model, score or probabilities)
+        t_ref = time.perf_counter() - start
+        several = plan.label_choice.classes(scores)
+        if several is None and score is not None:
+            several = [label]
+        if not runners:
+            mem = stack.enter_context(PeakMemory(plan.device))
+        values, t_occ, stages, refined = _occlusion(plan, model, label, several, score, progress)
     shape = plan.grid.shape   # (rows, cols), or (nd, nh, nw) on a volume
     maps = None if several is None else values.T.reshape(len(several), *shape)
     done = Execution(heatmap=values.reshape(shape) if maps is None else maps[0], label=label,
@@ -125,3 +124,24 @@ def _run(plan, progress, score) -> Execution:
         done.estimated_ssim = refined["estimated_ssim"]
         done.refine_stages = refined["stages"]
     return done
+
+
+def _occlusion(plan, model, label, several, score, progress):
+    """Every position of the grid: ``(values, seconds, drill-down stages, refinement)``."""
+    stages = refined = None
+    if plan.refine is not None and several is None:
+        from kql.executor import refine
+        values, t_occ, refined = refine.occlusion_probabilities(plan, model, label, progress)
+    elif several is not None:
+        # several maps: every position is computed (refinement and
+        # drill-down choose positions for one map)
+        import torch
+        columns = torch.as_tensor(several, device=plan.device)
+        values, t_occ = executor_for(plan.mode).occlusion_scores(
+            plan, model, lambda out: (score or probabilities)(out)[:, columns], progress)
+    elif plan.drilldown is not None:
+        from kql.executor import drilldown
+        values, t_occ, stages = drilldown.occlusion_probabilities(plan, model, label, executor_for, progress)
+    else:
+        values, t_occ = executor_for(plan.mode).occlusion_probabilities(plan, model, label, progress)
+    return values, t_occ, stages, refined

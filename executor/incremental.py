@@ -38,6 +38,8 @@ The heatmap equals the naive one up to float rounding (the tests hold it to
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
 from kql import kernels
+from kql.executor import common
 from kql.executor.common import box_values, probabilities, run_batches
 from kql.planner.geometry import Rects, read_region, thresholded
 from kql.planner.ir import AVG_POOL_OPS, CONV_OPS, MAX_POOL_OPS, Kind
@@ -136,8 +139,18 @@ class IncrementalRunner:
 
     def _materialize(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Run the unoccluded image once; keep the views later layers read and
-        every value that does not depend on the image (weights, constants)."""
+        every value that does not depend on the image (weights, constants).
+        Within :func:`shared_forward`, take them from the pass the reference
+        inference made (:func:`reference`) instead."""
         keep = {name for name in self.layers if self._needs_view(name)}
+        shared = _SHARED.get()
+        if shared is not None and shared.get("gm") is self.gm and shared.get("input") is self.plan.input:
+            views = {name: shared["views"][name] for name in keep}
+            consts = shared["consts"]
+            shared["runners"] -= 1
+            if shared["runners"] <= 0:
+                shared.clear()  # the last runner of this execution has its views: free the rest
+            return views, consts
         env: dict[str, Any] = {}
         last_use = self.last_use
         views, consts = {}, {}
@@ -447,22 +460,84 @@ class IncrementalRunner:
 
     # -- fx plumbing ----------------------------------------------------------
     def _call(self, node: Node, lookup):
-        args = map_arg(node.args, lookup)
-        kwargs = map_arg(node.kwargs, lookup)
-        if isinstance(args, tuple) and any(isinstance(a, _ShapeOnly) for a in args):
-            return _shape_call(node, args, kwargs)
-        if node.op == "call_module":
-            return self.gm.get_submodule(node.target)(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            obj = self.gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            return obj
-        raise NotImplementedError(node.op)
+        return _call(self.gm, node, lookup)
+
+
+def _call(gm, node: Node, lookup):
+    """Evaluate one fx ``node`` of ``gm``, its arguments looked up by ``lookup(node)``."""
+    args = map_arg(node.args, lookup)
+    kwargs = map_arg(node.kwargs, lookup)
+    if isinstance(args, tuple) and any(isinstance(a, _ShapeOnly) for a in args):
+        return _shape_call(node, args, kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise NotImplementedError(node.op)
+
+
+# One unoccluded forward pass per execution: the reference inference keeps
+# every layer's output, and the runners of the execution (one, or drill-down's
+# two stages) take their views from it instead of running the image again.
+_SHARED: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("kql_shared_forward", default=None)
+
+
+@contextlib.contextmanager
+def shared_forward(runners: int):
+    """Within it, :func:`reference` keeps every layer's unoccluded output and
+    the next ``runners`` :class:`IncrementalRunner` of the same plan input and
+    graph take their views from it (the last one frees the rest).
+
+    A query on a small ``REGION`` otherwise paid three full forward passes
+    (reference, and one materialization per drill-down stage) before its
+    first position."""
+    token = _SHARED.set({"runners": runners})
+    try:
+        yield
+    finally:
+        _SHARED.get().clear()
+        _SHARED.reset(token)
+
+
+def reference(plan, model, score):
+    """``executor.common.reference`` through the traced graph, keeping every
+    layer's output for the runners of :func:`shared_forward` (outside one it
+    is ``common.reference``)."""
+    shared = _SHARED.get()
+    if shared is None:
+        return common.reference(plan, model, score)
+    gm = plan.graph.module
+    device = torch.device(plan.device)
+    if gm is not model:
+        gm = gm.to(device)
+    layers = {layer.name for layer in plan.graph.layers()}
+    env: dict[str, Any] = {}
+    views, consts = {}, {}
+
+    def forward(x):
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                return map_arg(node.args[0], lambda n: env[n.name])
+            value = x if node.op == "placeholder" else _call(gm, node, lambda n: env[n.name])
+            env[node.name] = value
+            if node.name in layers and isinstance(value, torch.Tensor):
+                views[node.name] = value[0]
+            if not any(a.op == "placeholder" or a.name not in consts for a in node.all_input_nodes) \
+                    and node.op != "placeholder":
+                consts[node.name] = value
+        raise AssertionError("a traced graph ends with an output node")
+
+    with torch.inference_mode():
+        label, p_original, scores = common.reference(plan, forward, score)
+    shared.update(gm=gm, input=plan.input, views=views, consts=consts)
+    return label, p_original, scores
 
 
 def _channels_first(t: torch.Tensor, axes: tuple[int, ...], batch: int) -> torch.Tensor:

@@ -42,9 +42,10 @@ from kql import files
 from kql.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from kql.errors import PlanError
 
-__all__ = ["FMNIST_MEAN", "FMNIST_STD", "FMNIST_SPEC", "FMNIST_RECIPE", "fmnist_cnn", "fmnist_input",
-           "train_fmnist", "evaluate_fmnist", "trained_fmnist_net", "FMNIST3D_RECIPE", "FMNIST3D_SIZE",
-           "fmnist3d_cnn", "fmnist_volumes", "train_fmnist3d", "evaluate_fmnist3d", "trained_fmnist3d_net"]
+__all__ = ["FMNIST_MEAN", "FMNIST_STD", "FMNIST_SPEC", "FMNIST_RECIPE", "FMNIST_SE_RECIPE", "fmnist_cnn",
+           "fmnist_se_cnn", "fmnist_input", "train_fmnist", "evaluate_fmnist", "trained_fmnist_net",
+           "FMNIST3D_RECIPE", "FMNIST3D_SIZE", "fmnist3d_cnn", "fmnist_volumes", "train_fmnist3d",
+           "evaluate_fmnist3d", "trained_fmnist3d_net"]
 
 # Pixel mean and standard deviation of the 60,000 training images, pixels in [0, 1].
 FMNIST_MEAN = 0.2860
@@ -57,6 +58,8 @@ FMNIST_SPEC = {"input_size": (28, 28), "mean": FMNIST_MEAN, "std": FMNIST_STD,
 
 # Names the cached weights: change it whenever fmnist_cnn() or the training defaults change.
 FMNIST_RECIPE = "cnn8-16-32_e1_b64_s0_v1"
+# The same for fmnist_se_cnn().
+FMNIST_SE_RECIPE = "se8-16-32_e1_b64_s0_v1"
 
 
 def fmnist_cnn() -> nn.Sequential:
@@ -77,6 +80,28 @@ def fmnist_cnn() -> nn.Sequential:
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(32 * 7 * 7, len(FASHION_MNIST_CLASSES)),
     )
+
+
+def fmnist_se_cnn() -> nn.Sequential:
+    """:func:`fmnist_cnn` with a squeeze-and-excitation gate after each conv
+    (torchvision's ``SqueezeExcitation``, squeeze to a quarter of the
+    channels): the network gate approximation (``GATES LOCAL`` / ``FROZEN``)
+    is measured on.
+
+    >>> fmnist_se_cnn()(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+    from torchvision.ops import SqueezeExcitation
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), SqueezeExcitation(8, 2), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), SqueezeExcitation(16, 4), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), SqueezeExcitation(32, 8),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, len(FASHION_MNIST_CLASSES)),
+    )
+
+
+#: architecture name -> (the untrained network, the name of its cached weights)
+ARCHITECTURES = {"cnn": (fmnist_cnn, FMNIST_RECIPE), "se": (fmnist_se_cnn, FMNIST_SE_RECIPE)}
 
 
 def fmnist_input(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
@@ -107,8 +132,10 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def train_fmnist(*, epochs: float = 1.0, batch_size: int = 64, seed: int = 0, threads: int = 1,
-                 max_lr: float = 3e-3, root: Union[str, os.PathLike, None] = None) -> nn.Sequential:
-    """Train :func:`fmnist_cnn` on the Fashion-MNIST training set, on the CPU.
+                 max_lr: float = 3e-3, root: Union[str, os.PathLike, None] = None,
+                 architecture: str = "cnn") -> nn.Sequential:
+    """Train :func:`fmnist_cnn` (or another of :data:`ARCHITECTURES`) on the
+    Fashion-MNIST training set, on the CPU.
 
     Adam with a one-cycle learning-rate schedule, no augmentation. Deterministic
     for a given ``seed`` and ``threads`` on one machine and torch version: the
@@ -125,6 +152,7 @@ def train_fmnist(*, epochs: float = 1.0, batch_size: int = 64, seed: int = 0, th
             and a test worker under ``pytest -n 2`` does not oversubscribe.
         max_lr: the peak learning rate of the one-cycle schedule.
         root: the data folder (see :func:`kql.datasets.load_fashion_mnist`).
+        architecture: ``cnn`` (:func:`fmnist_cnn`) or ``se`` (:func:`fmnist_se_cnn`).
 
     Returns:
         The trained network, in eval mode.
@@ -133,9 +161,11 @@ def train_fmnist(*, epochs: float = 1.0, batch_size: int = 64, seed: int = 0, th
         PlanError: the data set is not installed (the message names the apt
             package), or an argument is out of range.
     """
+    if architecture not in ARCHITECTURES:
+        raise PlanError(f"unknown Fashion-MNIST architecture {architecture!r}: {', '.join(ARCHITECTURES)}")
     images, labels = load_fashion_mnist("train", root)
     x_all = torch.from_numpy(images)
-    return _train("train_fmnist", fmnist_cnn, lambda idx: fmnist_input(x_all[idx]), labels,
+    return _train("train_fmnist", ARCHITECTURES[architecture][0], lambda idx: fmnist_input(x_all[idx]), labels,
                   epochs=epochs, batch_size=batch_size, seed=seed, threads=threads, max_lr=max_lr)
 
 
@@ -191,11 +221,12 @@ def evaluate_fmnist(net: nn.Module, count: Optional[int] = None,
 
 
 def trained_fmnist_net(cache_dir: Union[str, os.PathLike], *, threads: int = 1,
-                       root: Union[str, os.PathLike, None] = None) -> nn.Sequential:
+                       root: Union[str, os.PathLike, None] = None, architecture: str = "cnn") -> nn.Sequential:
     """The trained Fashion-MNIST network, trained at most once per cache folder.
 
     The first call trains with :func:`train_fmnist`'s defaults and saves the
-    state dict as ``<cache_dir>/fmnist_<FMNIST_RECIPE>.pt`` (written to a
+    state dict as ``<cache_dir>/fmnist_<recipe>.pt`` (the architecture's
+    recipe name in :data:`ARCHITECTURES`, written to a
     temporary file, then renamed into place, so a reader never sees half a
     file); later calls load it with ``torch.load(..., weights_only=True)``.
     Concurrent callers, in threads or processes (``pytest -n 2``), serialise on
@@ -206,12 +237,16 @@ def trained_fmnist_net(cache_dir: Union[str, os.PathLike], *, threads: int = 1,
         cache_dir: the folder for the weights; created if missing.
         threads: torch threads if it has to train (see :func:`train_fmnist`).
         root: the data folder (see :func:`kql.datasets.load_fashion_mnist`).
+        architecture: which network (see :func:`train_fmnist`).
 
     Returns:
         A new network in eval mode on every call (callers may change it freely).
     """
-    return _cached(Path(cache_dir) / f"fmnist_{FMNIST_RECIPE}", fmnist_cnn,
-                   lambda: train_fmnist(threads=threads, root=root))
+    if architecture not in ARCHITECTURES:
+        raise PlanError(f"unknown Fashion-MNIST architecture {architecture!r}: {', '.join(ARCHITECTURES)}")
+    make, recipe = ARCHITECTURES[architecture]
+    return _cached(Path(cache_dir) / f"fmnist_{recipe}", make,
+                   lambda: train_fmnist(threads=threads, root=root, architecture=architecture))
 
 
 def _cached(stem: Path, build, train) -> nn.Module:

@@ -30,8 +30,8 @@ def gate_sources(graph) -> frozenset:
     """
     layers = {layer.name: layer for layer in graph.layers()}
 
-    def one_by_one(layer) -> bool:
-        return layer.spatial and layer.out_hw == (1, 1)
+    def one_by_one(layer) -> bool:   # a 1x1 map (1x1x1 on a volume)
+        return layer.spatial and all(n == 1 for n in layer.out_hw)
 
     memo: dict[str, bool] = {}
 
@@ -42,7 +42,7 @@ def gate_sources(graph) -> frozenset:
             ok = bool(consumers)
             for c in consumers:
                 layer = layers[c]
-                if layer.kind == Kind.MERGE and layer.spatial and layer.out_hw != (1, 1):
+                if layer.kind == Kind.MERGE and layer.spatial and not one_by_one(layer):
                     continue
                 if one_by_one(layer) and layer.kind in (Kind.POINT, Kind.LOCAL, Kind.MERGE, Kind.GLOBAL) \
                         and ends_in_broadcast(c):
@@ -56,7 +56,7 @@ def gate_sources(graph) -> frozenset:
         if not one_by_one(layer) or not layer.inputs or layer.kind == Kind.INPUT:
             continue
         src = layers.get(layer.inputs[0])
-        if src is None or not src.spatial or src.out_hw == (1, 1):
+        if src is None or not src.spatial or one_by_one(src):
             continue
         if ends_in_broadcast(layer.name):
             out.add(layer.name)

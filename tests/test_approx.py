@@ -236,6 +236,27 @@ def test_drilldown_computes_the_selected_positions(con, mode):
     assert "stage one" in r.timings and "stage two" in r.timings
 
 
+@pytest.mark.parametrize("mode", ["EXACT", "APPROX TAU 0.5 DRILLDOWN FRACTION 0.2 SPEEDUP 3", "EXACT REGION (4, 4, 20, 20)"])
+def test_one_unoccluded_forward_pass_per_query(con, mode):
+    """The reference inference is also the materialization of every runner
+    (drill-down has two): the first conv sees the whole unoccluded image once."""
+    from kql.executor import execute
+    net, img = _net(5), _image(5)
+    plan = con.plan(f"SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 1 {mode}", {"img": img, "net": net})
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    whole = []
+    hook = first.register_forward_hook(
+        lambda m, args, out: whole.append(args[0].shape[0]) if args[0].shape[-2:] == (32, 32) else None)
+    try:
+        r = execute(plan, progress="off")
+    finally:
+        hook.remove()
+    assert whole == [1]
+    # the reference through the traced graph is the model's own
+    assert r.p_original == pytest.approx(con.execute(
+        "SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 8 NAIVE", img=img, net=net).p_original, abs=1e-6)
+
+
 def test_drilldown_explain(con):
     text = str(con.explain("SELECT HEATMAP FROM img USING net PATCH 6 STRIDE 2 APPROX TAU 0.5 DRILLDOWN",
                            img=_image(), net=_net()))

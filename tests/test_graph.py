@@ -683,12 +683,13 @@ def test_shape_propagation_failure_names_node_and_module():
     assert "3 channels" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("shape", [(224, 224), (1, 3, 224, 224), (3, 0, 8), (3, 8.5, 8), "abc"])
+@pytest.mark.parametrize("shape", [(224, 224), (1, 1, 3, 224, 224), (3, 0, 8), (3, 8.5, 8), "abc"])
 def test_input_shape_must_be_chw(shape):
     with pytest.raises(PlanError) as e:
         trace(nn.Conv2d(3, 4, 3), shape)
-    assert str(e.value) == (f"input_shape must be (C, H, W) of one image with positive ints "
-                            f"(the model gets a 4D (1, C, H, W) batch), got {shape!r}")
+    assert str(e.value) == (f"input_shape must be (C, H, W) of one image or (C, D, H, W) of one volume with "
+                            f"positive ints (the model gets a (1, C, H, W) or (1, C, D, H, W) batch), "
+                            f"got {shape!r}")
 
 
 def test_model_must_return_one_tensor():

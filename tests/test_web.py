@@ -111,7 +111,7 @@ def test_options_publish_the_choices(client):
     assert {"name": "coffee", "id": "sample-coffee"}.items() <= \
         next(s for s in o["samples"] if s["name"] == "coffee").items()
     assert o["patches"] == [4, 8, 16, 32] and o["strides"] == [2, 4, 8, 16]
-    assert o["modes"] == ["naive", "exact", "approximate"]
+    assert o["modes"] == ["naive", "exact", "approximate"] and o["classes"] == [1, 3, 5]
     assert o["limits"]["upload_bytes"] > 0 and o["limits"]["upload_pixels"] > 0
 
 
@@ -270,6 +270,8 @@ def test_explain_estimates_before_running(client):
     ({"region": [0, 0, 100]}, "region must be [x0, y0, x1, y1]"),
     ({"region": "0, 0, 100, 100); DROP"}, "region must be [x0, y0, x1, y1]"),
     ({"query": "SELECT ..."}, "unknown field 'query'"),
+    ({"top": 4}, "top must be one of 1, 3, 5, got 4"),
+    ({"top": "5; DROP"}, "top must be one of 1, 3, 5"),
     ({"region": [0, 0, 20, 20]}, "patch 32x32 does not fit region"),   # the planner's own message
 ])
 def test_explain_refuses_bad_requests(client, change, message):
@@ -313,6 +315,27 @@ def test_job_runs_and_returns_the_heatmap(client):
     assert alpha[0, 0] == 0 and alpha[100, 100] == 255      # transparent outside the crop
     figure = client.get(status["files"]["figure.png"])
     assert figure.headers["content-type"] == "image/png" and len(figure.content) > 10_000
+
+
+def test_a_job_for_the_top_classes_returns_a_map_per_class(client):
+    """LABEL TOP 3 from the page: one run, an overlay per class for the page's class picker."""
+    status = wait(client, client.post("/api/jobs", json={**SMALL, "top": 3}).json()["id"])
+    assert status["state"] == "done", status["error"]
+    r = status["result"]
+    assert r["query"].endswith("LABEL TOP 3") and len(r["classes"]) == 3
+    first, *rest = r["classes"]
+    assert first["label"] == r["label"] == "espresso" and first["overlay"] == "overlay.png"
+    assert first["range"] == r["range"] and first["probability"] == r["probability"]
+    assert [c["overlay"] for c in rest] == ["overlay-1.png", "overlay-2.png"]
+    assert len({c["label_index"] for c in r["classes"]}) == 3
+    assert r["probability"] >= rest[0]["probability"] >= rest[1]["probability"]
+    for c in r["classes"]:
+        assert c["range"][0] <= c["range"][1] <= 1
+        overlay = Image.open(io.BytesIO(client.get(status["files"][c["overlay"]]).content))
+        assert overlay.size == (224, 224) and overlay.mode == "RGBA"
+    # the single-class run names its one class the same way
+    one = wait(client, client.post("/api/jobs", json=SMALL).json()["id"])["result"]
+    assert [c["label"] for c in one["classes"]] == ["espresso"]
 
 
 def test_queue_positions_cancel_and_memory(client):

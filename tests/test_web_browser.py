@@ -162,6 +162,22 @@ def test_explain_a_prediction_in_the_browser(server, browser_page):
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000
 
+    # the top 3 classes from one run: the class picker switches the overlay and the colour bar
+    expect(page.locator("#class-pick-label")).to_be_hidden()
+    page.select_option("#top", "3")
+    page.click("#run")
+    expect(page.locator("#explain-what")).to_contain_text("LABEL TOP 3")
+    expect(page.locator("#class-pick-label")).to_be_visible()
+    expect(page.locator("#class-pick option")).to_have_count(3)
+    expect(page.locator("#label")).to_have_text("espresso")
+    second = page.locator("#class-pick option").nth(1)
+    page.select_option("#class-pick", second.get_attribute("value"))
+    expect(page.locator("#label")).not_to_have_text("espresso")
+    expect(page.locator("#label-what")).to_have_text("Class 2 of the top 3:")
+    expect(page.locator("#cb-label")).not_to_contain_text("espresso")
+    expect(page.locator("#overlay")).to_have_attribute("src", re.compile(r"overlay-1\.png"))
+    page.select_option("#top", "1")
+
     # iterative refinement: crop again, on the heatmap, and rerun
     drag(page, (180, 180), (300, 300))
     expect(page.locator("#region-text")).to_have_text(re.compile(r"crop x 90–150, y 90–150"))

@@ -27,6 +27,9 @@ from kql.web.uploads import ImageStore
 PATCHES = (4, 8, 16, 32)
 STRIDES = (2, 4, 8, 16)
 MODES = ("naive", "exact", "approximate")
+#: How many classes a run explains: the predicted one, or the top k (``LABEL TOP k``), every map
+#: from the same incremental run; the page shows a class picker for k > 1.
+CLASSES = (1, 3, 5)
 SAMPLE_PREFIX = "sample-"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -44,6 +47,7 @@ class RunRequest:
     mode: str
     ssim: Optional[float]
     region: Optional[tuple[int, int, int, int]]  # x0, y0, x1, y1 in model-input pixels
+    top: int = 1  # 1: the predicted class; k > 1: LABEL TOP k
 
     @property
     def query(self) -> str:
@@ -52,12 +56,16 @@ class RunRequest:
         >>> RunRequest("sample-coffee", "efficientnet_lite0", 16, 8, "exact", None,
         ...            (0, 0, 112, 112)).query
         'SELECT HEATMAP FROM img USING efficientnet_lite0 PATCH 16 STRIDE 8 EXACT REGION (0, 0, 112, 112)'
+        >>> RunRequest("sample-coffee", "resnet18", 16, 8, "exact", None, None, top=5).query
+        'SELECT HEATMAP FROM img USING resnet18 PATCH 16 STRIDE 8 EXACT LABEL TOP 5'
         """
         if self.mode == "approximate":
             mode = f"APPROX SSIM {self.ssim:g}"
         else:
             mode = self.mode.upper()
         region = "" if self.region is None else " REGION ({}, {}, {}, {})".format(*self.region)
+        if self.top > 1:
+            region += f" LABEL TOP {self.top}"
         return QUERY.format(model=self.model, patch=self.patch, stride=self.stride, mode=mode, region=region)
 
 
@@ -142,6 +150,7 @@ class Engine:
             "samples": [{"id": SAMPLE_PREFIX + name, "name": name, "description": s.description}
                         for name, s in sources.SAMPLE_IMAGES.items()],
             "patches": list(PATCHES), "strides": list(STRIDES), "modes": list(MODES),
+            "classes": list(CLASSES),
             "limits": {"upload_bytes": uploads.MAX_BYTES, "upload_pixels": uploads.MAX_PIXELS},
         }
 
@@ -153,7 +162,7 @@ class Engine:
         """Check every field of a request from the page; WebError names the bad one."""
         if not isinstance(payload, dict):
             raise WebError("the request must be a JSON object")
-        unknown = sorted(set(payload) - {"image", "model", "patch", "stride", "mode", "ssim", "region"})
+        unknown = sorted(set(payload) - {"image", "model", "patch", "stride", "mode", "ssim", "region", "top"})
         if unknown:
             raise WebError(f"unknown field '{unknown[0]}'")
         image = payload.get("image")
@@ -175,7 +184,8 @@ class Engine:
                 raise WebError(f"ssim must be one of the calibrated targets {targets}, got {_shown(ssim)}")
             ssim = float(ssim)
         region = self._region(payload.get("region"), model)
-        return RunRequest(image, model, patch, stride, mode, ssim, region)
+        top = _choice("top", payload.get("top", 1), CLASSES)
+        return RunRequest(image, model, patch, stride, mode, ssim, region, top)
 
     def _model(self, name: Any) -> str:
         if not isinstance(name, str) or name not in self._models:
@@ -276,7 +286,14 @@ class Engine:
         r = e.result
         job.phase = "rendering"
         lo, hi = float(np.min(r.heatmap)), float(np.max(r.heatmap))
+        # the figure shows every class explained (a panel each); the overlays are one per class
         job.files = {"overlay.png": _overlay_png(r, lo, hi), "figure.png": _figure_png(r)}
+        classes = [_class_entry(r, lo, hi, "overlay.png")]
+        for i, label in enumerate((r.labels or [])[1:], start=1):  # LABEL TOP k
+            one = r.select(label)
+            one_lo, one_hi = float(np.min(one.heatmap)), float(np.max(one.heatmap))
+            job.files[f"overlay-{i}.png"] = _overlay_png(one, one_lo, one_hi)
+            classes.append(_class_entry(one, one_lo, one_hi, f"overlay-{i}.png"))
         job.result = {
             "query": request.query, "model": r.model, "mode": r.mode,
             "label": r.label_text, "label_index": r.label, "probability": r.p_original,
@@ -290,7 +307,15 @@ class Engine:
             "predicted_ssim": None if r.plan.predicted_ssim is None else round(float(r.plan.predicted_ssim), 4),
             "estimated_ssim": None if r.estimated_ssim is None else round(float(r.estimated_ssim), 4),
             "computed": None if r.computed is None else int(r.computed.sum()),
+            # one entry per class explained (the first is the fields above); the page's class picker
+            "classes": classes,
         }
+
+
+def _class_entry(result, lo: float, hi: float, overlay: str) -> dict:
+    """What the page's class picker shows for one of a run's classes."""
+    return {"label": result.label_text, "label_index": result.label, "probability": result.p_original,
+            "range": [lo, hi], "overlay": overlay}
 
 
 def _overlay_png(result, lo: float, hi: float) -> bytes:

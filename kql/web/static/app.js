@@ -53,7 +53,7 @@ function mode() { return document.querySelector("input[name=mode]:checked").valu
 function request() {
   const r = {
     image: state.image, model: $("model").value, patch: Number($("patch").value),
-    stride: Number($("stride").value), mode: mode(), region: state.region,
+    stride: Number($("stride").value), mode: mode(), region: state.region, top: Number($("top").value),
   };
   if (r.mode === "approximate") r.ssim = Number($("ssim").value);
   return r;
@@ -294,11 +294,13 @@ function finish(job) {
 }
 
 function showResult(r, files) {
-  $("overlay").src = `${files["overlay.png"]}?t=${Date.now()}`;
-  $("overlay").hidden = false;
   $("figure-link").href = files["figure.png"];
-  $("label").textContent = r.label;
-  $("probability").textContent = r.probability.toFixed(3);
+  // LABEL TOP k: one map per class from the same run; the picker switches between them
+  r.classes.forEach((c, i) => { c.rank = i; c.of = r.classes.length; });
+  fill($("class-pick"), r.classes, (c) => `${c.label} (p=${c.probability.toFixed(3)})`, (c) => `${c.label_index}`);
+  $("class-pick-label").hidden = r.classes.length < 2;
+  $("class-pick").onchange = () => showClass(r.classes.find((c) => `${c.label_index}` === $("class-pick").value), files);
+  showClass(r.classes[0], files);
   $("time").textContent = seconds(r.seconds);
   $("result-mode").textContent = r.mode;
   $("result-positions").textContent = `${r.positions}`;
@@ -309,12 +311,20 @@ function showResult(r, files) {
   $("result-warnings").textContent = r.warnings.join(" · ");
   $("result").hidden = false;
   $("cb-gradient").style.background = `linear-gradient(to right, ${r.colormap.join(", ")})`;
-  $("cb-lo").textContent = r.range[0].toFixed(3);
-  $("cb-hi").textContent = r.range[1].toFixed(3);
-  $("cb-label").textContent = `P(${r.label}) with the patch at each place; unoccluded ${r.probability.toFixed(3)}`;
   $("colorbar").hidden = false;
   $("explain").textContent = r.explain;
   $("explain-what").textContent = `(ran: ${r.query})`;
+}
+
+function showClass(c, files) {
+  $("overlay").src = `${files[c.overlay]}?t=${Date.now()}`;
+  $("overlay").hidden = false;
+  $("label").textContent = c.label;
+  $("label-what").textContent = c.rank === 0 ? "Predicted" : `Class ${c.rank + 1} of the top ${c.of}:`;
+  $("probability").textContent = c.probability.toFixed(3);
+  $("cb-lo").textContent = c.range[0].toFixed(3);
+  $("cb-hi").textContent = c.range[1].toFixed(3);
+  $("cb-label").textContent = `P(${c.label}) with the patch at each place; unoccluded ${c.probability.toFixed(3)}`;
 }
 
 async function cancel() {
@@ -337,6 +347,7 @@ async function start() {
   fill($("model"), o.models, (m) => `${m.name} (${m.input[0]}x${m.input[1]})`, (m) => m.name);
   fill($("patch"), o.patches, (p) => `${p}`, (p) => `${p}`);
   fill($("stride"), o.strides, (s) => `${s}`, (s) => `${s}`);
+  fill($("top"), o.classes, (k) => (k === 1 ? "the predicted class" : `the top ${k} classes (one run)`), (k) => `${k}`);
   $("model").value = o.models.some((m) => m.name === "efficientnet_lite0") ? "efficientnet_lite0" : o.models[0].name;
   $("patch").value = "16";
   $("stride").value = "8";
@@ -356,6 +367,7 @@ async function start() {
   });
   $("patch").addEventListener("change", () => { refreshApproximate(); scheduleEstimate(); });
   $("stride").addEventListener("change", scheduleEstimate);
+  $("top").addEventListener("change", scheduleEstimate);
   $("ssim").addEventListener("change", scheduleEstimate);
   for (const r of document.querySelectorAll("input[name=mode]")) r.addEventListener("change", scheduleEstimate);
   $("clear-region").addEventListener("click", () => { state.lastRegion = null; setRegion(null); });
