@@ -71,17 +71,6 @@ VOLUME_PASTES = [
 ]
 
 
-def positions(H, W, patch, stride, B):
-    """Top-left corners of B consecutive patch positions of a row-major scan."""
-    ys = range(0, H - patch + 1, stride)
-    xs = range(0, W - patch + 1, stride)
-    grid = [(y, x) for y in ys for x in xs]
-    grid = (grid * (B // len(grid) + 1))[:B]
-    py = torch.tensor([p[0] for p in grid], dtype=torch.int64)
-    px = torch.tensor([p[1] for p in grid], dtype=torch.int64)
-    return py, px
-
-
 def positions_nd(S, patch, stride, B):
     """First corners of B consecutive patch boxes of a scan in C order, one (B,) per axis."""
     axes = [range(0, s - p + 1, stride) for s, p in zip(S, patch)]
@@ -118,89 +107,48 @@ def interleaved_ms(fns, repeats, warmup=3):
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def gather_row(name, C, H, W, patch, ctx, stride, B, pad, repeats):
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(C, H, W, generator=g)
-    py, px = positions(H, W, patch, stride, B)
-    upd = torch.randn(B, C, patch, patch, generator=g)
-    wy, wx, win = py - ctx, px - ctx, patch + 2 * ctx
-    args = (base, wy, wx, win, win, upd, py, px, pad)
-    want = reference.gather_vectorised(*args)
-    out = torch.empty_like(want)
-    fns = {
-        "torch loop": lambda: reference.gather_looped(*args),
-        "torch vec": lambda: reference.gather_vectorised(*args),
-        "numba": lambda: gather_cpu.gather(*args),
-        "numba out=": lambda: gather_cpu.gather(*args, out=out),
-    }
+def row(name, window, base, want, fns, repeats):
+    """One table row: every contender checked against ``want``, then timed interleaved."""
     for f in fns.values():
         assert torch.equal(f(), want)
-    times = interleaved_ms(fns, repeats)
-    cells = B * C * win * win
-    return name, f"{win}x{win}", cells, times, K.auto_backend(base, cells)
+    return name, window, want.numel(), interleaved_ms(fns, repeats), \
+        K.auto_backend(base, want.numel())
 
 
-def paste_row(name, C, H, W, patch, stride, B, repeats):
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(C, H, W, generator=g)
-    py, px = positions(H, W, patch, stride, B)
-    upd = torch.randn(B, C, patch, patch, generator=g)
-    want = reference.paste(base, upd, py, px)
-    out = torch.empty_like(want)
-    fns = {
-        "torch loop": lambda: reference.gather_looped(base, py * 0, px * 0, H, W, upd, py, px),
-        "torch vec": lambda: reference.gather_vectorised(base, py * 0, px * 0, H, W, upd, py, px),
-        "numba": lambda: gather_cpu.paste(base, upd, py, px),
-        "numba out=": lambda: gather_cpu.paste(base, upd, py, px, out=out),
-    }
-    for f in fns.values():
-        assert torch.equal(f(), want)
-    times = interleaved_ms(fns, repeats)
-    cells = B * C * H * W
-    return name, f"paste {patch}x{patch}", cells, times, K.auto_backend(base, cells)
+def torch_forms(n_axes):
+    """The looped and vectorised torch gathers the executor runs for ``n_axes`` spatial
+    axes (the 2-D functions for images), called as ``gather_nd``."""
+    if n_axes != 2:
+        return reference.gather_looped_nd, reference.gather_vectorised_nd
+
+    def as_nd(f):
+        return lambda base, starts, sizes, patch, ps, pad: f(base, *starts, *sizes, patch, *ps, pad)
+    return as_nd(reference.gather_looped), as_nd(reference.gather_vectorised)
 
 
-def volume_gather_row(name, C, S, patch, ctx, stride, B, pad, repeats):
+def gather_row(name, C, S, patch, ctx, stride, B, pad, repeats, paste=False):
+    """A batch of B positions of one layer: windows of the patch box plus ``ctx`` each
+    side, or (``paste``) whole-base copies, which is what paste computes."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(C, *S, generator=g)
     ps = positions_nd(S, patch, stride, B)
     upd = torch.randn(B, C, *patch, generator=g)
-    starts, sizes = [p - ctx for p in ps], tuple(n + 2 * ctx for n in patch)
+    if paste:
+        starts, sizes, label = [p * 0 for p in ps], tuple(S), "paste " + "x".join(map(str, patch))
+    else:
+        starts, sizes = [p - ctx for p in ps], tuple(n + 2 * ctx for n in patch)
+        label = "x".join(map(str, sizes))
     args = (base, starts, sizes, upd, ps, pad)
-    want = reference.gather_vectorised_nd(*args)
+    loop, vec = torch_forms(len(S))
+    want = vec(*args)
     out = torch.empty_like(want)
     fns = {
-        "torch loop": lambda: reference.gather_looped_nd(*args),
-        "torch vec": lambda: reference.gather_vectorised_nd(*args),
+        "torch loop": lambda: loop(*args),
+        "torch vec": lambda: vec(*args),
         "numba": lambda: gather_cpu.gather_nd(*args),
         "numba out=": lambda: gather_cpu.gather_nd(*args, out=out),
     }
-    for f in fns.values():
-        assert torch.equal(f(), want)
-    cells = want.numel()
-    return name, "x".join(map(str, sizes)), cells, interleaved_ms(fns, repeats), \
-        K.auto_backend(base, cells)
-
-
-def volume_paste_row(name, C, S, patch, stride, B, repeats):
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(C, *S, generator=g)
-    ps = positions_nd(S, patch, stride, B)
-    upd = torch.randn(B, C, *patch, generator=g)
-    zeros = [p * 0 for p in ps]
-    want = reference.paste_nd(base, upd, ps)
-    out = torch.empty_like(want)
-    fns = {
-        "torch loop": lambda: reference.gather_looped_nd(base, zeros, S, upd, ps),
-        "torch vec": lambda: reference.gather_vectorised_nd(base, zeros, S, upd, ps),
-        "numba": lambda: gather_cpu.paste_nd(base, upd, ps),
-        "numba out=": lambda: gather_cpu.paste_nd(base, upd, ps, out=out),
-    }
-    for f in fns.values():
-        assert torch.equal(f(), want)
-    cells = want.numel()
-    return name, "paste " + "x".join(map(str, patch)), cells, interleaved_ms(fns, repeats), \
-        K.auto_backend(base, cells)
+    return row(name, label, base, want, fns, repeats)
 
 
 def print_table(rows):
@@ -226,7 +174,7 @@ def sweep(repeats):
         H = W = 28
         g = torch.Generator().manual_seed(0)
         base = torch.randn(C, H, W, generator=g)
-        py, px = positions(H, W, win - 2, 1, B)
+        py, px = positions_nd((H, W), (win - 2, win - 2), 1, B)
         upd = torch.randn(B, C, win - 2, win - 2, generator=g)
         args = (base, py - 1, px - 1, win, win, upd, py, px)
         t_torch = min(median_ms(lambda: reference.gather_looped(*args), repeats),
@@ -268,18 +216,22 @@ def main():
     parser.add_argument("--volumes", action="store_true", help="the 3-D (volume) cases only")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for torch and numba (default: theirs, all cores)")
-    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+    parser.add_argument("--clock", choices=["wall", "thread", "process"], default="wall",
                         help="thread: CPU time of the calling thread, blind to other "
-                             "processes taking the cores (needs --threads 1)")
+                             "processes taking the cores (needs --threads 1; misses work "
+                             "Numba's pool runs on its worker threads); process: CPU time "
+                             "of every thread of this process")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
         __import__("numba").set_num_threads(opts.threads)
+    global CLOCK
     if opts.clock == "thread":
         if opts.threads != 1:
             parser.error("--clock thread measures one thread: add --threads 1")
-        global CLOCK
         CLOCK = time.thread_time
+    elif opts.clock == "process":
+        CLOCK = time.process_time
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"numba threads {__import__('numba').get_num_threads()}, "
           f"NUMBA_MIN_CELLS={K.NUMBA_MIN_CELLS}, PARALLEL_MIN_CELLS={gather_cpu.PARALLEL_MIN_CELLS}; "
@@ -296,12 +248,15 @@ def main():
         sweep_volumes(opts.repeats)
         return
     if not opts.volumes:
-        rows = [gather_row(*layer, opts.repeats) for layer in LAYERS]
-        rows += [paste_row(*p, opts.repeats) for p in PASTES]
+        rows = [gather_row(name, C, (H, W), (p, p), ctx, stride, B, pad, opts.repeats)
+                for name, C, H, W, p, ctx, stride, B, pad in LAYERS]
+        rows += [gather_row(name, C, (H, W), (p, p), 0, stride, B, 0.0, opts.repeats, paste=True)
+                 for name, C, H, W, p, stride, B in PASTES]
         print_table(rows)
         print()
-    rows = [volume_gather_row(*layer, opts.repeats) for layer in VOLUME_LAYERS]
-    rows += [volume_paste_row(*p, opts.repeats) for p in VOLUME_PASTES]
+    rows = [gather_row(*layer, opts.repeats) for layer in VOLUME_LAYERS]
+    rows += [gather_row(name, C, S, patch, 0, stride, B, 0.0, opts.repeats, paste=True)
+             for name, C, S, patch, stride, B in VOLUME_PASTES]
     print("Volumes (C, D, H, W):")
     print_table(rows)
 

@@ -52,8 +52,9 @@ BACKENDS = ("auto", "torch", "numba", "cuda")
 NUMBA_MIN_CELLS = 4096
 # The same for volumes: none. Torch's per-position copy of a 3-D window (three
 # clipped slices, a fill where it reaches into the padding) costs more than a
-# Numba launch even for one 3x3x3 window of one channel; in thread time Numba
-# was 1.4-10x faster at every size of ``bench_kernels.py --volumes --sweep``.
+# Numba launch even for one 3x3x3 window of one channel: in ``bench_kernels.py
+# --volumes --sweep`` Numba was 1.1-3.4x faster from 27 to 128k cells (wall
+# time, 2 threads; 1.2-3.5x in CPU time with one thread) on a loaded machine.
 NUMBA_MIN_CELLS_VOLUME = 0
 
 

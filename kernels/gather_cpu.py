@@ -9,19 +9,16 @@ Design, for a memory-bound copy on a few cores:
 * One compiled kernel serves both operations (paste is a gather whose windows
   cover the whole base) and both "no patch" and "patch" (no patch is an empty one),
   so there is a single specialisation to compile and cache.
-* ``prange`` over ``(position, channel)`` planes, position-major: each task writes
-  one contiguous output plane and consecutive tasks write consecutive planes
+* One kernel for images and volumes: an image is a volume of depth 1 (zero-copy
+  views), so 2-D and 3-D share every line and every measurement.
+* ``prange`` over ``(position, channel, depth)`` planes, position-major: each task
+  writes one contiguous output plane and consecutive tasks write consecutive planes
   (channel-major was up to 2x slower for small windows, where scattered writes
   of short planes dominate; equal for large ones).
 * Each output row is at most five runs -- pad, base, patch, base, pad -- computed
   once per row; each run is a branch-free, contiguous loop over ``x`` on flat
   views with unsigned indices, which LLVM vectorises. No output cell is written
   twice, except for full-width windows (paste), copied as one run then patched.
-
-Volumes (``(C, D, H, W)``, :func:`gather_nd` / :func:`paste_nd`) run
-:func:`gather3_into`: the same plane writer with ``prange`` over
-``(position, channel, depth)`` slices, so a batch of a few positions of a
-many-channel volume still spreads over every core.
 
 The wrappers take torch CPU tensors, run the kernel on their numpy views (zero
 copy) and return a torch tensor sharing the kernel's output buffer. The kernels
@@ -35,7 +32,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, uint64
+from numba import int64, njit, prange, uint64
 
 # Numba's OpenMP threading layer shares the OpenMP runtime with torch: once a
 # parallel kernel has run there, torch's CPU convolutions split their sums
@@ -46,61 +43,75 @@ from numba import njit, prange, uint64
 if numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "workqueue"
 
-__all__ = ["gather", "paste", "gather_nd", "paste_nd", "gather_into", "gather3_into",
-           "PARALLEL_MIN_CELLS"]
+__all__ = ["gather", "paste", "gather_nd", "paste_nd", "gather_into", "PARALLEL_MIN_CELLS"]
 
 # Output cells from which the parallel kernel is used (benchmarks/bench_kernels.py --sweep).
 PARALLEL_MIN_CELLS = 32768
 
 
 @njit(parallel=True, cache=True, fastmath=False, nogil=True)
-def gather_into(base3, win_y0, win_x0, patch4, patch_y0, patch_x0, pad, out4):
-    """Kernel: write the gathered windows into ``out4`` (B, C, win_h, win_w).
+def gather_into(base4, win_z0, win_y0, win_x0, patch5, patch_z0, patch_y0, patch_x0, pad, out5):
+    """Kernel: write the gathered windows into ``out5`` (B, C, win_d, win_h, win_w).
 
-    All arrays C-contiguous: ``base3`` float32 (C, H, W); ``patch4`` float32
-    (B, C, ph, pw), possibly with ``ph * pw == 0`` for "no patch"; positions int64
-    (B,); ``pad`` a float32 scalar.
+    All arrays C-contiguous: ``base4`` float32 (C, D, H, W); ``patch5`` float32
+    (B, C, pd, ph, pw), possibly with no cells for "no patch"; positions int64
+    (B,); ``pad`` a float32 scalar. Images are volumes of depth 1 (every start
+    along depth 0), so one kernel serves both.
     """
-    C, H, W = base3.shape
-    B, _, wh, ww = out4.shape
-    ph, pw = patch4.shape[2], patch4.shape[3]
-    base, patch, out = base3.ravel(), patch4.ravel(), out4.ravel()
+    C, D, H, W = base4.shape
+    B, _, wd, wh, ww = out5.shape
+    pd, ph, pw = patch5.shape[2], patch5.shape[3], patch5.shape[4]
+    base, patch, out = base4.ravel(), patch5.ravel(), out5.ravel()
     # Everything is written out in the prange body. Moved into inline="always"
     # helpers, it ran up to 1.8x slower on small windows.
-    for task in prange(B * C):
-        b = task // C
-        c = task - b * C
+    for task in prange(B * C * wd):
+        # one (position, channel, depth) slice: a contiguous (wh, ww) plane of out
+        bc = int64(task)
+        k = 0
+        if wd > 1:  # (saves a division per plane on images, whose planes can be 7x7)
+            bc = bc // wd
+            k = task - bc * wd
+        b = bc // C
+        c = bc - b * C
+        z = win_z0[b] + k
         y0 = win_y0[b]
         x0 = win_x0[b]
-        # Rows [ya, yb) and columns [xa, xb) of the window fall inside the base.
+        # Rows [ya, yb) and columns [xa, xb) of the window fall inside the base
+        # (no rows where the slice's depth z lies outside it).
         ya = min(max(-y0, 0), wh)
         yb = max(min(H - y0, wh), ya)
+        if z < 0 or z >= D:
+            yb = ya
         xa = min(max(-x0, 0), ww)
         xb = max(min(W - x0, ww), xa)
-        # The patch in window coordinates: origin (pi0, pj0), clipped to [pia, pib) x [pja, pjb).
+        # The patch in window coordinates: origin (pi0, pj0), clipped to [pia, pib) x [pja, pjb);
+        # none where the slice misses the patch's depth range.
+        pk = z - patch_z0[b]
         pi0 = patch_y0[b] - y0
         pj0 = patch_x0[b] - x0
         pia = min(max(pi0, 0), wh)
         pib = max(min(pi0 + ph, wh), pia)
         pja = min(max(pj0, 0), ww)
         pjb = max(min(pj0 + pw, ww), pja)
-        if pja == pjb:
+        if pja == pjb or pk < 0 or pk >= pd:
             pib = pia
-        plane = (b * C + c) * wh * ww
-        pplane = (b * C + c) * ph
+        plane = task * wh * ww
+        pplane = ((b * C + c) * pd + pk) * ph
+        bplane = (c * D + z) * H
         if x0 == 0 and ww == W:
             # Full-width window (always so for paste): its inside rows are one run in
             # both base and out. Copy that run whole, then write the patch over it --
             # far fewer, longer loops than row by row when rows are short (7x7 maps).
             up = uint64(plane)
-            for k in range(ya * ww):
-                out[up + uint64(k)] = pad
-            ub = uint64((c * H + y0 + ya) * W)
-            uo = uint64(plane + ya * ww)
-            for k in range((yb - ya) * ww):
-                out[uo + uint64(k)] = base[ub + uint64(k)]
-            for k in range(yb * ww, wh * ww):
-                out[up + uint64(k)] = pad
+            for m in range(ya * ww):
+                out[up + uint64(m)] = pad
+            if yb > ya:
+                ub = uint64((bplane + y0 + ya) * W)
+                uo = uint64(plane + ya * ww)
+                for m in range((yb - ya) * ww):
+                    out[uo + uint64(m)] = base[ub + uint64(m)]
+            for m in range(yb * ww, wh * ww):
+                out[up + uint64(m)] = pad
             for i in range(pia, pib):
                 o = uint64(plane + i * ww)
                 po = (pplane + i - pi0) * pw - pj0
@@ -121,93 +132,6 @@ def gather_into(base3, win_y0, win_x0, patch4, patch_y0, patch_x0, pad, out4):
                     left_end, right_start = ww, ww
                 if i >= ya and i < yb:
                     # base index of window column 0; >= 0 wherever it is read
-                    bo = (c * H + y0 + i) * W + x0
-                    for j in range(min(left_end, xa)):
-                        out[o + uint64(j)] = pad
-                    for j in range(xa, min(left_end, xb)):
-                        out[o + uint64(j)] = base[uint64(bo + j)]
-                    for j in range(xb, left_end):
-                        out[o + uint64(j)] = pad
-                    for j in range(right_start, xa):
-                        out[o + uint64(j)] = pad
-                    for j in range(max(right_start, xa), xb):
-                        out[o + uint64(j)] = base[uint64(bo + j)]
-                    for j in range(max(right_start, xb), ww):
-                        out[o + uint64(j)] = pad
-                else:
-                    for j in range(left_end):
-                        out[o + uint64(j)] = pad
-                    for j in range(right_start, ww):
-                        out[o + uint64(j)] = pad
-
-
-@njit(parallel=True, cache=True, fastmath=False, nogil=True)
-def gather3_into(base4, win_z0, win_y0, win_x0, patch5, patch_z0, patch_y0, patch_x0, pad, out5):
-    """Kernel: :func:`gather_into` for volumes, into ``out5`` (B, C, win_d, win_h, win_w).
-
-    ``base4`` float32 (C, D, H, W); ``patch5`` float32 (B, C, pd, ph, pw), possibly
-    empty for "no patch". The tasks are the ``(position, channel, depth)`` slices,
-    each one contiguous (win_h, win_w) plane of ``out5`` written exactly as
-    :func:`gather_into` writes a plane, with the base's and the patch's rows of
-    that depth (none where the depth falls outside the base or the patch).
-    """
-    C, D, H, W = base4.shape
-    B, _, wd, wh, ww = out5.shape
-    pd, ph, pw = patch5.shape[2], patch5.shape[3], patch5.shape[4]
-    base, patch, out = base4.ravel(), patch5.ravel(), out5.ravel()
-    for task in prange(B * C * wd):
-        bc = task // wd
-        k = task - bc * wd
-        b = bc // C
-        c = bc - b * C
-        z = win_z0[b] + k
-        y0 = win_y0[b]
-        x0 = win_x0[b]
-        ya = min(max(-y0, 0), wh)
-        yb = max(min(H - y0, wh), ya)
-        if z < 0 or z >= D:
-            yb = ya  # this slice lies in the padding
-        xa = min(max(-x0, 0), ww)
-        xb = max(min(W - x0, ww), xa)
-        pk = z - patch_z0[b]
-        pi0 = patch_y0[b] - y0
-        pj0 = patch_x0[b] - x0
-        pia = min(max(pi0, 0), wh)
-        pib = max(min(pi0 + ph, wh), pia)
-        pja = min(max(pj0, 0), ww)
-        pjb = max(min(pj0 + pw, ww), pja)
-        if pja == pjb or pk < 0 or pk >= pd:
-            pib = pia
-        plane = task * wh * ww
-        pplane = ((b * C + c) * pd + pk) * ph
-        bplane = (c * D + z) * H
-        if x0 == 0 and ww == W:
-            up = uint64(plane)
-            for m in range(ya * ww):
-                out[up + uint64(m)] = pad
-            uo = uint64(plane + ya * ww)
-            if yb > ya:
-                ub = uint64((bplane + y0 + ya) * W)
-                for m in range((yb - ya) * ww):
-                    out[uo + uint64(m)] = base[ub + uint64(m)]
-            for m in range(yb * ww, wh * ww):
-                out[up + uint64(m)] = pad
-            for i in range(pia, pib):
-                o = uint64(plane + i * ww)
-                po = (pplane + i - pi0) * pw - pj0
-                for j in range(pja, pjb):
-                    out[o + uint64(j)] = patch[uint64(po + j)]
-        else:
-            for i in range(wh):
-                o = uint64(plane + i * ww)
-                if i >= pia and i < pib:
-                    left_end, right_start = pja, pjb
-                    po = (pplane + i - pi0) * pw - pj0
-                    for j in range(pja, pjb):
-                        out[o + uint64(j)] = patch[uint64(po + j)]
-                else:
-                    left_end, right_start = ww, ww
-                if i >= ya and i < yb:
                     bo = (bplane + y0 + i) * W + x0
                     for j in range(min(left_end, xa)):
                         out[o + uint64(j)] = pad
@@ -251,8 +175,8 @@ def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_
 
 def gather_nd(base, starts, sizes, patch=None, patch_starts=None, pad_value=0.0, out=None, *,
               parallel=None):
-    """:func:`kql.kernels.reference.gather_nd` for 2 or 3 spatial axes, by the Numba kernels
-    (:func:`gather_into` for images, :func:`gather3_into` for volumes). As :func:`gather`."""
+    """:func:`kql.kernels.reference.gather_nd` for 2 or 3 spatial axes, by the Numba kernel
+    :func:`gather_into` (an image is a volume of depth 1). As :func:`gather`."""
     C = base.shape[0]
     B = len(starts[0])
     if out is None:
@@ -265,17 +189,23 @@ def gather_nd(base, starts, sizes, patch=None, patch_starts=None, pad_value=0.0,
         result = out
     if B == 0:
         return result
+    base_np = _np(base, np.float32)
+    starts = [_np(s, np.int64) for s in starts]
     if patch is None:
-        patch_np = np.empty((B, C) + (0,) * len(sizes), dtype=np.float32)
-        ps = [np.zeros(B, dtype=np.int64)] * len(sizes)
+        patch_np = np.empty((B, C, 0, 0, 0), dtype=np.float32)
+        ps = [np.zeros(B, dtype=np.int64)] * 3
     else:
         patch_np = _np(patch, np.float32)
         ps = [_np(p, np.int64) for p in patch_starts]
     if parallel is None:
         parallel = out_np.size >= PARALLEL_MIN_CELLS
-    kernel = gather_into if len(sizes) == 2 else gather3_into
-    args = (_np(base, np.float32), *(_np(s, np.int64) for s in starts), patch_np, *ps,
-            np.float32(pad_value), out_np)
+    if len(sizes) == 2:  # an image is a volume of depth 1: zero-copy views, depth starts 0
+        zeros = np.zeros(B, dtype=np.int64)
+        base_np, starts, out_np = base_np[:, None], [zeros, *starts], out_np[:, :, None]
+        if patch is not None:
+            patch_np, ps = patch_np[:, :, None], [zeros, *ps]
+    args = (base_np, *starts, patch_np, *ps, np.float32(pad_value), out_np)
+    kernel = gather_into
     threads = numba.get_num_threads()
     if parallel or threads == 1:
         kernel(*args)

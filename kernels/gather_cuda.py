@@ -7,12 +7,9 @@ efficiently by parallelly executing the memory copying" of the Krypton paper
 one launch prepares the inputs of a whole batch of occlusion positions, instead
 of a sequential slice-and-stitch loop that leaves the GPU idle.
 
-Volumes (``(C, D, H, W)``, :func:`gather_nd` / :func:`paste_nd`) use the same
-layout with the x dimension walking the ``win_d * win_h * win_w`` cells of a
-position's channel (:func:`_gather3_kernel`).
-
-Kernel layout: a 2-D grid. ``blockIdx.y`` walks the ``(position, channel)`` planes
-and the x dimension walks the cells of one output plane (both grid-stride, so any
+Kernel layout: a 2-D grid. ``blockIdx.y`` walks the ``(position, channel, depth)``
+planes (an image is a volume of depth 1: one kernel for both, reshaped views, no
+copies) and the x dimension walks the cells of one output plane (both grid-stride, so any
 size fits the grid limits). Consecutive threads write consecutive cells of an
 output row and read consecutive cells of a base row or patch row: coalesced
 accesses, and only one integer division per cell. Each thread picks its source
@@ -61,98 +58,57 @@ def is_available() -> bool:
 @functools.cache
 def _gather_kernel():
     @cuda.jit
-    def gather_kernel(base, win_y0, win_x0, patch, patch_y0, patch_x0, pad, out):
-        C = base.shape[0]
-        H = base.shape[1]
-        W = base.shape[2]
-        n_planes = out.shape[0] * C
-        wh = out.shape[2]
-        ww = out.shape[3]
-        ph = patch.shape[2]
-        pw = patch.shape[3]
-        n_cells = wh * ww
-        first = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        step = cuda.gridDim.x * cuda.blockDim.x
-        bc = cuda.blockIdx.y
-        while bc < n_planes:
-            b = bc // C
-            c = bc - b * C
-            y0 = win_y0[b]
-            x0 = win_x0[b]
-            py0 = patch_y0[b]
-            px0 = patch_x0[b]
-            k = first
-            while k < n_cells:
-                i = k // ww
-                j = k - i * ww
-                y = y0 + i
-                x = x0 + j
-                pi = y - py0
-                pj = x - px0
-                if pi >= 0 and pi < ph and pj >= 0 and pj < pw:
-                    out[b, c, i, j] = patch[b, c, pi, pj]
-                elif y >= 0 and y < H and x >= 0 and x < W:
-                    out[b, c, i, j] = base[c, y, x]
-                else:
-                    out[b, c, i, j] = pad
-                k += step
-            bc += cuda.gridDim.y
-
-    return gather_kernel
-
-
-@functools.cache
-def _gather3_kernel():
-    @cuda.jit
-    def gather3_kernel(base, win_z0, win_y0, win_x0, patch, patch_z0, patch_y0, patch_x0, pad,
-                       out):
+    def gather_kernel(base, win_z0, win_y0, win_x0, patch, patch_z0, patch_y0, patch_x0, pad,
+                      out):
+        # base (C, D, H, W), patch (B, C, pd, ph, pw), out (B, C, wd, wh, ww); an image is
+        # a volume of depth 1. blockIdx.y walks the (position, channel, depth) planes.
         C = base.shape[0]
         D = base.shape[1]
         H = base.shape[2]
         W = base.shape[3]
-        n_planes = out.shape[0] * C
         wd = out.shape[2]
         wh = out.shape[3]
         ww = out.shape[4]
+        n_planes = out.shape[0] * C * wd
         pd = patch.shape[2]
         ph = patch.shape[3]
         pw = patch.shape[4]
-        n_rows = wh * ww
-        n_cells = wd * n_rows
+        n_cells = wh * ww
         first = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         step = cuda.gridDim.x * cuda.blockDim.x
-        bc = cuda.blockIdx.y
-        while bc < n_planes:
+        plane = cuda.blockIdx.y
+        while plane < n_planes:
+            bc = plane // wd
+            k = plane - bc * wd
             b = bc // C
             c = bc - b * C
-            z0 = win_z0[b]
+            z = win_z0[b] + k
             y0 = win_y0[b]
             x0 = win_x0[b]
-            pz0 = patch_z0[b]
+            pk = z - patch_z0[b]
             py0 = patch_y0[b]
             px0 = patch_x0[b]
+            # whether this plane's depth lies in the base / in the patch: once per plane
+            z_in = z >= 0 and z < D
+            pk_in = pk >= 0 and pk < pd
             m = first
             while m < n_cells:
-                k = m // n_rows
-                r = m - k * n_rows
-                i = r // ww
-                j = r - i * ww
-                z = z0 + k
+                i = m // ww
+                j = m - i * ww
                 y = y0 + i
                 x = x0 + j
-                pk = z - pz0
                 pi = y - py0
                 pj = x - px0
-                if pk >= 0 and pk < pd and pi >= 0 and pi < ph and pj >= 0 and pj < pw:
+                if pk_in and pi >= 0 and pi < ph and pj >= 0 and pj < pw:
                     out[b, c, k, i, j] = patch[b, c, pk, pi, pj]
-                elif z >= 0 and z < D and y >= 0 and y < H and x >= 0 and x < W:
+                elif z_in and y >= 0 and y < H and x >= 0 and x < W:
                     out[b, c, k, i, j] = base[c, z, y, x]
                 else:
                     out[b, c, k, i, j] = pad
                 m += step
-            bc += cuda.gridDim.y
+            plane += cuda.gridDim.y
 
-    return gather3_kernel
+    return gather_kernel
 
 
 def _grid(n_planes, n_cells, threads_per_block):
@@ -211,14 +167,24 @@ def _is_torch(x) -> bool:
 
 
 def _launch(base, starts, patch, patch_starts, pad_value, out, stream, threads_per_block):
-    B, C, *sizes = out.shape
-    kernel = _gather_kernel() if len(sizes) == 2 else _gather3_kernel()
-    grid = _grid(B * C, math.prod(sizes), threads_per_block)
+    B, C, wd, wh, ww = out.shape
+    kernel = _gather_kernel()
+    grid = _grid(B * C * wd, wh * ww, threads_per_block)
     args = (base, *starts, patch, *patch_starts, np.float32(pad_value), out)
     if stream is None:
         kernel[grid, threads_per_block](*args)
     else:
         kernel[grid, threads_per_block, stream](*args)
+
+
+def _as_volume(base, starts, patch, patch_starts, out, zeros):
+    """Images as volumes of depth 1 (views, no copies); volumes unchanged."""
+    if len(starts) == 3:
+        return base, starts, patch, patch_starts, out
+    B, C = out.shape[:2]
+    return (base.reshape(base.shape[0], 1, *base.shape[1:]), [zeros, *starts],
+            patch.reshape(B, C, 1, *patch.shape[2:]), [zeros, *patch_starts],
+            out.reshape(B, C, 1, *out.shape[2:]))
 
 
 def _gather_torch(base, starts, sizes, patch, patch_starts, pad_value, out, threads_per_block):
@@ -250,8 +216,10 @@ def _gather_torch(base, starts, sizes, patch, patch_starts, pad_value, out, thre
         # before later consumers of out, with no host-side wait (hence sync=False).
         stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
         wrap = lambda t: cuda.as_cuda_array(t, sync=False)  # noqa: E731
-        _launch(wrap(base), [wrap(t) for t in starts], wrap(patch),
-                [wrap(t) for t in patch_starts], pad_value, wrap(out), stream, threads_per_block)
+        zeros = torch.zeros(B, dtype=torch.int64, device=device)
+        vb, vs, vp, vps, vo = _as_volume(base, starts, patch, patch_starts, out, zeros)
+        _launch(wrap(vb), [wrap(t) for t in vs], wrap(vp), [wrap(t) for t in vps], pad_value,
+                wrap(vo), stream, threads_per_block)
     return out
 
 
@@ -276,8 +244,10 @@ def _gather_numba(base, starts, sizes, patch, patch_starts, pad_value, out, stre
         else:
             patch_dev = dev(patch, np.float32)
             ps = [dev(t, np.int64) for t in patch_starts]
-        _launch(dev(base, np.float32), [dev(t, np.int64) for t in starts], patch_dev, ps,
-                pad_value, out_dev, stream, threads_per_block)
+        zeros = cuda.to_device(np.zeros(B, dtype=np.int64), stream=stream or 0)
+        vb, vs, vp, vps, vo = _as_volume(dev(base, np.float32), [dev(t, np.int64) for t in starts],
+                                         patch_dev, ps, out_dev, zeros)
+        _launch(vb, vs, vp, vps, pad_value, vo, stream, threads_per_block)
     if isinstance(out, np.ndarray) or (on_host and out is None):
         host = out_dev.copy_to_host(out, stream=stream or 0)
         if stream is not None:

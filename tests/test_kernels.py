@@ -505,18 +505,23 @@ def test_gather_nd_on_images_equals_gather(case, impl):
     np.testing.assert_array_equal(want, expected_gather_nd(nd))  # the two oracles agree
 
 
-def test_gather_nd_on_images_runs_the_2d_kernels(monkeypatch):
-    """No second implementation for images: gather_nd hands two axes to the 2-D kernels."""
+def test_gather_nd_on_images_runs_the_2d_torch_functions(monkeypatch):
+    """On torch, two axes go to reference.gather / paste (written for two axes, less Python
+    per position), three to the N-D ones. (Numba and CUDA have one kernel for both.)"""
     calls = []
-    for module, name in ((reference, "gather"), (gather_cpu, "gather_into")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _m=module.__name__, **k:
-                            calls.append(_m) or _real(*a, **k))
+    for name in ("gather", "gather_nd", "paste", "paste_nd"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _real=real, _n=name, **k:
+                            calls.append(_n) or _real(*a, **k))
     a = make_case(*GATHER_CASES["inside, patch centred"])
-    for backend in ("torch", "numba"):
-        K.gather_nd(a["base"], [a["win_y0"], a["win_x0"]], (5, 5), a["patch"],
-                    [a["patch_y0"], a["patch_x0"]], backend=backend)
-    assert calls == ["kql.kernels.reference", "kql.kernels.gather_cpu"]  # reference.gather, gather_into
+    K.gather_nd(a["base"], [a["win_y0"], a["win_x0"]], (5, 5), a["patch"],
+                [a["patch_y0"], a["patch_x0"]], backend="torch")
+    K.paste_nd(a["base"], a["patch"], [a["patch_y0"], a["patch_x0"]], backend="torch")
+    v = make_case_nd(*GATHER3_CASES["inside, patch centred"])
+    K.gather_nd(v["base"], v["starts"], v["sizes"], v["patch"], v["patch_starts"], backend="torch")
+    K.paste_nd(v["base"], v["patch"], v["patch_starts"], backend="torch")
+    # (paste is a gather of whole-base windows, on either side)
+    assert calls == ["gather", "paste", "gather", "gather_nd", "paste_nd", "gather_nd"]
 
 
 @pytest.mark.parametrize("impl", ["numba", "numba-1-thread", "torch-looped", "torch-vectorised",
