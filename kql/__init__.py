@@ -44,12 +44,15 @@ def __getattr__(name):  # lazy: `import kql` stays fast for the REPL's --help
     if name == "BatchJob":
         from kql.jobs.batch import BatchJob
         return BatchJob
+    if name == "Volume":
+        from kql.sources.volumes import Volume
+        return Volume
     if name == "compat":
         import importlib
         return importlib.import_module("kql.compat")
     raise AttributeError(f"module 'kql' has no attribute {name!r}")
 
 
-__all__ = ["connect", "Connection", "occlusion", "HeatmapResult", "Explanation", "Table", "BatchJob",
+__all__ = ["connect", "Connection", "occlusion", "HeatmapResult", "Explanation", "Table", "BatchJob", "Volume",
            "KqlError", "ParseError", "PlanError", "SettingError", "ExecutionError",
            "QueryInterrupted", "__version__"]

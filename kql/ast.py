@@ -41,7 +41,8 @@ class Color:
 
     kind: ``"black"``, ``"gray"``, ``"mean"`` (the image's per-channel mean),
     ``"value"`` (one intensity for all channels) or ``"rgb"``.
-    value: intensities on the 0-255 pixel scale for ``value``/``rgb``, else ``None``.
+    value: intensities on the 0-255 pixel scale for ``value``/``rgb`` (on a
+    volume: in the scan's units, e.g. -1000 HU), else ``None``.
     """
     kind: str = "gray"
     value: Optional[tuple[float, ...]] = None

@@ -5,7 +5,7 @@ PATCH <n>[x<m>]
 >>> help_text("nope")
 Traceback (most recent call last):
     ...
-kql.errors.KqlError: unknown HELP topic 'nope'; topics: APPROX, BATCH, CALIBRATIONS, COLOR, DESCRIBE, DRILLDOWN, EXACT, EXPLAIN, GATES, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, SSIM, STRIDE, TAU, TUNE, WEIGHTS
+kql.errors.KqlError: unknown HELP topic 'nope'; topics: APPROX, BATCH, CALIBRATIONS, COLOR, DESCRIBE, DRILLDOWN, EXACT, EXPLAIN, GATES, HELP, INTO, LABEL, LOAD, NAIVE, NORMALIZE, ON, PATCH, REGION, RESAMPLE, SELECT, SET, SHOW, SSIM, STRIDE, TAU, TUNE, VOLUMES, WEIGHTS, WINDOW
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ Statements (end each with ';'; keywords are case-insensitive, '--' starts a comm
   SET <option> = <value>               change a session setting
   HELP [<topic>]                       this text, or help on one topic
 
-SELECT clauses: WEIGHTS, PATCH, STRIDE, COLOR, LABEL, REGION, NAIVE/EXACT, BATCH, ON, INTO.
+SELECT clauses: WEIGHTS, PATCH, STRIDE, COLOR, LABEL, REGION, NAIVE/EXACT, BATCH, ON, INTO;
+on volumes also WINDOW, NORMALIZE, RESAMPLE (HELP VOLUMES).
 Topics: {topics}.
 Example:
   SELECT HEATMAP FROM coffee USING efficientnet_lite0 PATCH 16 STRIDE 8 INTO 'coffee.png';"""
@@ -293,6 +294,26 @@ Examples:
   SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 INTO 'cat_heatmap.png';
   SELECT HEATMAP FROM 'scans/*.png' USING vgg16 PATCH 16 STRIDE 4 INTO 'heatmaps/';"""
 
+_VOLUMES = """\
+SELECT HEATMAP FROM <volume> USING <3-D model> PATCH <n>[x<h>x<w>] STRIDE <n>[x<h>x<w>]
+    [WINDOW (<lo>, <hi>)] [NORMALIZE MINMAX | ZSCORE | NONE] [RESAMPLE <d>x<h>x<w>]
+    [COLOR <value in the scan's units> | MEAN] [REGION (<x0>, <y0>, <z0>, <x1>, <y1>, <z1>)]
+    [INTO '<file>.nii.gz' | '<file>.nii' | '<file>.npy' | '<file>.png']
+
+Occludes a CT / MRI volume or a video clip (C x D x H x W) with a box. <volume> is
+a .npy file (DxHxW or CxDxHxW), a NIfTI file (.nii, .nii.gz), a bound array or the
+synthetic sample 'phantom' (64^3, Hounsfield units). 3-D models: densenet121_3d,
+densenet169_3d, resnet10_3d ... resnet50_3d (MONAI, kql[monai]), r3d_18, mc3_18,
+r2plus1d_18 (torchvision video), or a bound module with nn.Conv3d.
+Sizes are depth x height x width; PATCH 8 is 8x8x8. RESAMPLE resamples the grid
+(trilinear), WINDOW clips to [lo, hi] and scales to [0, 1], NORMALIZE scales the
+scan (default MINMAX; uint8 clips are divided by 255). COLOR -1000 is air in a
+CT. INTO NIfTI writes the map in the input's voxel grid with its affine; PNG
+shows three slices through the most sensitive voxel.
+Example:
+  SELECT HEATMAP FROM phantom USING resnet10_3d PATCH 8 STRIDE 4
+      WINDOW (-1000, 400) RESAMPLE 32 INTO 'phantom.nii.gz';"""
+
 TOPICS: dict[str, str] = {
     "SELECT": _SELECT,
     "EXPLAIN": _EXPLAIN,
@@ -319,6 +340,10 @@ TOPICS: dict[str, str] = {
     "BATCH": _BATCH,
     "ON": _DEVICE,
     "INTO": _INTO,
+    "VOLUMES": _VOLUMES,
+    "WINDOW": _VOLUMES,
+    "NORMALIZE": _VOLUMES,
+    "RESAMPLE": _VOLUMES,
 }
 """Help topics (upper case) and their text."""
 

@@ -355,8 +355,8 @@ CASES = {
     "unknown HELP topic": Case(
         "HELP nope", KqlError,
         "unknown HELP topic 'NOPE'; topics: APPROX, BATCH, CALIBRATIONS, COLOR, DESCRIBE, DRILLDOWN, EXACT, "
-        "EXPLAIN, GATES, HELP, INTO, LABEL, LOAD, NAIVE, ON, PATCH, REGION, SELECT, SET, SHOW, SSIM, STRIDE, TAU, "
-        "TUNE, WEIGHTS"),
+        "EXPLAIN, GATES, HELP, INTO, LABEL, LOAD, NAIVE, NORMALIZE, ON, PATCH, REGION, RESAMPLE, SELECT, SET, SHOW, "
+        "SSIM, STRIDE, TAU, TUNE, VOLUMES, WEIGHTS, WINDOW"),
 }
 
 if not torch.cuda.is_available():

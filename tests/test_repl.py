@@ -175,7 +175,7 @@ def test_script_file(tmp_path):
                       "  USING vgg16 PATCH 16 STRIDE 4;\n", encoding="utf-8")
     assert run([str(script)]) == (0, "vgg16\nresnet18\nheatmap of cat.png\n", "", [
         ast.ShowModels(),
-        ast.Select(ast.Source("path", "cat.png"), "vgg16", (16, 16), (4, 4))])
+        ast.Select(ast.Source("path", "cat.png"), "vgg16", (16,), (4,))])
 
 
 def test_script_file_error_has_the_script_line(tmp_path):

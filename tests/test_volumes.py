@@ -69,6 +69,16 @@ def test_npy_volumes_one_channel_and_channels_first(tmp_path):
     assert two.data.shape == (2, 4, 5, 6) and two.spatial_shape == (4, 5, 6)
 
 
+def test_load_image_takes_a_volume_file(tmp_path):
+    path = save_nifti(tmp_path / "ct.nii.gz", np.zeros((8, 9, 10)))
+    con = kql.connect()
+    assert con.execute(f"LOAD IMAGE '{path}' AS ct") == f"volume 'ct' loaded from '{path}' (1x8x9x10)"
+    assert ["ct", "session", "1x8x9x10"] in con.execute("SHOW IMAGES").rows
+    with pytest.raises(PlanError, match="bound volume 'v' has an affine that is not invertible"):
+        con.execute("SELECT HEATMAP FROM v USING m PATCH 4 STRIDE 4", m=net3d(),
+                    v=kql.Volume(np.zeros((8, 8, 8)), affine=np.zeros((4, 4))))
+
+
 def test_nifti_round_trip_keeps_axes_and_affine(tmp_path):
     data = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
     affine = np.array([[0, 0, 2.0, 10], [0, 1.5, 0, -5], [1.2, 0, 0, 3], [0, 0, 0, 1]])

@@ -51,7 +51,10 @@ def _shape(shape: Sequence[int]) -> str:
 
 @dataclass
 class Volume:
-    """A loaded volume.
+    """A volume: what KQL reads from files, and what a user binds to say
+    "this array is a volume" and give it an affine:
+    ``con.execute(q, ct=kql.Volume(array, affine))`` (``data`` then may be
+    ``DxHxW`` or ``CxDxHxW`` of any real dtype; it is checked and converted).
 
     Attributes:
         data: float32 ``(C, D, H, W)`` in the scan's units.
@@ -147,7 +150,14 @@ def load_volume(obj: Any, what: Optional[str] = None) -> Volume:
     (1, 4, 5, 6)
     """
     if isinstance(obj, Volume):
-        return obj
+        # one the user made: kql.Volume(array, affine) with any layout load_volume reads
+        vol = _from_array(obj.data, what or obj.description)
+        if obj.affine is not None:
+            affine = np.asarray(obj.affine, dtype=np.float64)
+            _check_affine(affine, what or obj.description)
+            vol.affine = affine
+        vol.integer_pixels = vol.integer_pixels or obj.integer_pixels
+        return vol
     if isinstance(obj, (str, os.PathLike)):
         path = os.fspath(obj)
         if not os.path.exists(path):
