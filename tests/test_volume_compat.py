@@ -183,14 +183,14 @@ MONAI_3D = {
 @pytest.mark.parametrize("arch", list(MONAI_3D))
 def test_dropins_on_monai_3d_networks(arch):
     torch.manual_seed(0)
-    shape = (1, 24, 24, 24)
+    shape = (1, 32, 32, 32)                           # DenseNet121 halves 5 times: at least 32
     model = calibrated(MONAI_3D[arch](), shape)
     x = volumes(1, shape, seed=2)
     softmax = lambda out: out.softmax(1)  # noqa: E731
     with torch.no_grad():
         probs = softmax(model(x))
     cls = int(probs.argmax())
-    box = [8, 16, 8, 16, 8, 16]                       # MONAI widens it by half a mask: 4^3 positions
+    box = [12, 18, 12, 18, 12, 18]                    # MONAI widens it by 3 on each side: 2^3 positions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_map, _ = monai_visualize.OcclusionSensitivity(model, mask_size=8, n_batch=8, verbose=False, mode=0.0,
@@ -212,7 +212,7 @@ def test_dropins_on_monai_3d_networks(arch):
             self.register_buffer("outside", outside)
 
         def forward(self, v):
-            return self.model(torch.nn.functional.pad(v, (8, 4, 8, 4, 8, 4)) + self.outside).softmax(1)
+            return self.model(torch.nn.functional.pad(v, (8, 12, 8, 12, 8, 12)) + self.outside).softmax(1)
 
     paste = Paste().eval()
     ref = captum_attr.Occlusion(paste).attribute(crop, (1, 8, 8, 8), strides=(1, 4, 4, 4), target=cls,
