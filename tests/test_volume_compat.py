@@ -183,14 +183,14 @@ MONAI_3D = {
 @pytest.mark.parametrize("arch", list(MONAI_3D))
 def test_dropins_on_monai_3d_networks(arch):
     torch.manual_seed(0)
-    shape = (1, 24, 24, 24)
+    shape = (1, 32, 32, 32)                           # DenseNet121 halves 5 times: at least 32
     model = calibrated(MONAI_3D[arch](), shape)
     x = volumes(1, shape, seed=2)
     softmax = lambda out: out.softmax(1)  # noqa: E731
     with torch.no_grad():
         probs = softmax(model(x))
     cls = int(probs.argmax())
-    box = [8, 16, 8, 16, 8, 16]                       # MONAI widens it by half a mask: 4^3 positions
+    box = [12, 18, 12, 18, 12, 18]                    # MONAI widens it by 3 on each side: 2^3 positions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_map, _ = monai_visualize.OcclusionSensitivity(model, mask_size=8, n_batch=8, verbose=False, mode=0.0,
@@ -212,7 +212,7 @@ def test_dropins_on_monai_3d_networks(arch):
             self.register_buffer("outside", outside)
 
         def forward(self, v):
-            return self.model(torch.nn.functional.pad(v, (8, 4, 8, 4, 8, 4)) + self.outside).softmax(1)
+            return self.model(torch.nn.functional.pad(v, (8, 12, 8, 12, 8, 12)) + self.outside).softmax(1)
 
     paste = Paste().eval()
     ref = captum_attr.Occlusion(paste).attribute(crop, (1, 8, 8, 8), strides=(1, 4, 4, 4), target=cls,
@@ -221,3 +221,32 @@ def test_dropins_on_monai_3d_networks(arch):
         warnings.simplefilter("error")
         got = Occlusion(paste).attribute(crop, (1, 8, 8, 8), strides=(1, 4, 4, 4), target=cls)
     assert close(got, ref, probs) <= TOL
+
+
+# -- multi-image jobs over a folder of volumes --------------------------------------------
+def test_a_job_over_a_folder_of_volumes(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    src, out = tmp_path / "scans", tmp_path / "out"
+    src.mkdir()
+    g = np.random.default_rng(0)
+    np.save(src / "a.npy", g.normal(size=(12, 12, 12)).astype(np.float32))
+    nib.save(nib.Nifti1Image(g.normal(size=(12, 12, 12)).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])),
+             str(src / "b.nii.gz"))
+    (src / "c.nii.gz").write_bytes(b"not a nifti")
+    (src / "notes.txt").write_text("left alone")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    con = kql.connect(progress="off")
+    results = {r.name: r for r in con.execute(f"SELECT HEATMAP FROM '{src}' USING m PATCH 4 STRIDE 4 "
+                                              f"INTO '{out}'", m=model)}
+    assert sorted(results) == ["a.npy", "b.nii.gz", "c.nii.gz"]
+    for name in ("a.npy", "b.nii.gz"):
+        assert results[name].status == "ok" and results[name].heatmap.shape == (3, 3, 3)
+        saved = np.load(out / f"{name}.npy")                    # the map on the input's voxel grid
+        assert saved.shape == (12, 12, 12) and np.isfinite(saved).all()
+        assert (out / f"{name}.png").is_file()
+    bad = results["c.nii.gz"]
+    assert bad.status == "failed" and "c.nii.gz" in bad.error and "kql-volume-" not in bad.error
+    alone = con.execute(f"SELECT HEATMAP FROM '{src / 'a.npy'}' USING m PATCH 4 STRIDE 4", m=model)
+    assert np.array_equal(alone.heatmap, results["a.npy"].heatmap)          # as one query of that file

@@ -196,7 +196,7 @@ class ImageExplainer:
         start = time.perf_counter()
         restore = set_threads(self.threads)
         try:
-            image = sources.decode_image(work.data, work.path)
+            image = decode(work.data, work.path)
             t_decode = time.perf_counter() - start
             plan = self.plan(work.path, image)
             result = run(plan, progress="off")
@@ -223,6 +223,28 @@ class ImageExplainer:
         out.timings = {"decode": t_decode, **{k: v for k, v in result.timings.items() if k != "total"},
                        "render": t_render, "total": time.perf_counter() - start}
         return out
+
+
+def decode(data: bytes, path: str):
+    """An image file's bytes as ``sources.decode_image`` decodes them, or a
+    volume's (``.npy``, ``.nii``, ``.nii.gz``) as ``kql.sources.volumes.load_volume``
+    reads the file: written to a temporary file of the same extension, so a
+    worker that cannot see the input reads the very bytes the driver hashed."""
+    from kql.sources import volumes
+    if not volumes.is_volume_path(path):
+        return sources.decode_image(data, path)
+    import tempfile
+    suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else os.path.splitext(path)[1]
+    with tempfile.TemporaryDirectory(prefix="kql-volume-") as folder:
+        tmp = os.path.join(folder, "volume" + suffix)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            volume = volumes.load_volume(tmp)
+            volume.description = f"file '{path}'"
+            return volume
+        except PlanError as e:
+            raise PlanError(str(e).replace(tmp, path)) from None
 
 
 def set_threads(n: int):

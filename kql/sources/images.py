@@ -332,7 +332,8 @@ def list_images(path: str) -> tuple[str, list[str]]:
     folder their output names are relative to.
 
     A folder gives the files directly in it whose extension Pillow knows
-    (``.png``, ``.jpg``, ``.tif``, ...); other files are left alone. A glob
+    (``.png``, ``.jpg``, ``.tif``, ...) and its volumes (``.npy``,
+    ``.nii``, ``.nii.gz``); other files are left alone. A glob
     gives every file it matches (``**`` recurses), whatever its extension, so
     a non-image it names is reported as a failed image, not skipped. Hidden
     files (``.name``) are left out of both.
@@ -361,8 +362,10 @@ def list_images(path: str) -> tuple[str, list[str]]:
         raise PlanError(f"image folder not found: '{path}'")
     if not os.path.isdir(path):
         raise PlanError(f"'{path}' is a file, not a folder")
+    from kql.sources.volumes import is_volume_path
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in _image_extensions()
+                   if not f.startswith(".") and (os.path.splitext(f)[1].lower() in _image_extensions()
+                                                 or is_volume_path(f))
                    and os.path.isfile(os.path.join(path, f)))
     if not files:
         raise PlanError(f"folder '{path}' holds no image files (known extensions: .png, .jpg, .tif, ...; "
