@@ -151,25 +151,7 @@ class IncrementalRunner:
             if shared["runners"] <= 0:
                 shared.clear()  # the last runner of this execution has its views: free the rest
             return views, consts
-        env: dict[str, Any] = {}
-        last_use = self.last_use
-        views, consts = {}, {}
-        x = self.plan.input.to(self.device)[None]
-        for i, node in enumerate(self.gm.graph.nodes):
-            if node.op == "output":
-                break
-            if node.op == "placeholder":
-                value = x
-            else:
-                value = self._call(node, lambda n: env[n.name])
-            env[node.name] = value
-            if node.name in keep:
-                views[node.name] = value[0]
-            if not self._depends_on_input(node):
-                consts[node.name] = value
-            for arg in node.all_input_nodes:
-                if last_use.get(arg.name) == i:
-                    env.pop(arg.name, None)
+        views, consts, _ = _unoccluded(self.gm, self.plan.input.to(self.device)[None], keep, self.last_use)
         return views, consts
 
     def _last_use(self) -> dict[str, int]:
@@ -518,26 +500,40 @@ def reference(plan, model, score):
     if gm is not model:
         gm = gm.to(device)
     layers = {layer.name for layer in plan.graph.layers()}
-    env: dict[str, Any] = {}
-    views, consts = {}, {}
+    last_use = {a.name: i for i, node in enumerate(gm.graph.nodes) for a in node.all_input_nodes}
 
     def forward(x):
-        for node in gm.graph.nodes:
-            if node.op == "output":
-                return map_arg(node.args[0], lambda n: env[n.name])
-            value = x if node.op == "placeholder" else _call(gm, node, lambda n: env[n.name])
-            env[node.name] = value
-            if node.name in layers and isinstance(value, torch.Tensor):
-                views[node.name] = value[0]
-            if not any(a.op == "placeholder" or a.name not in consts for a in node.all_input_nodes) \
-                    and node.op != "placeholder":
-                consts[node.name] = value
-        raise AssertionError("a traced graph ends with an output node")
+        views, consts, output = _unoccluded(gm, x, layers, last_use)
+        shared.update(gm=gm, input=plan.input, views=views, consts=consts)
+        return output
 
     with torch.inference_mode():
-        label, p_original, scores = common.reference(plan, forward, score)
-    shared.update(gm=gm, input=plan.input, views=views, consts=consts)
-    return label, p_original, scores
+        return common.reference(plan, forward, score)
+
+
+def _unoccluded(gm, x, keep, last_use: dict[str, int]):
+    """One pass of ``gm`` over the unoccluded input ``x`` (batch 1):
+    ``(views, consts, output)``, the outputs of the tensor nodes in ``keep``
+    without their batch axis, every value that does not depend on the input
+    (weights, constants) and the graph's output. A value is freed after the
+    node ``last_use`` names as its last reader."""
+    env: dict[str, Any] = {}
+    views, consts, dependent = {}, {}, set()
+    for i, node in enumerate(gm.graph.nodes):
+        if node.op == "output":
+            return views, consts, map_arg(node.args[0], lambda n: env[n.name])
+        value = x if node.op == "placeholder" else _call(gm, node, lambda n: env[n.name])
+        env[node.name] = value
+        if node.name in keep and isinstance(value, torch.Tensor):
+            views[node.name] = value[0]
+        if node.op == "placeholder" or any(a.name in dependent for a in node.all_input_nodes):
+            dependent.add(node.name)
+        else:
+            consts[node.name] = value
+        for arg in node.all_input_nodes:
+            if last_use.get(arg.name) == i:
+                env.pop(arg.name, None)
+    raise AssertionError("a traced graph ends with an output node")
 
 
 def _channels_first(t: torch.Tensor, axes: tuple[int, ...], batch: int) -> torch.Tensor:
