@@ -96,13 +96,15 @@ def _run(plan, progress, score) -> Execution:
     with contextlib.ExitStack() as stack:
         if runners:
             mem = stack.enter_context(PeakMemory(plan.device))
-            stack.enter_context(incremental.shared_forward(runners))
+            shared = stack.enter_context(incremental.shared_forward(runners))
         label, p_original, scores = (incremental.reference if runners else reference)(
             plan, model, score or probabilities)
         t_ref = time.perf_counter() - start
         several = plan.label_choice.classes(scores)
         if several is None and score is not None:
             several = [label]
+        if runners and several is not None:
+            shared["runners"] = 1  # several maps run every position in one runner (_occlusion)
         if not runners:
             mem = stack.enter_context(PeakMemory(plan.device))
         values, t_occ, stages, refined = _occlusion(plan, model, label, several, score, progress)

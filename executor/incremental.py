@@ -117,6 +117,8 @@ class IncrementalRunner:
         self._unchanged = {name: r.is_empty for name, r in regions.items() if r.is_empty.any()}
         self.last_use = self._last_use()
         self.views, self.consts = self._materialize()
+        self._starts = plan.positions()          # every grid position's corner, per axis
+        self._views_cf: dict[str, torch.Tensor] = {}  # views as the kernels take them (_view_cf)
 
     # -- materialization ------------------------------------------------------
     def _needs_view(self, name: str) -> bool:
@@ -205,7 +207,7 @@ class IncrementalRunner:
         """The model's raw output for the positions ``idx`` of the grid, as
         naive inference of the occluded images would return it."""
         B = len(idx)
-        starts = [a[idx] for a in self.plan.positions()]   # (ys, xs), or (zs, ys, xs) on a volume
+        starts = [a[idx] for a in self._starts]   # (ys, xs), or (zs, ys, xs) on a volume
         origin = tuple(_index(a, self.device) for a in starts)
         C = self.plan.input.shape[0]
         patch = box_values(self.plan.fill, starts, self.plan.patch, C, self.device)
@@ -410,9 +412,9 @@ class IncrementalRunner:
             return s.values
         axes = layer.out_axes
         shape = [B, *layer.out_shape]
-        for a, n in zip(axes, box):
-            shape[a + 1] = n
-        values = kernels.gather_nd(_channels_first(base, axes, 0), origin, box,
+        for a, size in zip(axes, box):
+            shape[a + 1] = size
+        values = kernels.gather_nd(self._view_cf(n.name, axes), origin, box,
                                    None if s is None else _channels_first(s.values, axes, 1),
                                    None if s is None else s.origin, backend=self.backend)
         return _in_layout(values, axes, shape)
@@ -436,9 +438,17 @@ class IncrementalRunner:
         if s is None:
             return base.expand(B, *base.shape)
         axes = self.layers[n.name].out_axes
-        out = kernels.paste_nd(_channels_first(base, axes, 0), _channels_first(s.values, axes, 1),
+        out = kernels.paste_nd(self._view_cf(n.name, axes), _channels_first(s.values, axes, 1),
                                s.origin, backend=self.backend)
         return _in_layout(out, axes, (B, *base.shape))
+
+    def _view_cf(self, name: str, axes) -> torch.Tensor:
+        """The view of ``name`` channels first (:func:`_channels_first`), laid out
+        once: a channels-last view would otherwise be copied on every batch."""
+        view = self._views_cf.get(name)
+        if view is None:
+            view = self._views_cf[name] = _channels_first(self.views[name], axes, 0)
+        return view
 
     # -- fx plumbing ----------------------------------------------------------
     def _call(self, node: Node, lookup):
@@ -480,9 +490,10 @@ def shared_forward(runners: int):
     A query on a small ``REGION`` otherwise paid three full forward passes
     (reference, and one materialization per drill-down stage) before its
     first position."""
-    token = _SHARED.set({"runners": runners})
+    shared = {"runners": runners}
+    token = _SHARED.set(shared)
     try:
-        yield
+        yield shared  # the caller may lower "runners" once it knows how many will run
     finally:
         _SHARED.get().clear()
         _SHARED.reset(token)
