@@ -58,7 +58,8 @@ class Catalog:
         if name.lower() in sources.SAMPLE_IMAGES:
             return sources.load_sample(name), f"sample image '{name.lower()}'"
         if name.lower() in volumes.SAMPLE_VOLUMES:
-            return volumes.load_sample_volume(name), f"sample volume '{name.lower()}' (synthetic)"
+            volume = volumes.load_sample_volume(name)
+            return volume, volume.description
         if isinstance(bound, torch.nn.Module):
             raise PlanError(f"'{name}' is bound to a model ({type(bound).__name__}), not an image: "
                             f"FROM takes an image (array, PIL image, tensor or file path)")

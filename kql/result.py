@@ -435,10 +435,7 @@ class HeatmapResult:
         """The voxel (pixel) where occlusion lowers the score most: the
         minimum of the voxel map (the first one, in C order, on ties)."""
         one = self if label is None else self.select(label)
-        pixels = one.pixel_map()
-        if np.isnan(pixels).all():
-            return tuple(n // 2 for n in pixels.shape)
-        return tuple(int(i) for i in np.unravel_index(np.nanargmin(pixels), pixels.shape))
+        return _argmin_voxel(one.pixel_map())
 
     def _volume_figure(self):
         """Three orthogonal slices through the most sensitive voxel, the map
@@ -457,7 +454,7 @@ class HeatmapResult:
         for row in range(n):
             one = self if len(self.labels) == 1 else self.select(self.labels[row])
             pixels = one.pixel_map()
-            d, h, w = one.most_sensitive_voxel()
+            d, h, w = _argmin_voxel(pixels)
             lo, hi = float(np.nanmin(one.heatmap)), float(np.nanmax(one.heatmap))
             if hi - lo < 1e-6:
                 lo, hi = lo - 0.5e-3, hi + 0.5e-3
@@ -590,6 +587,14 @@ class HeatmapResult:
 
     def __repr__(self) -> str:
         return f"<HeatmapResult {str(self).splitlines()[0]}>"
+
+
+def _argmin_voxel(pixels: np.ndarray) -> tuple[int, ...]:
+    """Where a voxel (pixel) map is smallest, the first in C order on ties; its
+    centre when nothing is covered (all NaN)."""
+    if np.isnan(pixels).all():
+        return tuple(n // 2 for n in pixels.shape)
+    return tuple(int(i) for i in np.unravel_index(np.nanargmin(pixels), pixels.shape))
 
 
 def _is_whole(region: Region, H: int, W: int) -> bool:

@@ -504,9 +504,6 @@ def _region(region, ndim: int = 2) -> Optional[ast.Region]:
     except (TypeError, ValueError):
         pairs = None
     if pairs is not None:
-        if ndim == 2:
-            (y0, y1), (x0, x1) = pairs
-            return ast.Region(x0, y0, x1, y1)
         return ast.Region.from_bounds(pairs)
     if ndim != 2:
         raise ValueError(f"region must be one (start, stop) per spatial axis, ((d0, d1), (h0, h1), (w0, w1)), "

@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from kql.ast import size_text
 from kql.errors import PlanError
 
 __all__ = ["Volume", "ScanView", "Intensity", "VOLUME_EXTENSIONS", "SAMPLE_VOLUMES", "is_volume_path",
@@ -43,10 +44,6 @@ SAMPLE_VOLUMES = {"phantom": "synthetic CT-like phantom, 64x64x64 in HU, 1.5 mm 
 """Sample volumes usable by name (``FROM phantom``): name -> description."""
 
 VOLUME_EXTENSIONS = (".npy", ".nii", ".nii.gz")
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in shape)
 
 
 @dataclass
@@ -85,7 +82,7 @@ class Volume:
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
 
     def __repr__(self) -> str:
-        return f"<Volume {self.description} {_shape(self.data.shape)}>"
+        return f"<Volume {self.description} {size_text(self.data.shape)}>"
 
 
 def is_volume_path(path: Union[str, os.PathLike]) -> bool:
@@ -210,7 +207,7 @@ def _read_nifti(path: str) -> Volume:
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise PlanError(f"NIfTI '{path}' has {len(shape)} dimensions ({_shape(shape)}); KQL reads one 3-D "
+        raise PlanError(f"NIfTI '{path}' has {len(shape)} dimensions ({size_text(shape)}); KQL reads one 3-D "
                         f"scan per file: pick one volume of a series first (e.g. with nibabel, "
                         f"img.slicer[..., 0]) and save or bind it")
     affine = np.asarray(img.affine, dtype=np.float64)
@@ -246,10 +243,10 @@ def _from_array(arr: np.ndarray, what: str) -> Volume:
     if arr.ndim == 3:
         arr = arr[None]
     elif arr.ndim != 4:
-        raise PlanError(f"{what} has shape {_shape(shape) or 'scalar'}: a volume is DxHxW (one channel) or "
+        raise PlanError(f"{what} has shape {size_text(shape) or 'scalar'}: a volume is DxHxW (one channel) or "
                         f"CxDxHxW (channels first)")
     if arr.size == 0:
-        raise PlanError(f"{what} is empty: shape {_shape(shape)} has no voxels")
+        raise PlanError(f"{what} is empty: shape {size_text(shape)} has no voxels")
     if not (arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise PlanError(f"unsupported volume dtype {arr.dtype} for {what}: use integers, floats or bool")
     data = np.ascontiguousarray(arr, dtype=np.float32)
@@ -360,7 +357,7 @@ def preprocess_volume(vol: Volume, spec, *, window: Optional[tuple[float, float]
     want = int(spec.channels)
     if C != want:
         if C != 1:
-            raise PlanError(f"{vol.description} has {C} channels ({_shape(vol.data.shape)}); model "
+            raise PlanError(f"{vol.description} has {C} channels ({size_text(vol.data.shape)}); model "
                             f"'{spec.name}' takes {want}")
     data = vol.data
     shape = vol.spatial_shape
@@ -368,7 +365,7 @@ def preprocess_volume(vol: Volume, spec, *, window: Optional[tuple[float, float]
         from kql.ast import expand_size
         size = expand_size(resample, 3, "RESAMPLE")
         if min(size) < 1:
-            raise PlanError(f"RESAMPLE {_shape(resample)}: every size must be at least 1")
+            raise PlanError(f"RESAMPLE {size_text(resample)}: every size must be at least 1")
     elif spec.input_size is not None and len(spec.input_size) == 3:
         size = tuple(int(s) for s in spec.input_size)
     else:
@@ -376,9 +373,9 @@ def preprocess_volume(vol: Volume, spec, *, window: Optional[tuple[float, float]
     if tuple(size) != shape:
         data = resample_to(data, size)
         why = "RESAMPLE" if resample is not None else f"the model's input size"
-        steps.append(("resample", f"{_shape(shape)} -> {_shape(size)} (trilinear, {why})"))
+        steps.append(("resample", f"{size_text(shape)} -> {size_text(size)} (trilinear, {why})"))
     else:
-        steps.append(("grid", f"{_shape(shape)}, no resampling"))
+        steps.append(("grid", f"{size_text(shape)}, no resampling"))
 
     lo_c, hi_c = _stats(data)
     clip_lo = clip_hi = None
