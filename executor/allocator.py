@@ -12,8 +12,14 @@ naive mode with the thresholds below (``docs/performance.md``); VGG16 and
 ResNet18, whose time is in large convolutions, did not change.
 
 :func:`reuse_freed_memory` therefore fixes the mmap threshold at glibc's
-largest (32 MiB) and stops trimming while a query runs, so freed blocks are
-served again from the heap. When the last query running in the process ends,
+largest (32 MiB), stops trimming and turns mmap off (``M_MMAP_MAX`` 0) while
+a query runs, so freed blocks are served again from the heap. The threshold
+cannot go above 32 MiB, and a 3-D network's batch is made of larger tensors
+(MONAI DenseNet121-3D on a 64³ scan, 27 positions: 27 x 256 x 16³ floats =
+113 MiB per layer output): each was a fresh mapping, faulted in page by page
+and unmapped again, 270-360k page faults and 0.6-1.0 s of system time in a
+2.2 s query; without mmap, 90-110k and 0.4 s (``docs/performance.md``,
+Volumes). When the last query running in the process ends,
 the trim threshold becomes what glibc's own adjustment would have reached
 (twice the mmap threshold) and ``malloc_trim(0)`` gives the freed memory back
 to the kernel: a session does not keep a query's peak after it ends.
@@ -32,9 +38,11 @@ from typing import Iterator, Optional
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 MMAP_THRESHOLD = 32 * 2**20          # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 NO_TRIM = 2**31 - 1                  # mallopt takes an int
 TRIM_AFTER = 2 * MMAP_THRESHOLD      # what glibc's dynamic threshold would have set
+MMAP_MAX_DEFAULT = 65536             # glibc's DEFAULT_MMAP_MAX
 
 _lock = threading.Lock()
 _running = 0
@@ -78,6 +86,7 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[None]:
         _running += 1
         if _running == 1:
             libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            libc.mallopt(M_MMAP_MAX, 0)
             libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM)
     try:
         yield
@@ -85,6 +94,7 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[None]:
         with _lock:
             _running -= 1
             if _running == 0:
+                libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
                 libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER)
                 libc.malloc_trim(0)
 

@@ -344,6 +344,11 @@ class IncrementalRunner:
         read = read_region(layer, placed)
         sizes = tuple(int(n[0]) for n in read.sizes)
         starts = [_index(a, self.device) for a in read.lo]
+        if (src is not None and layer.op != "pad" and tuple(src.values.shape[2:]) == sizes
+                and all(torch.equal(a, b) for a, b in zip(starts, src.origin))):
+            # The input's patch is the window itself (a 1x1 convolution after a
+            # point op, e.g. each dense layer's bottleneck): nothing to gather.
+            return self._apply_local(layer, src.values, origin, box)
         window = kernels.gather_nd(base, starts, sizes,
                                    None if src is None else src.values,
                                    None if src is None else src.origin,

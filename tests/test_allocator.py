@@ -98,6 +98,43 @@ def test_freed_memory_is_kept_during_a_query_and_given_back_after():
 
 
 @needs_glibc
+def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
+    """A 3-D network's batch allocates tensors above glibc's largest mmap
+    threshold (32 MiB): inside the block they come from the heap and are used
+    again (no fresh pages to fault in on every allocation), outside it each
+    one is a new mapping; the memory is returned when the block ends."""
+    code = textwrap.dedent("""
+        import resource
+        import torch
+        from kql.executor.allocator import reuse_freed_memory
+        from kql.executor.memory import rss_bytes
+        MiB = 2**20
+
+        def faults(rounds):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(rounds):
+                t = torch.ones(48 * MiB // 4)
+                del t
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        base = rss_bytes()
+        outside = faults(10)
+        with reuse_freed_memory():
+            faults(1)
+            inside = faults(10)
+        after = rss_bytes() - base
+        print(outside, inside, after // MiB)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    outside, inside, after = figures = [int(v) for v in out.stdout.split()]
+    pages = 48 * 2**20 // 4096
+    assert outside >= 5 * pages, figures      # a fresh mapping every time
+    assert inside <= 2 * pages, figures       # one block, faulted in once
+    assert after < 8, figures
+
+
+@needs_glibc
 def test_nested_and_concurrent_blocks_give_memory_back_once(monkeypatch):
     calls = []
     libc = allocator._glibc()
@@ -126,11 +163,13 @@ def test_nested_and_concurrent_blocks_give_memory_back_once(monkeypatch):
     with allocator.reuse_freed_memory():
         pass
     assert calls == [("mallopt", allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD),
+                     ("mallopt", allocator.M_MMAP_MAX, 0),
                      ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.NO_TRIM)]
     release.set()
     for t in threads:
         t.join(10)
-    assert calls[2:] == [("mallopt", allocator.M_TRIM_THRESHOLD, allocator.TRIM_AFTER), ("trim", 0)]
+    assert calls[3:] == [("mallopt", allocator.M_MMAP_MAX, allocator.MMAP_MAX_DEFAULT),
+                         ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.TRIM_AFTER), ("trim", 0)]
     assert allocator._running == 0
 
 
