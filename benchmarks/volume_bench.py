@@ -36,6 +36,7 @@ then eval: fresh MONAI networks have identity statistics, which leave deep
     .venv/bin/python benchmarks/volume_bench.py --models resnet18 --size 48 --cells 2 --repeat 1
     .venv/bin/python benchmarks/volume_bench.py --variants naive,monai,captum --json out/vol.json
     .venv/bin/python benchmarks/volume_bench.py --approx      # APPROX SSIM 0.9 on a trained 3-D net
+    .venv/bin/python benchmarks/volume_bench.py --variants naive,exact --threads 1   # CPU seconds on a busy machine
 
 ``--approx`` measures the approximate path instead, on a 3-D CNN trained on
 Fashion-MNIST volumes (``kql.zoo.trained_fmnist3d_net``, cached in
@@ -50,6 +51,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 import warnings
@@ -168,24 +170,28 @@ def bench_model(name: str, opts) -> dict:
     wanted = [v for v in opts.variants.split(",") if v]
     variants = {key: fn for key, fn in variants.items() if key in wanted}
     out, times, skipped = {}, {key: [] for key in variants}, {}
+    cpu = {key: [] for key in variants}
     for round_ in range(opts.repeat + 1):                            # round 0 warms up
         for key, fn in list(variants.items()):
-            t0 = time.perf_counter()
+            t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             try:
                 out[key] = fn()
             except (ValueError, NotImplementedError) as e:              # the engine does not take volumes yet
                 skipped[key] = str(e).splitlines()[0]
                 log(f"{name}: {key} cannot run: {skipped[key]}")
-                del variants[key], times[key]
+                del variants[key], times[key], cpu[key]
                 continue
-            dt = time.perf_counter() - t0
+            dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            used = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime    # user + system, every thread
             if round_:
                 times[key].append(dt)
-            log(f"{name} round {round_} {key}: {dt:.2f} s")
+                cpu[key].append(used)
+            log(f"{name} round {round_} {key}: {dt:.2f} s (CPU {used:.2f} s, system {r1.ru_stime - r0.ru_stime:.2f} s)")
     med = {key: statistics.median(v) for key, v in times.items() if v}
+    med_cpu = {key: statistics.median(v) for key, v in cpu.items() if v}
 
     row: dict = {"model": name, "size": S, "patch": p, "stride": s, "positions": k ** 3, "class": cls,
-                 "seconds": med, "rounds": opts.repeat, "skipped": skipped}
+                 "seconds": med, "cpu seconds": med_cpu, "rounds": opts.repeat, "skipped": skipped}
     if "exact" in out:
         plan = out["exact"].plan
         row["r_grid"], row["r_batched"] = float(plan.cost.r_grid), float(plan.r_batched)
@@ -195,6 +201,7 @@ def bench_model(name: str, opts) -> dict:
     if "naive" in med and "exact" in med:
         row["speedup"] = med["naive"] / med["exact"]
         row["achieved_over_r_batched"] = row["speedup"] / row["r_batched"]
+        row["cpu speedup"] = med_cpu["naive"] / med_cpu["exact"]
     for other in ("monai", "captum"):
         if other in med and "exact" in med:
             row[f"{other} / exact"] = med[other] / med["exact"]
@@ -271,7 +278,8 @@ def fmt(v, spec=".2f") -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| model | volume | patch / stride | positions | R grid | R batched | KQL naive | KQL exact | "
-            "MONAI | Captum | naive / exact | achieved / R batched | MONAI / exact | Captum / exact |")
+            "MONAI | Captum | naive / exact | achieved / R batched | MONAI / exact | Captum / exact | "
+            "CPU naive / exact | CPU achieved / R |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         sec = r["seconds"]
@@ -280,7 +288,8 @@ def table(rows: list[dict]) -> str:
             f"{fmt(r.get('r_grid'))} | {fmt(r.get('r_batched'))} | "
             + " | ".join(f"{fmt(sec.get(v), '.1f')} s" if v in sec else "-" for v in VARIANTS)
             + f" | {fmt(r.get('speedup'))}x | {fmt(r.get('achieved_over_r_batched'))} | "
-            f"{fmt(r.get('monai / exact'))}x | {fmt(r.get('captum / exact'))}x |")
+            f"{fmt(r.get('monai / exact'))}x | {fmt(r.get('captum / exact'))}x | {fmt(r.get('cpu speedup'))}x | "
+            f"{fmt(r['cpu speedup'] / r['r_batched'] if 'cpu speedup' in r else None)} |")
     return "\n".join(lines)
 
 
@@ -300,6 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fill", type=float, default=0.0, help="what the patch holds (standardised units)")
     ap.add_argument("--batch", type=int, default=8, help="MONAI's n_batch and Captum's perturbations_per_eval")
     ap.add_argument("--repeat", type=int, default=2, help="timed rounds after the warm-up round")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch's threads (default: torch's own); with 1 on a shared machine, "
+                         "read the CPU seconds (user + system), which other jobs' load hardly moves")
     ap.add_argument("--json", default=None)
     ap.add_argument("--approx", action="store_true", help="measure APPROX SSIM 0.9 on a trained 3-D net instead")
     ap.add_argument("--zoo", default="/tmp/kql-zoo", help="where the trained 3-D net is cached")
@@ -310,6 +322,8 @@ def main(argv=None) -> int:
         raise SystemExit("MONAI cannot step the mask by --stride: give 1 <= stride <= patch "
                          "(its step is int(patch * (1 - overlap)))")
     warnings.filterwarnings("ignore")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load average (1, 5, 15 min)": os.getloadavg(), "machine": platform.machine()}
     log(f"torch {info['torch']}, {info['threads']} threads, {info['cpus']} CPUs, load average "
