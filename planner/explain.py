@@ -265,13 +265,13 @@ def _approx_lines(plan: Plan) -> list[str]:
             if approx.predicted_ssim is None else f"predicted SSIM vs exact {approx.predicted_ssim:.3f}")
     parts = []
     if approx.tau is not None:
-        parts.append(f"projective-field threshold τ = {approx.tau:g} from {approx.source}")
+        parts.append(f"projective-field threshold τ = {approx.tau:g}")
     if approx.gates != "exact":
         n = len(gate_sources(plan.graph))
         how = ("recomputed, applied only where the patch changed the map" if approx.gates == "local"
                else "kept at their unoccluded value")
-        parts.append(f"{n} global gate{'s' if n != 1 else ''} {approx.gates} ({how}), from {approx.source}")
-    return [f"approximate: {'; '.join(parts)}; {ssim}{gain}"]
+        parts.append(f"{n} global gate{'s' if n != 1 else ''} {approx.gates} ({how})")
+    return [f"approximate: {' and '.join(parts)} from {approx.source}; {ssim}{gain}"]
 
 
 def _candidate_lines(plan: Plan) -> list[str]:
