@@ -347,12 +347,12 @@ def gate_record(plan, taus: Sequence[float], count: int, ssim: dict) -> dict:
     """What a calibration keeps of gate freezing: the number of gates, the
     thresholds, per mode the SSIM of every tuning image at each τ (τ 1: the
     gates alone), and the work share the cost model gives each on the
-    tuning grid (:func:`kql.planner.rules.approximate.work_share`)."""
-    from kql.planner.rules.approximate import work_share
+    tuning grid (:func:`kql.planner.rules.approximate.work_shares`)."""
+    from kql.planner.rules.approximate import work_shares
+    share = work_shares(plan.graph, plan.grid.starts, plan.patch)
     return {"count": count, "taus": [float(t) for t in taus],
             "ssim": {m: {k: [round(v, 6) for v in row] for k, row in ssim[m].items()} for m in GATE_APPROX},
-            "share": {m: [round(work_share(plan.graph, plan.grid.starts, plan.patch, t, m), 6) for t in taus]
-                      for m in GATE_APPROX}}
+            "share": {m: [round(share(t, m), 6) for t in taus] for m in GATE_APPROX}}
 
 
 def refine_record(policy, stride, trajectories: dict) -> dict:

@@ -104,7 +104,7 @@ def _contract(plan, target: float, calibration):
     modes = () if not gated else ("local", "frozen") if asked is None else tuple(m for m in (asked,) if m != "exact")
     cands = tuple(enumerate_plans(plan, target, calibration, policy, share, lambda tau: tau_cost(plan, tau),
                                   refine_measured=bool(calibration.refine), gate_modes=modes,
-                                  gate_cost=lambda tau, mode: tau_cost(plan, tau, mode)))
+                                  gate_cost=work_shares(plan.graph, plan.grid.starts, plan.patch)))
     contract = SsimContract(target, cands)
     chosen = contract.chosen
     if asked is not None and not gated:
@@ -168,15 +168,22 @@ def tau_cost(plan, tau: Optional[float], gates: str = "exact") -> float:
     regions) with global gates ``gates`` as a share of the exact plan's,
     over every third row and column of the grid (a sample is enough to
     compare)."""
-    return work_share(plan.graph, plan.grid.starts, plan.patch, tau, gates)
+    return work_shares(plan.graph, plan.grid.starts, plan.patch)(tau, gates)
 
 
-def work_share(graph, grid_starts, patch, tau: Optional[float], gates: str = "exact") -> float:
-    """:func:`tau_cost` for a graph and a grid (``Grid.starts``): TUNE records
-    the share of each gate plan it measures with it."""
+def work_shares(graph, grid_starts, patch):
+    """``share(tau, gates)``: :func:`tau_cost` for a graph and a grid
+    (``Grid.starts``), the exact plan's FLOPs computed once for every plan
+    compared (the gate plans of APPROX SSIM; TUNE records each gate plan's
+    share with it)."""
     from kql.planner.cost import theoretical_speedup
     starts = tuple(a.ravel() for a in np.meshgrid(*(s[::3] for s in grid_starts), indexing="ij"))
-    tau = None if tau is None or tau >= 1 else tau
-    approx = theoretical_speedup(graph, *starts, patch, tau=tau, gates=gates)
-    exact = theoretical_speedup(graph, *starts, patch)
-    return float(np.mean(approx.inc_flops) / np.mean(exact.inc_flops))
+    exact = []
+
+    def share(tau: Optional[float], gates: str = "exact") -> float:
+        if not exact:
+            exact.append(float(np.mean(theoretical_speedup(graph, *starts, patch).inc_flops)))
+        tau = None if tau is None or tau >= 1 else tau
+        approx = theoretical_speedup(graph, *starts, patch, tau=tau, gates=gates)
+        return float(np.mean(approx.inc_flops)) / exact[0]
+    return share
