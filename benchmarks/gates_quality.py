@@ -77,14 +77,7 @@ def main(argv=None) -> int:
     naive_ratio, flat = [], 0
     for i in range(opts.first, opts.first + opts.images):
         img = images[i]
-        best = {}
-        maps = {}
-        for _ in range(opts.repeat):
-            for q in ("NAIVE", "EXACT") + QUERIES:
-                t0 = time.perf_counter()
-                r = con.execute(f"{base} {q}", img=img)
-                best[q] = min(best.get(q, np.inf), time.perf_counter() - t0)
-                maps[q] = r.heatmap
+        best, maps = interleaved(con, base, img, ("NAIVE", "EXACT") + QUERIES, opts.repeat)
         exact = maps["EXACT"]
         if np.ptp(exact) < tune.FLAT:
             flat += 1
@@ -95,11 +88,8 @@ def main(argv=None) -> int:
             ratio[q].append(best["EXACT"] / best[q])
         print(f"image {i}: " + ", ".join(f"{q.split('APPROX ')[1]} {ssim[q][-1]:.3f}" for q in QUERIES),
               file=sys.stderr, flush=True)
-    n = len(naive_ratio)
-    print(f"\nfmnist_se (test accuracy {accuracy:.1%} on 1000 test images), patch {opts.patch}, "
-          f"stride {opts.stride}, {plans['EXACT'].n_positions} positions; {n} held-out test images from "
-          f"{opts.first} ({flat} with a flat exact map left out); {opts.threads} threads, min of {opts.repeat}")
-    print(f"EXACT: R {plans['EXACT'].cost.r_grid:.2f}, median {np.median(naive_ratio):.2f}x over NAIVE")
+    header(opts, accuracy, plans["EXACT"], naive_ratio,
+           f"{len(naive_ratio)} held-out test images from {opts.first} ({flat} with a flat exact map left out)")
     head = (f"{'query':<28} {'R':>5} {'SSIM median':>11} {'min':>6} {'≥0.9':>6} {'≥0.8':>6} "
             f"{'vs exact':>9} {'vs naive':>9}")
     print(head)
@@ -111,6 +101,26 @@ def main(argv=None) -> int:
               f"{(s >= 0.9).mean():>6.0%} {(s >= 0.8).mean():>6.0%} {np.median(ratio[q]):>8.2f}x "
               f"{vs_naive:>8.2f}x")
     return 0
+
+
+def interleaved(con, base: str, img, queries, repeat: int) -> tuple[dict, dict]:
+    """Each query on ``img``, interleaved, ``repeat`` rounds: (best seconds, heatmap) per query."""
+    best, maps = {}, {}
+    for _ in range(repeat):
+        for q in queries:
+            t0 = time.perf_counter()
+            r = con.execute(f"{base} {q}", img=img)
+            best[q] = min(best.get(q, np.inf), time.perf_counter() - t0)
+            maps[q] = r.heatmap
+    return best, maps
+
+
+def header(opts, accuracy: float, exact_plan, naive_ratio, images: str) -> None:
+    """The lines above a table: the network, the grid, the images, EXACT's R and speedup."""
+    print(f"\nfmnist_se (test accuracy {accuracy:.1%} on 1000 test images), patch {opts.patch}, stride "
+          f"{opts.stride}, {exact_plan.n_positions} positions; {images}; {opts.threads} threads, min of "
+          f"{opts.repeat}")
+    print(f"EXACT: R {exact_plan.cost.r_grid:.2f}, median {np.median(naive_ratio):.2f}x over NAIVE")
 
 
 def contract(con, opts, images, base: str, accuracy: float) -> int:
@@ -133,13 +143,7 @@ def contract(con, opts, images, base: str, accuracy: float) -> int:
     naive_ratio, flat, i = [], 0, opts.first
     while len(naive_ratio) < opts.images:
         img = images[i]
-        best, maps = {}, {}
-        for _ in range(opts.repeat):
-            for q in ("NAIVE", "EXACT") + tuple(queries):
-                t0 = time.perf_counter()
-                r = con.execute(f"{base} {q}", img=img)
-                best[q] = min(best.get(q, np.inf), time.perf_counter() - t0)
-                maps[q] = r.heatmap
+        best, maps = interleaved(con, base, img, ("NAIVE", "EXACT") + tuple(queries), opts.repeat)
         i += 1
         if np.ptp(maps["EXACT"]) < tune.FLAT:
             flat += 1
@@ -151,12 +155,10 @@ def contract(con, opts, images, base: str, accuracy: float) -> int:
         print(f"image {i - 1}: " + ", ".join(f"{q.split('APPROX ')[1]} {ssim[q][-1]:.3f}" for q in queries),
               file=sys.stderr, flush=True)
     after = os.getloadavg()
-    print(f"\nfmnist_se (test accuracy {accuracy:.1%} on 1000 test images), patch {opts.patch}, stride "
-          f"{opts.stride}, {plans['EXACT'].n_positions} positions; TUNE on test images 0-{opts.tune - 1}; "
-          f"{len(naive_ratio)} held-out test images {opts.first}-{i - 1} ({flat} with a flat exact map left "
-          f"out); {opts.threads} threads, min of {opts.repeat}; load average (1, 5, 15 min) "
-          f"{', '.join(f'{v:.1f}' for v in load)} before, {', '.join(f'{v:.1f}' for v in after)} after")
-    print(f"EXACT: R {plans['EXACT'].cost.r_grid:.2f}, median {np.median(naive_ratio):.2f}x over NAIVE")
+    header(opts, accuracy, plans["EXACT"], naive_ratio,
+           f"TUNE on test images 0-{opts.tune - 1}; {len(naive_ratio)} held-out test images {opts.first}-{i - 1} "
+           f"({flat} with a flat exact map left out); load average (1, 5, 15 min) "
+           f"{', '.join(f'{v:.1f}' for v in load)} before, {', '.join(f'{v:.1f}' for v in after)} after")
     head = (f"{'query':<17} {'plan chosen':<24} {'predicted':>9} {'R':>5} {'SSIM median':>11} {'min':>6} "
             f"{'≥ s':>7} {'vs exact':>9} {'vs naive':>9}")
     print(head)
