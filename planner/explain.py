@@ -261,7 +261,9 @@ def _approx_lines(plan: Plan) -> list[str]:
         gain = (f"; exact incremental would be R = {exact.r_grid:.2f}, so {what} saves "
                 f"{plan.cost.r_grid / exact.r_grid:.2f}x more")
     approx = plan.approximation
-    ssim = ("no SSIM prediction (no TUNE calibration for this model, weights, input size and patch)"
+    missing = ("no TUNE calibration for this model, weights, input size and patch" if approx.gates == "exact" else
+               "TUNE measured no such gates at this τ for this model, weights, input size and patch")
+    ssim = (f"no SSIM prediction ({missing})"
             if approx.predicted_ssim is None else f"predicted SSIM vs exact {approx.predicted_ssim:.3f}")
     parts = []
     if approx.tau is not None:

@@ -357,3 +357,14 @@ def test_tune_measures_gates_and_the_contract_keeps_its_target(fmnist_se_net, st
         assert got.mode == "approx" and got.label == exact.label
         reached.append(tune.heatmap_ssim(exact.heatmap, got.heatmap))
     assert min(reached) >= target, reached
+
+
+def test_approx_tau_with_gates_predicts_from_the_gate_measurements(setup, store):
+    model, image = setup
+    con = kql.connect(progress="off")
+    _calibrate(model, con, image)
+    plan = con.plan(f"{QUERY} APPROX TAU 0.7 GATES LOCAL", {"img": image, "net": model})
+    assert plan.approximation.predicted_ssim == pytest.approx(0.94)   # the tuning images' mean at τ 0.7
+    text = con.execute(f"EXPLAIN {QUERY} APPROX TAU 0.6 GATES LOCAL", img=image, net=model).text
+    assert ("no SSIM prediction (TUNE measured no such gates at this τ for this model, weights, input size "
+            "and patch)") in text
