@@ -27,7 +27,7 @@ does not depend on them, but they move the logits little, so Captum's
 attributions span ~1 % of the logits' range and float32 rounding shows on the
 first measure (at 224x224 Captum's own float32 result is as far from a float64
 run as KQL's: 3.3e-5 and 4.0e-5 of the map's range, 3e-7 and 3.6e-7 of the
-logits'). Usage:
+logits'; ``--float64``). Usage:
 
     .venv/bin/python benchmarks/compat_bench.py
     .venv/bin/python benchmarks/compat_bench.py --models resnet18 --repeat 2
@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--variants", default="captum,kql-captum,monai,kql-monai,naive,exact,top5",
                     help="which variants to run (the ratios of those present are printed)")
+    ap.add_argument("--float64", action="store_true",
+                    help="also run Captum in float64 and print how far Captum's and KQL's float32 maps are "
+                         "from it (what rounding alone explains)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -127,6 +130,13 @@ def main() -> None:
             row["monai parity (max |d| / max |ref|)"] = rel(out["kql-monai"], out["monai"].as_tensor())
             row["monai parity (max |d| / output scale)"] = rel(out["kql-monai"], out["monai"].as_tensor(),
                                                                logits.softmax(1))
+        if args.float64 and "captum" in out and "kql-captum" in out:
+            import copy
+            ref64 = CaptumOcclusion(copy.deepcopy(model).double()).attribute(
+                x.double(), win, strides=step, target=target, perturbations_per_eval=args.ppe)
+            for key in ("captum", "kql-captum"):
+                row[f"{key} vs float64 (max |d| / max |ref|)"] = rel(out[key].double(), ref64)
+                row[f"{key} vs float64 (max |d| / output scale)"] = rel(out[key].double(), ref64, logits)
         report["models"][name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
     if args.json:
