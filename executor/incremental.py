@@ -26,7 +26,9 @@ How each kind of layer updates (``planner.graph.Kind``):
 - local: the output rectangle's read-in window (``geometry.read_region``) is
   gathered from the input's view with the input's patch superimposed and the
   layer's padding value outside the image (one ``kernels.gather`` call), and
-  the op runs on it with zero padding.
+  the op runs on it with zero padding. When the input's patch is that window
+  for every position (a 1x1 convolution after a point op), it runs on the
+  patch: nothing is gathered.
 - merge: each input is gathered over the bounding box of the changed regions
   (eqs. 35-38) and the op runs on those.
 - global, or a layer the plan computes in full (``plan.full_layers``, from
