@@ -268,3 +268,21 @@ def test_video_clip_through_the_language(tmp_path):
     assert figure.output_path.endswith("clip.png") and os.path.getsize(tmp_path / "clip.png") > 10_000
     from PIL import Image
     assert Image.open(tmp_path / "clip.png").size[0] > 200
+
+
+def test_progress_and_ctrl_c_during_refinement_on_a_volume(con):
+    from kql.errors import QueryInterrupted
+    from kql.executor.common import batch_hook
+    v = kql.Volume(_volumes(HELD_OUT.start + 2, 1)[0, 0].numpy())
+    seen = []
+    with batch_hook(lambda done, total: seen.append((done, total))):
+        r = con.execute(f"{Q} APPROX SSIM 0.9", v=v)
+    assert seen[0] == (0, 2197) and all(t == 2197 for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == r.computed.sum()
+
+    def stop(done, total):
+        if done > 100:
+            raise KeyboardInterrupt
+    with batch_hook(stop), pytest.raises(QueryInterrupted, match=r"^interrupted during refinement after \d+ "
+                                                                 r"of 2197 positions \(estimated SSIM"):
+        con.execute(f"{Q} APPROX SSIM 0.9", v=v)
