@@ -104,13 +104,13 @@ def sample_images(con, images, bindings: dict) -> list[tuple[str, Any]]:
     kinds = ["volume" if isinstance(x, Volume) else "image" for _, x in out]
     if len(set(kinds)) > 1:
         other = kinds.index("image" if kinds[0] == "volume" else "volume")
-        raise PlanError(f"TUNE calibrates on images or on volumes, not both: '{out[0][0]}' is {a_(kinds[0])} "
-                        f"but '{out[other][0]}' is {a_(kinds[other])} (a calibration holds for one input "
+        raise PlanError(f"TUNE calibrates on images or on volumes, not both: '{out[0][0]}' is {_article(kinds[0])} "
+                        f"but '{out[other][0]}' is {_article(kinds[other])} (a calibration holds for one input "
                         f"shape)")
     return out
 
 
-def a_(kind: str) -> str:
+def _article(kind: str) -> str:
     return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 

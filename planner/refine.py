@@ -4,14 +4,16 @@ A calibration (``TUNE``) can only predict the SSIM of a plan on the images it
 was made on; on an unseen image the engine has to *check*. The refinement
 plan is an anytime, coarse-to-fine computation of the heatmap:
 
-1. compute a coarse lattice of positions (every ``step``-th row and column of
-   the query's grid, the last row and column included) exactly, by IVM;
+1. compute a coarse lattice of positions (every ``step``-th position along
+   each axis of the query's grid -- rows and columns of an image, depth,
+   rows and columns of a volume -- the last one included) exactly, by IVM;
 2. estimate every other position by interpolating the computed ones
-   (piecewise linear over their Delaunay triangulation);
+   (multilinear in the finest lattice-aligned cell whose corners are all
+   computed: bilinear on an image, trilinear on a volume);
 3. predict the error of each estimated position from its neighbourhood:
    ``sigma_i = k * range_i``, where ``range_i`` is the spread (max - min) of
-   the computed values in the window around ``i`` whose half-width is the
-   distance to the nearest computed position (at least one lattice step).
+   the corners of its cell, plus the largest error found near it by
+   earlier batches (:func:`interpolate`, :meth:`RefinePolicy.update`).
    The scale ``k`` is fitted *per run*: every batch computes positions whose
    value was estimated a moment before, so each batch is ground truth for the
    previous estimate (their RMS error over their RMS range);
