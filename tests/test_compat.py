@@ -205,6 +205,7 @@ MONAI_CASES = [
     dict(mode="mean_img", overlap=0.5, mask_size=(7, 5)),              # steps 3 and 2, last windows shifted
     dict(mode=0.25, overlap=0.0, activate=False),                     # raw logits
     dict(mode="mean_patch", overlap=0.3, b_box=[4, 20, -1, 25]),      # a bounding box
+    dict(mode=0.5, b_box=[1, 0, -1, 25]),     # a max of 0 ends the windows at row 3: zeros below, as MONAI
 ]
 
 
