@@ -52,6 +52,9 @@ from kql.errors import KqlError
 from kql.sources.models import weights_fingerprint  # noqa: F401  (the one rule; calibrations are keyed by it)
 
 #: Format version of the JSON files; bumped when a field changes meaning.
+#: Fields added later are optional and read as absent from older files
+#: (``refine``, ``exact_maps``, ``gates``: a calibration without them has
+#: those strategies unmeasured), so their addition keeps the version.
 FORMAT = 1
 
 #: APPROX SSIM s picks a τ at which at least this share of the sample images reached s.
@@ -93,6 +96,14 @@ class Calibration:
     # The exact heatmaps of the tuning images (rounded), for replaying plans
     # that compute exact values only (drill-down): {image: [[...], ...]}
     exact_maps: Optional[dict] = None
+    # Gate freezing (GATES LOCAL / FROZEN), measured by TUNE on a model with
+    # squeeze-and-excitation gates, alone (τ 1) and with each tuned τ:
+    # {"count": gates in the model, "taus": [...], "ssim": {mode: {image: [SSIM at each τ]}},
+    #  "share": {mode: [work as a share of the exact plan's at each τ]}}.
+    # None: the model has no gates, or the calibration predates gate
+    # measurements (older files load so; the planner tells a gated model's
+    # user to TUNE again).
+    gates: Optional[dict] = None
 
     @property
     def key(self) -> tuple:
@@ -151,6 +162,52 @@ class Calibration:
                 return float(m), float(np.median([share for share, _ in stops]))
         return None
 
+    def gate_reached(self, mode: str, tau: float, quantile: Optional[float] = 1 - COVERAGE) -> Optional[float]:
+        """The ``quantile`` of the tuning images' SSIM with gates ``mode``
+        (``local`` or ``frozen``) at tuned threshold ``tau`` (1: gates alone),
+        by default what 80 % of them reached (``quantile=None``: their mean);
+        None: not measured."""
+        if not self.gates or mode not in self.gates.get("ssim", {}):
+            return None
+        taus = [round(float(t), 9) for t in self.gates["taus"]]
+        key = round(float(tau), 9)
+        if key not in taus:
+            return None
+        i = taus.index(key)
+        values = [v[i] for v in self.gates["ssim"][mode].values()]
+        return float(np.mean(values) if quantile is None else np.quantile(values, quantile))
+
+    def gate_tau_for(self, mode: str, target: float) -> Optional[float]:
+        """The τ a plan with gates ``mode`` runs at for ``target``, by the rule
+        of :meth:`tau_for`: the smallest tuned τ at which, and at every tuned τ
+        above it (gates alone, τ 1, included), at least :data:`COVERAGE` of
+        the tuning images reached ``target``; 1.0 when only gates alone do,
+        None when not even they do (or not measured).
+
+        >>> c = Calibration("m", "w", "f", (28, 28), (4, 4), (2, 2), "gray", [1.0, 0.7, 0.5],
+        ...                 {"a": [1, 1, 1]}, (0.0, 0.0, 1.0), gates={"count": 2, "taus": [1.0, 0.7, 0.5],
+        ...                 "ssim": {"local": {"a": [0.99, 0.95, 0.85], "b": [1.0, 0.93, 0.8]}}})
+        >>> c.gate_tau_for("local", 0.8), c.gate_tau_for("local", 0.9), c.gate_tau_for("local", 0.999)
+        (0.5, 0.7, None)
+        """
+        if not self.gates or mode not in self.gates.get("ssim", {}):
+            return None
+        chosen = None
+        for tau in sorted(self.gates["taus"], reverse=True):
+            if self.gate_reached(mode, tau) < target:
+                break
+            chosen = float(tau)
+        return chosen
+
+    def gate_share(self, mode: str, tau: float) -> Optional[float]:
+        """The work share TUNE's cost model gave gates ``mode`` at ``tau``
+        (shown by SHOW CALIBRATIONS; the planner computes it for each query's grid)."""
+        if not self.gates or mode not in self.gates.get("share", {}):
+            return None
+        taus = [round(float(t), 9) for t in self.gates["taus"]]
+        key = round(float(tau), 9)
+        return float(self.gates["share"][mode][taus.index(key)]) if key in taus else None
+
     def drilldown_ssim(self, fraction: float, stride_one, stride) -> Optional[float]:
         """Predicted SSIM of Krypton's drill-down with ``fraction`` and stage-one
         stride ``stride_one`` for a query at ``stride`` (the ratio is what
@@ -193,7 +250,8 @@ class Calibration:
                    color=d["color"], taus=[float(t) for t in d["taus"]],
                    ssim={k: [float(v) for v in vs] for k, vs in d["ssim"].items()},
                    coefficients=tuple(float(c) for c in d["coefficients"]), created=d.get("created", ""),
-                   source=source, refine=d.get("refine"), exact_maps=d.get("exact_maps"))
+                   source=source, refine=d.get("refine"), exact_maps=d.get("exact_maps"),
+                   gates=d.get("gates"))
 
 
 def fit(taus: Sequence[float], ssim: dict[str, Sequence[float]]) -> tuple[float, float, float]:

@@ -100,10 +100,12 @@ glob, or image names separated by commas. STRIDE defaults to half the patch.
 APPROX SSIM s then uses the smallest tuned t at which 80% of the images
 reached s. TUNE also replays adaptive refinement on each exact heatmap (no
 extra inference) to calibrate its safety margin and expected work, on grids
-of at least 17x17 positions (9x9x9 on volumes). Ctrl-C stops it without
-storing anything. On volumes (files .npy / .nii / .nii.gz, bound arrays,
-phantom; never mixed with images) PATCH 8 is a cube and WINDOW, NORMALIZE and
-RESAMPLE mean what they mean in SELECT.
+of at least 17x17 positions (9x9x9 on volumes). On a model with
+squeeze-and-excitation gates it also measures GATES LOCAL and FROZEN, alone
+and with every t in TAUS. Ctrl-C stops it without storing anything. On volumes
+(files .npy / .nii / .nii.gz, bound arrays, phantom; never mixed with images)
+PATCH 8 is a cube and WINDOW, NORMALIZE and RESAMPLE mean what they mean in
+SELECT.
 Examples:
   TUNE efficientnet_lite0 ON coffee, chelsea, astronaut PATCH 16 STRIDE 8;
   TUNE my_net ON 'scans/*.png' PATCH 8 TAUS (0.9, 0.7, 0.5);
@@ -116,7 +118,9 @@ Lists the calibrations TUNE made (the user store: $KQL_DATA_DIR, by default
 ~/.local/share/kql/calibrations.json) and those shipped with KQL, with the
 model, weights, input, patch, stride, images, thresholds measured, fit, the
 t chosen for SSIM 0.8 / 0.9 / 0.95, adaptive refinement's margin and median
-share of positions computed for each target, and where each comes from.
+share of positions computed for each target, gate freezing (SSIM reached and
+work of GATES LOCAL / FROZEN alone, t with them for each target; - when not
+measured or the model has no gates), and where each comes from.
 Example:
   SHOW CALIBRATIONS;"""
 
@@ -243,7 +247,8 @@ as KQL can predict and check. From a TUNE calibration it predicts SSIM and
 time of each plan -- a threshold t, DRILLDOWN (when written), adaptive
 refinement (a lattice of positions, then batches where the estimated error
 is largest, until its run-time SSIM estimate reaches s plus a calibrated
-margin) -- and runs the fastest that meets s; none: EXACT, with a warning.
+margin), gate freezing on a model with squeeze-and-excitation gates (see
+GATES) -- and runs the fastest that meets s; none: EXACT, with a warning.
 Without a calibration the query runs EXACT and says which TUNE to run.
 EXPLAIN lists the plans considered; EXPLAIN ANALYZE the refinement stages.
 Examples:
@@ -263,12 +268,15 @@ Example:
   SELECT HEATMAP FROM cat USING vgg16 PATCH 16 STRIDE 4 APPROX TAU 0.5 DRILLDOWN;"""
 
 _GATES = """\
-GATES EXACT | LOCAL | FROZEN      (with APPROX TAU <t>)
+GATES EXACT | LOCAL | FROZEN      (with APPROX TAU <t> or APPROX SSIM <s>)
 
 How squeeze-and-excitation gates are approximated. LOCAL recomputes a gate
 but applies it only where the patch changed the map; FROZEN keeps every gate
 at its unoccluded value; EXACT (the default) is exact. APPROX TAU 1 GATES
-LOCAL approximates the gates only.
+LOCAL approximates the gates only. APPROX SSIM s considers both modes, alone
+and with a tuned t, when TUNE measured them; written with APPROX SSIM, GATES
+LOCAL or FROZEN allows only that mode and GATES EXACT none (never a licence to
+miss s).
 Example:
   SELECT HEATMAP FROM cat USING efficientnet_b0 PATCH 16 STRIDE 4 APPROX TAU 1 GATES LOCAL;"""
 

@@ -40,12 +40,13 @@ import numpy as np
 
 from kql import ast, calibration
 from kql.planner import refine
+from kql.planner.gates import gate_sources
 from kql.planner.refine import FLAT, heatmap_ssim   # noqa: F401  (kql.tune.heatmap_ssim is public)
 from kql.errors import KqlError, PlanError, QueryInterrupted
 from kql.sources.volumes import Volume
 from kql.table import Table
 
-__all__ = ["DEFAULT_TAUS", "FLAT", "default_stride", "heatmap_ssim",
+__all__ = ["DEFAULT_TAUS", "FLAT", "GATE_APPROX", "default_stride", "heatmap_ssim",
            "sample_images", "tune", "tune_tensors", "show_calibrations"]
 
 #: The thresholds TUNE measures when the statement gives no TAUS (Krypton's
@@ -58,6 +59,9 @@ DEFAULT_TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 TARGETS = (0.8, 0.9, 0.95)
 
 _BOUND = "__kql_tune_image__"     # the binding each sample image runs under
+
+#: The gate approximations TUNE measures on a model with global gates (planner.gates).
+GATE_APPROX = ("local", "frozen")
 
 
 def default_stride(patch: tuple[int, ...]) -> tuple[int, ...]:
@@ -178,7 +182,14 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
     scan = {"window": stmt.window, "normalize": stmt.normalize, "resample": stmt.resample}
 
     approx_taus = [t for t in taus if t < 1]
-    total = len(images) * (1 + len(approx_taus))
+    # a model with global (squeeze-and-excitation) gates: gate freezing is measured
+    # too, both modes alone (τ 1) and with every tuned τ
+    first = con.plan(_exact_select(stmt, patch, stride), dict(bindings, **{_BOUND: images[0][1]}))
+    gated = len(gate_sources(first.graph))
+    gate_taus = [1.0] + approx_taus             # τ 1: the gates alone, every other region exact
+    gate_runs = len(GATE_APPROX) * len(gate_taus) if gated else 0
+    total = len(images) * (1 + len(approx_taus) + gate_runs)
+    gate_ssim: dict[str, dict[str, list[float]]] = {m: {} for m in GATE_APPROX}
     ssim: dict[str, list[float]] = {}
     notes: list[str] = []
     input_hw = None
@@ -190,8 +201,7 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
     try:
         for name, array in images:
             run = dict(bindings, **{_BOUND: array})
-            base = ast.Select(source=ast.Source("name", _BOUND), model=stmt.model, weights=stmt.weights,
-                              patch=patch, stride=stride, color=stmt.color, mode="exact", **scan)
+            base = _exact_select(stmt, patch, stride)
             exact = _heatmap(con, base, run)
             done += 1
             bar.update(1)
@@ -207,8 +217,8 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
             if span < FLAT:
                 notes.append(f"{kind} '{name}': the exact heatmap is flat (probability spans {span:.2g}): "
                              f"left out")
-                done += len(approx_taus)
-                bar.update(len(approx_taus))
+                done += len(approx_taus) + gate_runs
+                bar.update(len(approx_taus) + gate_runs)
                 continue
             maps[name] = np.round(np.asarray(exact.heatmap, dtype=np.float64), 6).tolist()
             if policy.too_small(exact.heatmap.shape) is None:   # replayed on the exact map: no inference
@@ -225,6 +235,16 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
                 row.append(heatmap_ssim(exact.heatmap, _heatmap(con, query, run).heatmap))
                 done += 1
                 bar.update(1)
+            for mode in GATE_APPROX if gated else ():
+                gate_row = []
+                for tau in gate_taus:
+                    query = ast.Select(source=base.source, model=stmt.model, weights=stmt.weights, patch=patch,
+                                       stride=stride, color=stmt.color, label=label, mode="approx",
+                                       approx=ast.Approx("tau", tau), gates=mode, **scan)
+                    gate_row.append(heatmap_ssim(exact.heatmap, _heatmap(con, query, run).heatmap))
+                    done += 1
+                    bar.update(1)
+                gate_ssim[mode][name] = gate_row
             ssim[name] = row
     except KeyboardInterrupt:
         raise QueryInterrupted(f"TUNE interrupted after {done} of {total} heatmaps; no calibration "
@@ -242,7 +262,8 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
         taus=taus, ssim=ssim, coefficients=calibration.fit(taus, ssim),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         refine=refine_record(policy, stride, trajectories) if trajectories else None,
-        exact_maps={k: v for k, v in maps.items() if k in ssim})
+        exact_maps={k: v for k, v in maps.items() if k in ssim},
+        gates=gate_record(first, gate_taus, gated, gate_ssim) if gated else None)
     if not trajectories:
         notes.append(f"adaptive refinement not calibrated: {policy.too_small(np.shape(exact.heatmap))}")
     path = calibration.save(cal)
@@ -339,6 +360,18 @@ def measure_refinement(con, model: str, images, patch, stride, color=None, weigh
     return refine_record(policy, stride, trajectories), maps
 
 
+def gate_record(plan, taus: Sequence[float], count: int, ssim: dict) -> dict:
+    """What a calibration keeps of gate freezing: the number of gates, the
+    thresholds, per mode the SSIM of every tuning image at each τ (τ 1: the
+    gates alone), and the work share the cost model gives each on the
+    tuning grid (:func:`kql.planner.rules.approximate.work_shares`)."""
+    from kql.planner.rules.approximate import work_shares
+    share = work_shares(plan.graph, plan.grid.starts, plan.patch)
+    return {"count": count, "taus": [float(t) for t in taus],
+            "ssim": {m: {k: [round(v, 6) for v in row] for k, row in ssim[m].items()} for m in GATE_APPROX},
+            "share": {m: [round(share(t, m), 6) for t in taus] for m in GATE_APPROX}}
+
+
 def refine_record(policy, stride, trajectories: dict) -> dict:
     """What a calibration keeps of adaptive refinement: the policy's settings,
     the grid stride and per image the trajectory (share computed, estimated
@@ -346,6 +379,14 @@ def refine_record(policy, stride, trajectories: dict) -> dict:
     return {"step": policy.step, "batch": policy.batch, "audit": policy.audit, "history": policy.history,
             "stride": list(stride),
             "trajectories": {k: [[round(v, 6) for v in st] for st in t] for k, t in trajectories.items()}}
+
+
+def _exact_select(stmt: ast.Tune, patch, stride) -> ast.Select:
+    """The exact heatmap of the image (or volume, with the statement's
+    WINDOW, NORMALIZE and RESAMPLE) bound as :data:`_BOUND`."""
+    return ast.Select(source=ast.Source("name", _BOUND), model=stmt.model, weights=stmt.weights,
+                      patch=patch, stride=stride, color=stmt.color, mode="exact", window=stmt.window,
+                      normalize=stmt.normalize, resample=stmt.resample)
 
 
 def _heatmap(con, select: ast.Select, bindings: dict):
@@ -378,6 +419,10 @@ def summary(cal: calibration.Calibration, notes: Sequence[str] = ()) -> Table:
               f"APPROX SSIM {picks}"]
     if cal.refine:
         footer.append(f"adaptive refinement (margin, median share of positions computed): {refine_text(cal)}")
+    if cal.gates:
+        footer.append(f"gate freezing ({cal.gates['count']} gates; SSIM 80 % of the images reached alone, "
+                      f"work vs exact; τ with the gates for SSIM {'/'.join(f'{s:g}' for s in TARGETS)}): "
+                      f"{gates_text(cal)}")
     footer += list(notes)
     title = (f"TUNE {cal.model} ({cal.weights}), input {_hw(cal.input_hw)}, patch {_hw(cal.patch)}, "
              f"stride {_hw(cal.stride)}, {cal.n_images} {'volume' if len(cal.input_hw) == 3 else 'image'}"
@@ -391,6 +436,21 @@ def refine_text(cal) -> str:
     for s in TARGETS:
         got = cal.refine_margin(s)
         out.append(f"{s:g}: " + ("-" if got is None else f"+{got[0]:.3f}, {100 * got[1]:.0f} %"))
+    return " · ".join(out)
+
+
+def gates_text(cal) -> str:
+    """``local 0.999, 27 %, τ 0.40/0.50/0.70 · frozen ...`` (``-`` for a target
+    not even the gates alone reach); ``-`` when gates were not measured."""
+    if not cal.gates:
+        return "-"
+    out = []
+    for mode in GATE_APPROX:
+        if mode not in cal.gates.get("ssim", {}):
+            continue
+        picks = "/".join("-" if (t := cal.gate_tau_for(mode, s)) is None else f"{t:.2f}" for s in TARGETS)
+        out.append(f"{mode} {cal.gate_reached(mode, 1.0):.3f}, {100 * cal.gate_share(mode, 1.0):.0f} %, "
+                   f"τ {picks}")
     return " · ".join(out)
 
 
@@ -413,11 +473,11 @@ def show_calibrations() -> Table:
         if c.refine and tuple(c.refine.get("stride", c.stride)) != tuple(c.stride):
             stride += f" (refinement {_hw(c.refine['stride'])})"
         rows.append([c.model, c.weights, _hw(c.input_hw), _hw(c.patch), stride, str(c.n_images),
-                     taus, c.fit_text(short=True), picks, refine_text(c) if c.refine else "-", c.source,
-                     c.created[:16].replace("T", " ")])
+                     taus, c.fit_text(short=True), picks, refine_text(c) if c.refine else "-", gates_text(c),
+                     c.source, c.created[:16].replace("T", " ")])
     cols = ["model", "weights", "input", "patch", "stride", "images", "τ range", "fit",
-            "τ for SSIM " + "/".join(f"{s:g}" for s in TARGETS), "refinement (margin, share)", "source",
-            "created"]
+            "τ for SSIM " + "/".join(f"{s:g}" for s in TARGETS), "refinement (margin, share)",
+            "gates (SSIM, work, τ)", "source", "created"]
     footer = [f"(user store: {calibration.user_store()}; TUNE adds to it)"]
     if not rows:
         footer.insert(0, "(no calibrations: make one with TUNE <model> ON <images> PATCH <n>)")

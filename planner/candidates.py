@@ -25,7 +25,19 @@ The strategies:
   tuning images. ``DRILLDOWN`` written with ``APPROX SSIM`` adds the
   drill-down candidate: the user's permission to skip positions, never a
   licence to miss ``s`` (rejected, the query says so and runs the plan
-  chosen instead).
+  chosen instead);
+- **gates** -- on a model with squeeze-and-excitation gates
+  (``planner.gates``), gate freezing: ``gates local`` / ``gates frozen``
+  alone (every other region exact) and ``τ t + gates <mode>`` at the τ the
+  calibration's gate measurements pick for ``s`` by the τ rule
+  (:meth:`kql.calibration.Calibration.gate_tau_for`); predicted SSIM: what
+  :data:`kql.calibration.COVERAGE` of the tuning images reached with those
+  gates and τ; cost: the cost model's FLOPs with the gates approximated (a
+  frozen gate no longer spreads a patch's change over every later map). A
+  calibration made before TUNE measured gates gives them rejected, with a
+  note to TUNE again. A ``GATES`` clause written with ``APPROX SSIM``
+  restricts the gate candidates: ``GATES LOCAL`` or ``FROZEN`` allows only
+  that mode, ``GATES EXACT`` none; like ``DRILLDOWN`` it never lowers ``s``.
 """
 from __future__ import annotations
 
@@ -48,7 +60,9 @@ class Candidate:
         meets: whether it is predicted to meet the target.
         note: why it was rejected, or how the prediction was made.
         chosen: the one that runs.
-        tau: the threshold of a τ plan.
+        tau: the threshold of a τ plan (None for ``gates <mode>`` alone).
+        gates: how a gate plan treats global gates (``local``, ``frozen``;
+            ``exact`` for every other plan).
     """
     name: str
     predicted_ssim: Optional[float]
@@ -57,6 +71,7 @@ class Candidate:
     note: str = ""
     chosen: bool = False
     tau: Optional[float] = None
+    gates: str = "exact"
 
     def predicted_seconds(self, exact_parts: dict) -> float:
         """Seconds from the exact plan's runtime estimate (``Estimate.parts``):
@@ -66,12 +81,16 @@ class Candidate:
 
 
 def enumerate_plans(plan, target: float, calibration, policy, refine_share: Optional[float],
-                    tau_cost, refine_measured: bool = True) -> list[Candidate]:
+                    tau_cost, refine_measured: bool = True, gate_modes: tuple = (),
+                    gate_cost=None) -> list[Candidate]:
     """The candidates for ``APPROX SSIM target`` (see the module docstring).
 
     ``policy`` is the refinement policy the plan would run, ``refine_share``
     the share of positions refinement computed on the tuning images (None:
     not calibrated), ``tau_cost(tau)`` the cost share of a τ plan.
+    ``gate_modes``: the gate modes to consider (empty: the model has no
+    global gates, or the query says ``GATES EXACT``); ``gate_cost(tau,
+    mode)`` the cost share of a gate plan (τ None: gates alone).
     """
     out = [Candidate("exact", 1.0, 1.0, True, "computes every position")]
     if calibration is None:
@@ -89,6 +108,8 @@ def enumerate_plans(plan, target: float, calibration, policy, refine_share: Opti
             meets = tau < 1 and reached >= target
             note = f"{calibration.coverage_text()} reached {reached:.3f}"
             out.append(Candidate(f"τ {t:g}", reached, tau_cost(t), meets, note, tau=t))
+    for mode in gate_modes:
+        out += _gate_candidates(mode, target, calibration, gate_cost)
     dd = plan.query.drilldown
     if dd is not None:
         from kql.planner.drilldown import expected_speedup, stage_one_stride
@@ -127,6 +148,32 @@ def enumerate_plans(plan, target: float, calibration, policy, refine_share: Opti
     cheaper = [c for c in out if c.meets and c.cost < 1.0]
     best = min(cheaper, key=lambda c: c.cost) if cheaper else out[0]
     return [dataclasses.replace(c, chosen=True) if c is best else c for c in out]
+
+
+def _gate_candidates(mode: str, target: float, calibration, gate_cost) -> list[Candidate]:
+    """``gates <mode>`` alone and with the τ the calibration picks for
+    ``target`` (or, when none qualifies, the mildest tuned one, rejected)."""
+    alone = f"gates {mode}"
+    if calibration is None:
+        return [Candidate(alone, None, float("nan"), False, "no TUNE calibration: its SSIM cannot be predicted",
+                          gates=mode)]
+    reached = calibration.gate_reached(mode, 1.0)
+    if reached is None:
+        return [Candidate(alone, None, gate_cost(None, mode), False,
+                          "the calibration has no gate measurements: TUNE again to measure gate freezing",
+                          gates=mode)]
+    where = calibration.coverage_text()
+    out = [Candidate(alone, reached, gate_cost(None, mode), reached >= target, f"{where} reached {reached:.3f}",
+                     gates=mode)]
+    below = [float(t) for t in calibration.gates["taus"] if t < 1]
+    if below:
+        tau = calibration.gate_tau_for(mode, target)
+        t = tau if tau is not None and tau < 1 else max(below)
+        got = calibration.gate_reached(mode, t)
+        meets = tau is not None and tau < 1 and got >= target
+        out.append(Candidate(f"τ {t:g} + gates {mode}", got, gate_cost(t, mode), meets, f"{where} reached {got:.3f}",
+                             tau=t, gates=mode))
+    return out
 
 
 def table_lines(candidates, target: float, exact_parts: Optional[dict]) -> list[str]:

@@ -261,17 +261,19 @@ def _approx_lines(plan: Plan) -> list[str]:
         gain = (f"; exact incremental would be R = {exact.r_grid:.2f}, so {what} saves "
                 f"{plan.cost.r_grid / exact.r_grid:.2f}x more")
     approx = plan.approximation
-    ssim = ("no SSIM prediction (no TUNE calibration for this model, weights, input size and patch)"
+    missing = ("no TUNE calibration for this model, weights, input size and patch" if approx.gates == "exact" else
+               "TUNE measured no such gates at this τ for this model, weights, input size and patch")
+    ssim = (f"no SSIM prediction ({missing})"
             if approx.predicted_ssim is None else f"predicted SSIM vs exact {approx.predicted_ssim:.3f}")
     parts = []
     if approx.tau is not None:
-        parts.append(f"projective-field threshold τ = {approx.tau:g} from {approx.source}")
+        parts.append(f"projective-field threshold τ = {approx.tau:g}")
     if approx.gates != "exact":
         n = len(gate_sources(plan.graph))
         how = ("recomputed, applied only where the patch changed the map" if approx.gates == "local"
                else "kept at their unoccluded value")
-        parts.append(f"{n} global gate{'s' if n != 1 else ''} {approx.gates} ({how}), from {approx.source}")
-    return [f"approximate: {'; '.join(parts)}; {ssim}{gain}"]
+        parts.append(f"{n} global gate{'s' if n != 1 else ''} {approx.gates} ({how})")
+    return [f"approximate: {' and '.join(parts)} from {approx.source}; {ssim}{gain}"]
 
 
 def _candidate_lines(plan: Plan) -> list[str]:

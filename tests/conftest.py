@@ -47,9 +47,17 @@ def pytest_collection_modifyitems(items):
     """Every test that needs the trained net (directly or through another fixture)
     is ``slow``: the first one in a run trains it (``make test-fast`` leaves them out)."""
     for item in items:
-        if {"fmnist_net", "fmnist3d_net"} & set(getattr(item, "fixturenames", ())):
+        if {"fmnist_net", "fmnist3d_net", "fmnist_se_net"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
+
+
+def _shared_temp(tmp_path_factory):
+    """The run's temporary folder every xdist worker shares (``getbasetemp().parent``
+    under xdist, the run's own folder otherwise)."""
+    import os
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +71,19 @@ def fmnist_net(tmp_path_factory):
     ``con.register_model("fmnist", fmnist_net, **zoo.FMNIST_SPEC)``; treat it as read-only
     (``copy.deepcopy`` it before changing it).
     """
-    import os
     from kql import zoo
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
+    base = _shared_temp(tmp_path_factory)
     return zoo.trained_fmnist_net(base / "kql-zoo")
+
+
+@pytest.fixture(scope="session")
+def fmnist_se_net(tmp_path_factory):
+    """kql.zoo's Fashion-MNIST CNN with a squeeze-and-excitation gate after each
+    conv (``zoo.fmnist_se_cnn``, about 87% test accuracy), trained at most once
+    per run and shared by the xdist workers, as :func:`fmnist_net`. Read-only."""
+    from kql import zoo
+    base = _shared_temp(tmp_path_factory)
+    return zoo.trained_fmnist_net(base / "kql-zoo", architecture="se")
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +91,6 @@ def fmnist3d_net(tmp_path_factory):
     """kql.zoo's 3-D CNN on Fashion-MNIST volumes (about 80% test accuracy),
     trained at most once per run and shared by the xdist workers, as
     :func:`fmnist_net`. Read-only."""
-    import os
     from kql import zoo
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
+    base = _shared_temp(tmp_path_factory)
     return zoo.trained_fmnist3d_net(base / "kql-zoo")

@@ -94,6 +94,8 @@ def test_tune_stores_a_calibration(tuned, tuned_store, fmnist_net):
                                                          for s in (0.8, 0.9, 0.95))
     # a 13x13 grid is too small for adaptive refinement: said, not silently skipped
     assert cal.refine is None and sorted(cal.exact_maps) == ["i0", "i1", "i2"]
+    assert cal.gates is None                   # no squeeze-and-excitation gates: nothing measured
+    assert not any(n.startswith("gate freezing") for n in table.footer)
     assert any(n.startswith("adaptive refinement not calibrated: the grid (13x13) is too small to refine")
                for n in table.footer)
 
@@ -105,6 +107,7 @@ def test_show_calibrations_lists_it(con, tuned_store):
     assert {(b["model"], b["source"]) for b in builtins} == {("efficientnet_lite0", "built-in")}
     # refinement was not calibrated on a 13x13 grid; the built-in ones were, at a finer stride
     assert row["refinement (margin, share)"] == "-"
+    assert row["gates (SSIM, work, τ)"] == "-"
     lite16 = next(b for b in builtins if b["patch"] == "16x16")
     assert lite16["stride"] == "16x16 (refinement 4x4)" and lite16["refinement (margin, share)"].startswith("0.8: +")
     assert (row["input"], row["patch"], row["stride"], row["images"]) == ("28x28", "4x4", "2x2", "3")

@@ -13,10 +13,12 @@ how to make one: a guessed plan could miss the target silently.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
 from kql.errors import KqlError, PlanError, first_line
+from kql.planner.gates import gate_sources
 from kql.planner.plan import Approximation, SsimContract
 
 
@@ -34,9 +36,6 @@ def approximate(plan, calibrations=None):
         return plan
     approx = plan.query.approx
     keyword = f"APPROX {approx.kind.upper()}"
-    if gates is not None and approx.kind != "tau":
-        raise PlanError(f"GATES {gates.upper()} goes with APPROX TAU; with APPROX {approx.kind.upper()} "
-                        f"the optimizer chooses how gates are treated")
     if not 0 < approx.value <= 1:
         raise PlanError(f"{keyword} must be in (0, 1], got {approx.value:g}")
     if approx.kind == "tau":
@@ -66,10 +65,12 @@ def approximate(plan, calibrations=None):
         plan.record("approximate", f"{source}: τ = 1 is exact inference")
         return plan
     gates = gates or "exact"
-    if gates != "exact":  # the τ calibration does not know the gates: no prediction
-        plan.approximation = Approximation(None if tau >= 1 else tau, source, None, gates)
+    if gates != "exact":  # predicted when TUNE measured these gates at this τ: the tuning images' mean
+        predicted = None if calibration is None else calibration.gate_reached(gates, tau, quantile=None)
+        plan.approximation = Approximation(None if tau >= 1 else tau, source, predicted, gates)
+        shown = "" if predicted is None else f", predicted SSIM {predicted:.3f}"
         plan.record("approximate", (f"τ = {tau:.3g}" if tau < 1 else "exact regions")
-                    + f" from {source}, gates {gates}")
+                    + f" from {source}, gates {gates}{shown}")
         return plan
     predicted = None if calibration is None else calibration.predict(tau)
     plan.approximation = Approximation(tau, source, predicted)
@@ -98,10 +99,23 @@ def _contract(plan, target: float, calibration):
                           batch=float(params.get("batch", refine.DEFAULT_BATCH)),
                           audit=float(params.get("audit", refine.DEFAULT_AUDIT)),
                           history=int(params.get("history", refine.DEFAULT_HISTORY)), expected_share=share)
+    gated = bool(gate_sources(plan.graph))
+    asked = plan.query.gates
+    modes = () if not gated else ("local", "frozen") if asked is None else tuple(m for m in (asked,) if m != "exact")
     cands = tuple(enumerate_plans(plan, target, calibration, policy, share, lambda tau: tau_cost(plan, tau),
-                                  refine_measured=bool(calibration.refine)))
+                                  refine_measured=bool(calibration.refine), gate_modes=modes,
+                                  gate_cost=work_shares(plan.graph, plan.grid.starts, plan.patch)))
     contract = SsimContract(target, cands)
     chosen = contract.chosen
+    if asked is not None and not gated:
+        plan.record("approximate", f"GATES {asked.upper()}: {plan.spec.name} has no global gates")
+    elif asked in ("local", "frozen") and chosen.gates != asked:
+        best = max((c for c in cands if c.gates == asked), key=lambda c: c.meets)
+        why = (f"is predicted to reach SSIM {best.predicted_ssim:.3f} < {target:g}"
+               if best.predicted_ssim is not None and not best.meets else
+               "is slower than the plan chosen" if best.meets else f"has no SSIM prediction ({best.note})")
+        plan.warnings.append(f"GATES {asked.upper()} {why}: ran {chosen.name} instead (GATES permits "
+                             f"approximating the gates, it does not lower the SSIM target)")
     dd = plan.query.drilldown
     if dd is not None and not chosen.name.startswith("drill-down"):
         rejected = next(c for c in cands if c.name.startswith("drill-down"))
@@ -122,16 +136,18 @@ def _contract(plan, target: float, calibration):
         plan.warnings.append(f"{keyword}: {why}: ran EXACT" + (f" ({reasons})" if reasons else ""))
         plan.record("approximate", f"{keyword}: {why}; running exact")
         return plan
-    if chosen.tau is not None:
+    if chosen.tau is not None or chosen.gates != "exact":
         source = f"{keyword} via {calibration.describe()}"
-        plan.approximation = Approximation(chosen.tau, source, chosen.predicted_ssim)
+        plan.approximation = Approximation(chosen.tau, source, chosen.predicted_ssim, chosen.gates)
         plan.contract = contract
-        plan.record("approximate", f"τ = {chosen.tau:.3g} from {source}, predicted SSIM "
+        what = (f"τ = {chosen.tau:.3g}" if chosen.tau is not None else "exact regions") + \
+            ("" if chosen.gates == "exact" else f", gates {chosen.gates}")
+        plan.record("approximate", f"{what} from {source}, predicted SSIM "
                                    f"{chosen.predicted_ssim:.3f} ({chosen.note}), "
                                    f"{100 * chosen.cost:.0f} % of exact's work")
         if plan.label_choice.several is not None:
             plan.warnings.append(f"{keyword}: the calibration predicts the SSIM of the map of the class the "
-                                 f"model predicts; other classes' maps at τ = {chosen.tau:.3g} have no "
+                                 f"model predicts; other classes' maps at {what} have no "
                                  f"SSIM prediction")
     elif chosen.name == "refine":
         plan.contract = dataclasses.replace(contract, refine=policy)
@@ -147,11 +163,27 @@ def _contract(plan, target: float, calibration):
     return plan
 
 
-def tau_cost(plan, tau: float) -> float:
-    """Incremental FLOPs of a τ plan as a share of the exact plan's, over
-    every third row and column of the grid (a sample is enough to compare)."""
+def tau_cost(plan, tau: Optional[float], gates: str = "exact") -> float:
+    """Incremental FLOPs of a plan at threshold ``tau`` (None or 1: exact
+    regions) with global gates ``gates`` as a share of the exact plan's,
+    over every third row and column of the grid (a sample is enough to
+    compare)."""
+    return work_shares(plan.graph, plan.grid.starts, plan.patch)(tau, gates)
+
+
+def work_shares(graph, grid_starts, patch):
+    """``share(tau, gates)``: :func:`tau_cost` for a graph and a grid
+    (``Grid.starts``), the exact plan's FLOPs computed once for every plan
+    compared (the gate plans of APPROX SSIM; TUNE records each gate plan's
+    share with it)."""
     from kql.planner.cost import theoretical_speedup
-    starts = tuple(a.ravel() for a in np.meshgrid(*(s[::3] for s in plan.grid.starts), indexing="ij"))
-    approx = theoretical_speedup(plan.graph, *starts, plan.patch, tau=tau)
-    exact = theoretical_speedup(plan.graph, *starts, plan.patch)
-    return float(np.mean(approx.inc_flops) / np.mean(exact.inc_flops))
+    starts = tuple(a.ravel() for a in np.meshgrid(*(s[::3] for s in grid_starts), indexing="ij"))
+    exact = []
+
+    def share(tau: Optional[float], gates: str = "exact") -> float:
+        if not exact:
+            exact.append(float(np.mean(theoretical_speedup(graph, *starts, patch).inc_flops)))
+        tau = None if tau is None or tau >= 1 else tau
+        approx = theoretical_speedup(graph, *starts, patch, tau=tau, gates=gates)
+        return float(np.mean(approx.inc_flops)) / exact[0]
+    return share
