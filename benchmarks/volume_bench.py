@@ -44,6 +44,18 @@ Fashion-MNIST volumes (``kql.zoo.trained_fmnist3d_net``, cached in
 on 10 other volumes the SSIM reached at that τ and the time of EXACT and
 APPROX (interleaved, after a warm-up), patch 4, stride 2 on 16^3 (7^3 = 343
 positions).
+
+``--language`` measures the SSIM contract through the query language on the
+same trained net, patch 4, stride 1 on 16^3 (13^3 = 2197 positions, a grid
+adaptive refinement can work on): ``TUNE fmnist3d ON <6 volumes saved as
+.npy> PATCH 4 STRIDE 1 NORMALIZE NONE`` (in a temporary calibration store),
+then on ``--held-out`` other volumes, for each target of ``--targets``, the
+plan ``APPROX SSIM s`` chose, the SSIM it reached against EXACT, and the time
+of APPROX, EXACT and NAIVE, all three run interleaved per volume after a
+warm-up round:
+
+    .venv/bin/python benchmarks/volume_bench.py --language
+    .venv/bin/python benchmarks/volume_bench.py --language --targets 0.9 --held-out 4
 """
 from __future__ import annotations
 
@@ -267,6 +279,66 @@ def bench_approx(opts) -> dict:
     return row
 
 
+def bench_language(opts) -> dict:
+    import tempfile
+    import kql
+    from kql import zoo
+    from kql.datasets import load_fashion_mnist
+    from kql.tune import heatmap_ssim
+    net = zoo.trained_fmnist3d_net(opts.zoo)
+    images, _ = load_fashion_mnist("test")
+    folder = tempfile.mkdtemp(prefix="kql-volume-language-")
+    os.environ["KQL_DATA_DIR"] = os.path.join(folder, "store")      # never the user's store
+    os.makedirs(os.path.join(folder, "tune"))
+    for i, v in enumerate(zoo.fmnist_volumes(images[:6], seed=0)):
+        np.save(os.path.join(folder, "tune", f"v{i}.npy"), v[0].numpy())
+    held = zoo.fmnist_volumes(images[500:500 + opts.held_out], seed=500)
+    con = kql.connect(progress="off")
+    con.register_model("fmnist3d", net)
+    t0 = time.perf_counter()
+    table = con.execute(f"TUNE fmnist3d ON '{folder}/tune' PATCH 4 STRIDE 1 NORMALIZE NONE")
+    log(f"\n=== APPROX SSIM on fmnist3d through the language (16^3, patch 4, stride 1: 13^3 = 2197 positions)"
+        f"\nTUNE on 6 volumes in {time.perf_counter() - t0:.0f} s\n{table}")
+    q = "SELECT HEATMAP FROM v USING fmnist3d PATCH 4 STRIDE 1 NORMALIZE NONE"
+    targets = [float(t) for t in opts.targets.split(",")]
+    runs = {"exact": f"{q} EXACT", "naive": f"{q} NAIVE"}
+    runs.update({f"ssim {t:g}": f"{q} APPROX SSIM {t:g}" for t in targets})
+    v0 = kql.Volume(held[0, 0].numpy())
+    for text in runs.values():                                       # warm-up (numba, runtime model)
+        con.execute(text, v=v0)
+    times = {k: [] for k in runs}
+    per = {t: {"plan": [], "ssim": [], "computed": [], "estimated": []} for t in targets}
+    for n in range(len(held)):
+        v = kql.Volume(held[n, 0].numpy())
+        out = {}
+        for key, text in runs.items():
+            t = time.perf_counter()
+            out[key] = con.execute(text, v=v)
+            times[key].append(time.perf_counter() - t)
+        exact = out["exact"].heatmap
+        assert np.allclose(exact, out["naive"].heatmap, atol=1e-5)
+        for t in targets:
+            r = out[f"ssim {t:g}"]
+            chosen = r.plan.contract.chosen.name if getattr(r.plan, "contract", None) else r.mode
+            per[t]["plan"].append(chosen)
+            per[t]["ssim"].append(heatmap_ssim(exact, r.heatmap) if np.ptp(exact) >= 1e-4 else None)
+            per[t]["computed"].append(1.0 if r.computed is None else float(r.computed.mean()))
+            per[t]["estimated"].append(r.estimated_ssim)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = ["| target | plan chosen | SSIM per volume (vs EXACT) | reached | computed (median) | "
+             "APPROX | EXACT | NAIVE | over EXACT | over NAIVE |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in targets:
+        got = [x for x in per[t]["ssim"] if x is not None]
+        plans = ", ".join(f"{p} x{per[t]['plan'].count(p)}" for p in sorted(set(per[t]["plan"])))
+        a = med[f"ssim {t:g}"]
+        lines.append(f"| {t:g} | {plans} | {' '.join(f'{x:.3f}' for x in got)} | "
+                     f"{sum(x >= t for x in got)}/{len(got)} | {100 * statistics.median(per[t]['computed']):.0f} % | "
+                     f"{1000 * a:.0f} ms | {1000 * med['exact']:.0f} ms | {1000 * med['naive']:.0f} ms | "
+                     f"{med['exact'] / a:.2f}x | {med['naive'] / a:.2f}x |")
+    log("\n(median wall time per volume, query total)\n" + "\n".join(lines))
+    return {"targets": {str(t): per[t] for t in targets}, "seconds": times, "median": med}
+
+
 def overlap(opts) -> float:
     """MONAI's overlap for a step of ``--stride`` (it steps by ``int(mask * (1 - overlap))``)."""
     return 1 - (opts.stride + 1e-6) / opts.patch
@@ -315,6 +387,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--approx", action="store_true", help="measure APPROX SSIM 0.9 on a trained 3-D net instead")
     ap.add_argument("--zoo", default="/tmp/kql-zoo", help="where the trained 3-D net is cached")
+    ap.add_argument("--language", action="store_true",
+                    help="measure TUNE and APPROX SSIM through the query language on the trained 3-D net")
+    ap.add_argument("--targets", default="0.8,0.9,0.95", help="--language: the SSIM targets")
+    ap.add_argument("--held-out", type=int, default=10, help="--language: volumes never used by TUNE")
     opts = ap.parse_args(argv)
     if opts.patch + (opts.cells - 1) * opts.stride > opts.size:
         raise SystemExit("the cube of positions does not fit the volume: lower --cells or --stride")
@@ -328,8 +404,8 @@ def main(argv=None) -> int:
             "load average (1, 5, 15 min)": os.getloadavg(), "machine": platform.machine()}
     log(f"torch {info['torch']}, {info['threads']} threads, {info['cpus']} CPUs, load average "
         f"{' '.join(f'{v:.1f}' for v in info['load average (1, 5, 15 min)'])}")
-    if opts.approx:
-        row = bench_approx(opts)
+    if opts.approx or opts.language:
+        row = (bench_language if opts.language else bench_approx)(opts)
         if opts.json:
             with open(opts.json, "w") as f:
                 json.dump({"machine": info, "approx": row}, f, indent=1)

@@ -26,19 +26,19 @@ from kql.executor.common import _BATCH_HOOK, model_failed, progress_bar
 
 
 def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
-    """Probabilities on the query's grid (flat, row-major), the seconds taken
+    """Probabilities on the query's grid (flat, row-major; on a volume the
+    ``(nd, nh, nw)`` grid, depth slowest), the seconds taken
     and what refinement did: ``{"computed": mask, "estimated_ssim": float,
     "stages": [...], "positions": int}``."""
     from kql.executor.incremental import IncrementalRunner
     from kql.planner.geometry import Rects, propagate
     policy = plan.refine
     start = time.perf_counter()
-    shape = (len(plan.ys), len(plan.xs))
-    n = shape[0] * shape[1]
+    shape = plan.grid.shape   # (rows, cols), or (nd, nh, nw) on a volume
+    n = plan.n_positions
     regions = plan.regions
     if regions is None:
-        ys, xs = plan.positions()
-        regions = propagate(plan.graph, Rects.from_patches(ys, xs, plan.patch), None)
+        regions = propagate(plan.graph, Rects.from_patches(*plan.positions(), plan.patch), None)
     hook = _BATCH_HOOK.get()
     bar = progress_bar(n, progress, "refining", "pos")
     state = policy.start(shape, plan.batch_size)

@@ -361,7 +361,8 @@ class Tune(_Sized):
     """``TUNE <model> ON <images> PATCH <n> [STRIDE <s>] [TAUS (t, ...)]``.
 
     images: a :class:`Source` of kind ``"path"`` (a folder or a glob), or a
-    tuple of names (bound, loaded or bundled sample images).
+    tuple of names (bound, loaded or bundled sample images or volumes).
+    window, normalize, resample: a volume's preprocessing, as in :class:`Select`.
     """
     model: str
     images: Union[Source, tuple[str, ...]]
@@ -370,6 +371,9 @@ class Tune(_Sized):
     weights: Optional[str] = None
     color: Color = field(default_factory=Color)
     taus: Optional[tuple[float, ...]] = None
+    window: Optional[tuple[float, float]] = None
+    normalize: Optional[str] = None
+    resample: Optional[tuple[int, ...]] = None
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,7 @@ class Calibration:
             return None
         from kql.planner.drilldown import replay
         from kql.tune import heatmap_ssim
-        ratio = (max(1, stride_one[0] // stride[0]), max(1, stride_one[1] // stride[1]))
+        ratio = tuple(max(1, a // b) for a, b in zip(stride_one, stride))
         out = []
         for m in self.exact_maps.values():
             exact = np.asarray(m, dtype=np.float64)

@@ -100,12 +100,16 @@ glob, or image names separated by commas. STRIDE defaults to half the patch.
 APPROX SSIM s then uses the smallest tuned t at which 80% of the images
 reached s. TUNE also replays adaptive refinement on each exact heatmap (no
 extra inference) to calibrate its safety margin and expected work, on grids
-of at least 17x17 positions. On a model with squeeze-and-excitation gates
-it also measures GATES LOCAL and FROZEN, alone and with every t in TAUS.
-Ctrl-C stops it without storing anything.
+of at least 17x17 positions (9x9x9 on volumes). On a model with
+squeeze-and-excitation gates it also measures GATES LOCAL and FROZEN, alone
+and with every t in TAUS. Ctrl-C stops it without storing anything. On volumes
+(files .npy / .nii / .nii.gz, bound arrays, phantom; never mixed with images)
+PATCH 8 is a cube and WINDOW, NORMALIZE and RESAMPLE mean what they mean in
+SELECT.
 Examples:
   TUNE efficientnet_lite0 ON coffee, chelsea, astronaut PATCH 16 STRIDE 8;
-  TUNE my_net ON 'scans/*.png' PATCH 8 TAUS (0.9, 0.7, 0.5);"""
+  TUNE my_net ON 'scans/*.png' PATCH 8 TAUS (0.9, 0.7, 0.5);
+  TUNE my_3d_net ON 'ct/*.nii.gz' PATCH 8 STRIDE 2 WINDOW (-1000, 400);"""
 
 _CALIBRATIONS = """\
 SHOW CALIBRATIONS
@@ -317,7 +321,8 @@ Sizes are depth x height x width; PATCH 8 is 8x8x8. RESAMPLE resamples the grid
 (trilinear), WINDOW clips to [lo, hi] and scales to [0, 1], NORMALIZE scales the
 scan (default MINMAX; uint8 clips are divided by 255). COLOR -1000 is air in a
 CT. INTO NIfTI writes the map in the input's voxel grid with its affine; PNG
-shows three slices through the most sensitive voxel.
+shows three slices through the most sensitive voxel. TUNE on volumes makes
+APPROX SSIM s work on them as on images (HELP TUNE).
 Example:
   SELECT HEATMAP FROM phantom USING resnet10_3d PATCH 8 STRIDE 4
       WINDOW (-1000, 400) RESAMPLE 32 INTO 'phantom.nii.gz';"""

@@ -43,6 +43,7 @@ from kql.planner import refine
 from kql.planner.gates import gate_sources
 from kql.planner.refine import FLAT, heatmap_ssim   # noqa: F401  (kql.tune.heatmap_ssim is public)
 from kql.errors import KqlError, PlanError, QueryInterrupted
+from kql.sources.volumes import Volume
 from kql.table import Table
 
 __all__ = ["DEFAULT_TAUS", "FLAT", "GATE_APPROX", "default_stride", "heatmap_ssim",
@@ -81,29 +82,40 @@ def default_stride(patch: tuple[int, ...]) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------
 
 
-def sample_images(con, images, bindings: dict) -> list[tuple[str, np.ndarray]]:
-    """The sample images of a TUNE statement: ``[(name, HxWx3 array)]``.
+def sample_images(con, images, bindings: dict) -> list[tuple[str, Any]]:
+    """The sample images of a TUNE statement: ``[(name, HxWx3 array)]``, or
+    ``[(name, kql.sources.volumes.Volume)]`` when they are volumes.
 
     ``images`` is an ``ast.Source`` of kind ``"path"`` (a folder: its image
-    files, sorted, not recursive; a glob pattern; or one file) or a tuple of names
-    (resolved as ``FROM <name>`` resolves them: bound, LOAD IMAGE, sample).
+    and volume files, sorted, not recursive; a glob pattern; or one file) or a
+    tuple of names (resolved as ``FROM <name>`` resolves them: bound, LOAD
+    IMAGE, sample).
 
     Raises:
-        PlanError: nothing found, a file that is not an image, a name that is
-            not an image.
+        PlanError: nothing found, a file that is not an image or a volume, a
+            name that is not one, images and volumes mixed.
     """
     if isinstance(images, ast.Source):
-        files = _image_files(images.value)
-        from kql import sources
-        return [(f, sources.load_image(f)) for f in files]
-    out, seen = [], set()
-    for name in images:
-        if name in seen:
-            raise PlanError(f"TUNE lists image '{name}' twice")
-        seen.add(name)
-        array, _ = con.catalog.image(ast.Source("name", name), bindings)
-        out.append((name, array))
+        out = [(f, con.catalog.image(ast.Source("path", f))[0]) for f in _image_files(images.value)]
+    else:
+        out, seen = [], set()
+        for name in images:
+            if name in seen:
+                raise PlanError(f"TUNE lists image '{name}' twice")
+            seen.add(name)
+            array, _ = con.catalog.image(ast.Source("name", name), bindings)
+            out.append((name, array))
+    kinds = ["volume" if isinstance(x, Volume) else "image" for _, x in out]
+    if len(set(kinds)) > 1:
+        other = kinds.index("image" if kinds[0] == "volume" else "volume")
+        raise PlanError(f"TUNE calibrates on images or on volumes, not both: '{out[0][0]}' is {_article(kinds[0])} "
+                        f"but '{out[other][0]}' is {_article(kinds[other])} (a calibration holds for one input "
+                        f"shape)")
     return out
+
+
+def _article(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _image_files(pattern: str) -> list[str]:
@@ -160,10 +172,14 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
     if _BOUND in bindings:
         raise PlanError(f"the name {_BOUND} is reserved by TUNE")
     taus = _check_taus(stmt.taus if stmt.taus is not None else DEFAULT_TAUS)
-    patch = stmt.patch_for(2)
-    stride = stmt.stride_for(2) or default_stride(patch)
     spec = con.catalog.model(stmt.model, stmt.weights, bindings)   # fails early on an unknown model
     images = sample_images(con, stmt.images, bindings)
+    volumes = bool(images) and isinstance(images[0][1], Volume)
+    ndim = 3 if volumes else 2
+    patch = stmt.patch_for(ndim)
+    stride = stmt.stride_for(ndim) or default_stride(patch)
+    kind = "volume" if volumes else "image"
+    scan = {"window": stmt.window, "normalize": stmt.normalize, "resample": stmt.resample}
 
     approx_taus = [t for t in taus if t < 1]
     # a model with global (squeeze-and-excitation) gates: gate freezing is measured
@@ -189,16 +205,17 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
             exact = _heatmap(con, base, run)
             done += 1
             bar.update(1)
-            hw = tuple(exact.image.shape[:2])
+            hw = tuple(exact.plan.input_hw) if volumes else tuple(exact.image.shape[:2])
             if input_hw is not None and hw != input_hw:
-                raise PlanError(f"TUNE needs one input size: image '{name}' is {hw[0]}x{hw[1]} but "
-                                f"the first was {input_hw[0]}x{input_hw[1]} (model '{spec.name}' "
-                                f"takes images of any size; resize them first)")
+                how = "RESAMPLE them to one grid" if volumes else "resize them first"
+                raise PlanError(f"TUNE needs one input size: {kind} '{name}' is {_hw(hw)} but "
+                                f"the first was {_hw(input_hw)} (model '{spec.name}' "
+                                f"takes {kind}s of any size; {how})")
             input_hw = hw
             notes += [w for w in exact.warnings if w not in notes]
             span = float(np.ptp(exact.heatmap))
             if span < FLAT:
-                notes.append(f"image '{name}': the exact heatmap is flat (probability spans {span:.2g}): "
+                notes.append(f"{kind} '{name}': the exact heatmap is flat (probability spans {span:.2g}): "
                              f"left out")
                 done += len(approx_taus) + gate_runs
                 bar.update(len(approx_taus) + gate_runs)
@@ -214,7 +231,7 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
                     continue
                 query = ast.Select(source=base.source, model=stmt.model, weights=stmt.weights, patch=patch,
                                    stride=stride, color=stmt.color, label=label, mode="approx",
-                                   approx=ast.Approx("tau", tau))
+                                   approx=ast.Approx("tau", tau), **scan)
                 row.append(heatmap_ssim(exact.heatmap, _heatmap(con, query, run).heatmap))
                 done += 1
                 bar.update(1)
@@ -223,7 +240,7 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
                 for tau in gate_taus:
                     query = ast.Select(source=base.source, model=stmt.model, weights=stmt.weights, patch=patch,
                                        stride=stride, color=stmt.color, label=label, mode="approx",
-                                       approx=ast.Approx("tau", tau), gates=mode)
+                                       approx=ast.Approx("tau", tau), gates=mode, **scan)
                     gate_row.append(heatmap_ssim(exact.heatmap, _heatmap(con, query, run).heatmap))
                     done += 1
                     bar.update(1)
@@ -236,8 +253,8 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
         bar.close()
     if not ssim:
         raise PlanError(f"every exact heatmap of TUNE {spec.name} is flat: occluding "
-                        f"{patch[0]}x{patch[1]} patches never changes the probability, so there is "
-                        f"nothing to calibrate; use a larger PATCH or other images")
+                        f"{_hw(patch)} patches never changes the probability, so there is "
+                        f"nothing to calibrate; use a larger PATCH or other {kind}s")
 
     cal = calibration.Calibration(
         model=spec.name, weights=spec.weights, fingerprint=calibration.weights_fingerprint(spec.module),
@@ -338,7 +355,7 @@ def measure_refinement(con, model: str, images, patch, stride, color=None, weigh
     finally:
         bar.close()
     if not trajectories:
-        raise PlanError(f"no heatmap of {model} at patch {patch[0]}x{patch[1]}, stride {stride[0]}x{stride[1]} "
+        raise PlanError(f"no heatmap of {model} at patch {_hw(patch)}, stride {_hw(stride)} "
                         f"can calibrate refinement (all flat, or grids too small)")
     return refine_record(policy, stride, trajectories), maps
 
@@ -365,9 +382,11 @@ def refine_record(policy, stride, trajectories: dict) -> dict:
 
 
 def _exact_select(stmt: ast.Tune, patch, stride) -> ast.Select:
-    """The exact heatmap of the image bound as :data:`_BOUND`."""
+    """The exact heatmap of the image (or volume, with the statement's
+    WINDOW, NORMALIZE and RESAMPLE) bound as :data:`_BOUND`."""
     return ast.Select(source=ast.Source("name", _BOUND), model=stmt.model, weights=stmt.weights,
-                      patch=patch, stride=stride, color=stmt.color, mode="exact")
+                      patch=patch, stride=stride, color=stmt.color, mode="exact", window=stmt.window,
+                      normalize=stmt.normalize, resample=stmt.resample)
 
 
 def _heatmap(con, select: ast.Select, bindings: dict):
@@ -406,7 +425,8 @@ def summary(cal: calibration.Calibration, notes: Sequence[str] = ()) -> Table:
                       f"{gates_text(cal)}")
     footer += list(notes)
     title = (f"TUNE {cal.model} ({cal.weights}), input {_hw(cal.input_hw)}, patch {_hw(cal.patch)}, "
-             f"stride {_hw(cal.stride)}, {cal.n_images} image{'s' if cal.n_images != 1 else ''}")
+             f"stride {_hw(cal.stride)}, {cal.n_images} {'volume' if len(cal.input_hw) == 3 else 'image'}"
+             f"{'s' if cal.n_images != 1 else ''}")
     return Table(["τ", "mean SSIM", "min SSIM", "fitted", "≥ 0.9"], rows, title=title, footer=footer)
 
 
@@ -435,7 +455,7 @@ def gates_text(cal) -> str:
 
 
 def _hw(hw) -> str:
-    return f"{hw[0]}x{hw[1]}"
+    return "x".join(str(v) for v in hw)
 
 
 # ---------------------------------------------------------------------------

@@ -125,11 +125,8 @@ def enumerate_plans(plan, target: float, calibration, policy, refine_share: Opti
         else:
             out.append(Candidate(name, predicted, share, predicted >= target,
                                  f"replayed on {calibration.coverage_text()}"))
-    small = policy.too_small((len(plan.ys), len(plan.xs))) if plan.ndim == 2 else None
-    if plan.ndim != 2:
-        out.append(Candidate("refine", None, 1.0, False, "adaptive refinement interpolates on images "
-                                                         "(a 2-D lattice), not on volumes"))
-    elif plan.label_choice.several is not None:
+    small = policy.too_small(plan.grid.shape)
+    if plan.label_choice.several is not None:
         # the executor computes every position of every map (refinement
         # chooses positions for one map): refinement would be exact's work
         out.append(Candidate("refine", None, 1.0, False,

@@ -232,23 +232,27 @@ def select(estimate: np.ndarray, n_select: int) -> np.ndarray:
     return np.argsort(estimate.ravel(), kind="stable")[:n_select]
 
 
-def replay(exact: np.ndarray, ratio: tuple[int, int], fraction: float) -> np.ndarray:
+def replay(exact: np.ndarray, ratio: tuple[int, ...], fraction: float) -> np.ndarray:
     """The heatmap drill-down returns when every value it computes is the
     exact one (``exact``, the full heatmap): stage one on every ``ratio``-th
-    row and column (the last ones included, as the grid aligns them), stage
+    position along each axis (row and column; on a volume's ``(nd, nh, nw)``
+    grid depth too; the last ones included, as the grid aligns them), stage
     two on the ``ceil(fraction * n)`` positions with the lowest estimate.
     ``TUNE``'s calibration predicts drill-down's SSIM with it.
 
     >>> e = np.arange(25.0).reshape(5, 5)
     >>> bool(np.allclose(replay(e, (2, 2), 0.2), e))   # linear: interpolation is exact
     True
+    >>> v = np.arange(125.0).reshape(5, 5, 5)
+    >>> bool(np.allclose(replay(v, (2, 2, 2), 0.2), v))
+    True
     """
-    rows, cols = exact.shape
-    ys = np.unique(np.append(np.arange(0, rows, ratio[0]), rows - 1))
-    xs = np.unique(np.append(np.arange(0, cols, ratio[1]), cols - 1))
-    out = interpolate(ys, xs, exact[np.ix_(ys, xs)], np.arange(rows), np.arange(cols))
-    out[np.ix_(ys, xs)] = exact[np.ix_(ys, xs)]
-    chosen = select(out, min(rows * cols, int(math.ceil(fraction * rows * cols))))
+    shape = exact.shape
+    axes = [np.unique(np.append(np.arange(0, n, r), n - 1)) for n, r in zip(shape, ratio)]
+    coarse = np.ix_(*axes)
+    out = interpolate_nd(axes, exact[coarse], [np.arange(n) for n in shape])
+    out[coarse] = exact[coarse]
+    chosen = select(out, min(exact.size, int(math.ceil(fraction * exact.size))))
     flat = out.reshape(-1)
     flat[chosen] = exact.reshape(-1)[chosen]
     return out

@@ -312,11 +312,11 @@ def _refined_lines(result) -> list[str]:
 def _drilldown_lines(plan: Plan) -> list[str]:
     """The two stages of DRILLDOWN and the speedup they promise."""
     dd = plan.drilldown
-    (a, b), (c, d) = dd.stride_one, dd.stride_two
-    return [f"drill-down: stage one at stride {a}x{b} ({dd.n_coarse} positions), stage two at stride "
-            f"{c}x{d} on the {dd.n_select} of {dd.n_fine} positions (r = {dd.fraction:g}) with the largest "
+    one, two = ("x".join(map(str, s)) for s in (dd.stride_one, dd.stride_two))   # 2 or 3 axes
+    return [f"drill-down: stage one at stride {one} ({dd.n_coarse} positions), stage two at stride "
+            f"{two} on the {dd.n_select} of {dd.n_fine} positions (r = {dd.fraction:g}) with the largest "
             f"drop, less those stage one ran; expected speedup {dd.expected_speedup:.2f}x over the full "
-            f"grid (Krypton eq. 46 at S1 = {a}, target {dd.speedup:g}x), at most "
+            f"grid (Krypton eq. 46 at S1 = {one}, target {dd.speedup:g}x), at most "
             f"{dd.max_positions} of {dd.n_fine} positions ({dd.position_speedup:.2f}x)"]
 
 

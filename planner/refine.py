@@ -4,14 +4,16 @@ A calibration (``TUNE``) can only predict the SSIM of a plan on the images it
 was made on; on an unseen image the engine has to *check*. The refinement
 plan is an anytime, coarse-to-fine computation of the heatmap:
 
-1. compute a coarse lattice of positions (every ``step``-th row and column of
-   the query's grid, the last row and column included) exactly, by IVM;
+1. compute a coarse lattice of positions (every ``step``-th position along
+   each axis of the query's grid -- rows and columns of an image, depth,
+   rows and columns of a volume -- the last one included) exactly, by IVM;
 2. estimate every other position by interpolating the computed ones
-   (piecewise linear over their Delaunay triangulation);
+   (multilinear in the finest lattice-aligned cell whose corners are all
+   computed: bilinear on an image, trilinear on a volume);
 3. predict the error of each estimated position from its neighbourhood:
    ``sigma_i = k * range_i``, where ``range_i`` is the spread (max - min) of
-   the computed values in the window around ``i`` whose half-width is the
-   distance to the nearest computed position (at least one lattice step).
+   the corners of its cell, plus the largest error found near it by
+   earlier batches (:func:`interpolate`, :meth:`RefinePolicy.update`).
    The scale ``k`` is fitted *per run*: every batch computes positions whose
    value was estimated a moment before, so each batch is ground truth for the
    previous estimate (their RMS error over their RMS range);
@@ -34,6 +36,7 @@ calibration the :data:`DEFAULT_MARGIN` applies.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -78,8 +81,8 @@ MARGINS = tuple(round(0.005 * i, 3) for i in range(0, 21))
 class RefineState:
     """What refinement has done so far (the executor holds it, the policy
     updates it)."""
-    values: np.ndarray                    # (rows, cols) float64, NaN where not computed
-    computed: np.ndarray                  # (rows, cols) bool
+    values: np.ndarray                    # the grid's shape (rows, cols or nd, nh, nw), NaN where not computed
+    computed: np.ndarray                  # the grid's shape, bool
     estimate: Optional[np.ndarray] = None  # the current map (computed values + interpolation)
     scale: Optional[np.ndarray] = None     # error feature per position (0 where computed)
     k: Optional[float] = None              # fitted error scale: |error| ≈ k * scale
@@ -137,30 +140,33 @@ class RefinePolicy:
                 f"SSIM ≥ {self.goal:.3f} (target {self.target:g} + margin {self.margin:.3f})")
 
     # -- what to compute ---------------------------------------------------------
-    def initial(self, shape: tuple[int, int]) -> np.ndarray:
+    def initial(self, shape: tuple[int, ...]) -> np.ndarray:
         """Flat indices of the first pass: the lattice of every ``step``-th
-        row and column, the last row and column included."""
-        rows, cols = shape
-        ys = _lattice(rows, self.step)
-        xs = _lattice(cols, self.step)
-        return (ys[:, None] * cols + xs[None, :]).ravel()
+        position along each axis (rows and columns; on a volume's
+        ``(nd, nh, nw)`` grid depth too), the last one of each axis included."""
+        axes = np.meshgrid(*(_lattice(n, self.step) for n in shape), indexing="ij")
+        return np.ravel_multi_index(axes, shape).ravel()
 
-    def too_small(self, shape: tuple[int, int]) -> Optional[str]:
+    def too_small(self, shape: tuple[int, ...]) -> Optional[str]:
         """Why a grid of this shape is too small to refine (None: it is not).
-        Two levels below the lattice are needed for the first estimate to
-        skip anything worth it and for the error scale to be fitted on more
-        than a handful of positions."""
-        need = 4 * self.step + 1
+        Two levels below the lattice are needed along each axis of an image
+        for the first estimate to skip anything worth it and for the error
+        scale to be fitted on more than a handful of positions; a volume's
+        grid has a cell per lattice step along three axes, so one level
+        (two lattice steps per axis: 2x2x2 cells) holds as many positions to
+        estimate and to fit the error on as two do on an image."""
+        need = (4 if len(shape) == 2 else 2) * self.step + 1
         if min(shape) < need:
-            return (f"the grid ({shape[0]}x{shape[1]}) is too small to refine: it needs at least "
-                    f"{need}x{need} positions (a lattice every {self.step} positions and room to estimate "
-                    f"the error between them)")
+            dims = "x".join(map(str, shape))
+            return (f"the grid ({dims}) is too small to refine: it needs at least "
+                    f"{'x'.join([str(need)] * len(shape))} positions (a lattice every {self.step} positions "
+                    f"and room to estimate the error between them)")
         return None
 
-    def batch_size(self, shape: tuple[int, int]) -> int:
-        return max(1, int(math.ceil(self.batch * shape[0] * shape[1])))
+    def batch_size(self, shape: tuple[int, ...]) -> int:
+        return max(1, int(math.ceil(self.batch * math.prod(shape))))
 
-    def start(self, shape: tuple[int, int], unit: int = 1) -> RefineState:
+    def start(self, shape: tuple[int, ...], unit: int = 1) -> RefineState:
         """The state before anything is computed. ``unit``: the plan's batch
         size; refinement batches are rounded up to a multiple of it, so no
         IVM call runs a batch half full."""
@@ -300,43 +306,58 @@ def _levels(step: int) -> list[int]:
 
 
 def _cells(shape, s):
-    """Per position, the corners of its cell at size ``s``: rows ``y0, y1``
-    and columns ``x0, x1`` (the last cell of an axis may be shorter)."""
-    rows, cols = shape
-    y = np.arange(rows)[:, None]
-    x = np.arange(cols)[None, :]
-    y0 = np.minimum((y // s) * s, rows - 1)
-    x0 = np.minimum((x // s) * s, cols - 1)
-    y0, x0 = np.broadcast_arrays(y0, x0)
-    return y0, np.minimum(y0 + s, rows - 1), x0, np.minimum(x0 + s, cols - 1)
+    """Per axis, the first and last coordinate ``(lo, hi)`` of each
+    position's cell at size ``s`` (arrays broadcasting to ``shape``; the
+    last cell of an axis may be shorter)."""
+    out = []
+    for axis, n in enumerate(shape):
+        at = np.arange(n).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+        lo = np.minimum((at // s) * s, n - 1)
+        out.append((lo, np.minimum(lo + s, n - 1)))
+    return out
+
+
+def _corners(bounds):
+    """The index tuples of a cell's ``2^N`` corners (the first axis slowest)."""
+    return [tuple(b[bit] for b, bit in zip(bounds, bits))
+            for bits in itertools.product((0, 1), repeat=len(bounds))]
+
+
+def _all_computed(computed, corners) -> np.ndarray:
+    return np.logical_and.reduce([computed[c] for c in corners])
 
 
 def interpolate(values: np.ndarray, computed: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     """The map and each position's error feature (0 at computed positions).
 
-    Each position not computed is interpolated bilinearly in the finest cell
-    (of size 2, 4, ..., ``step``, aligned to the lattice) whose four corners
-    are computed; its error feature is the spread (max - min) of those
-    corners. The lattice holds every cell of size ``step``, so every
-    position has one.
+    Each position not computed is interpolated multilinearly (bilinearly on
+    an image's grid, trilinearly on a volume's) in the finest cell (of size
+    2, 4, ..., ``step``, aligned to the lattice) whose corners are all
+    computed; its error feature is the spread (max - min) of those corners.
+    The lattice holds every cell of size ``step``, so every position has one.
     """
     shape = values.shape
     est = np.where(computed, values, np.nan)
     feat = np.zeros(shape)
-    y = np.arange(shape[0])[:, None]
-    x = np.arange(shape[1])[None, :]
     for s in _levels(step):
-        y0, y1, x0, x1 = _cells(shape, s)
-        ok = computed[y0, x0] & computed[y0, x1] & computed[y1, x0] & computed[y1, x1]
-        fill = np.isnan(est) & ok
+        bounds = _cells(shape, s)
+        corners = _corners(bounds)
+        fill = np.isnan(est) & _all_computed(computed, corners)
         if not fill.any():
             continue
-        wy = np.where(y1 > y0, (y - y0) / np.maximum(y1 - y0, 1), 0.0)
-        wx = np.where(x1 > x0, (x - x0) / np.maximum(x1 - x0, 1), 0.0)
-        c = [np.where(computed[a, b], values[a, b], 0.0) for a, b in ((y0, x0), (y0, x1), (y1, x0), (y1, x1))]
-        bil = (1 - wy) * (1 - wx) * c[0] + (1 - wy) * wx * c[1] + wy * (1 - wx) * c[2] + wy * wx * c[3]
+        weights = []
+        for axis, (lo, hi) in enumerate(bounds):
+            at = np.arange(shape[axis]).reshape(lo.shape)
+            weights.append(np.where(hi > lo, (at - lo) / np.maximum(hi - lo, 1), 0.0))
+        c = [np.where(computed[i], values[i], 0.0) for i in corners]
+        inter = 0.0
+        for bits, ci in zip(itertools.product((0, 1), repeat=len(shape)), c):
+            w = 1.0
+            for bit, wa in zip(bits, weights):
+                w = w * (wa if bit else 1 - wa)
+            inter = inter + w * ci
         spread = np.maximum.reduce(c) - np.minimum.reduce(c)
-        est[fill] = bil[fill]
+        est[fill] = np.broadcast_to(inter, shape)[fill]
         feat[fill] = spread[fill]
     bad = np.isnan(est)
     if bad.any():   # cannot happen with the lattice computed; keep the map finite anyway
@@ -351,36 +372,29 @@ def cells_by_error(state: RefineState, step: int):
     half-size cells (computing them refines the cell one level), or, for a
     cell of size 2, all its positions."""
     shape = state.computed.shape
-    rows, cols = shape
     todo = ~state.computed
     # the interpolation level of each position: the finest cell with computed corners
     level = np.zeros(shape, int)
     for s in reversed(_levels(step)):
-        y0, y1, x0, x1 = _cells(shape, s)
-        ok = (state.computed[y0, x0] & state.computed[y0, x1] & state.computed[y1, x0]
-              & state.computed[y1, x1])
-        level[ok & todo] = s
+        level[_all_computed(state.computed, _corners(_cells(shape, s))) & todo] = s
     level[~todo] = 0
     sizes = np.unique(level[todo])
-    keys, scores, cells = [], [], []
+    scores, cells = [], []
     for s in sizes.tolist():
-        y0, y1, x0, x1 = _cells(shape, s)
         sel = todo & (level == s)
-        cid = y0[sel] * cols + x0[sel]
+        cid = np.ravel_multi_index([np.broadcast_to(lo, shape)[sel] for lo, _ in _cells(shape, s)], shape)
         uniq, inv = np.unique(cid, return_inverse=True)
         score = np.bincount(inv, weights=state.scale[sel])
-        for u, sc in zip(uniq.tolist(), score.tolist()):
-            cells.append((s, u // cols, u % cols))
-            scores.append(sc)
+        cells += [(s, u) for u in uniq.tolist()]
+        scores += score.tolist()
     for j in np.argsort(-np.asarray(scores), kind="stable"):
-        s, cy, cx = cells[j]
+        s, u = cells[j]
         h = s // 2
-        ys = np.arange(cy, min(cy + s, rows - 1) + 1, max(h, 1))
-        xs = np.arange(cx, min(cx + s, cols - 1) + 1, max(h, 1))
-        if s > 2:
-            ys = np.unique(np.append(ys, min(cy + s, rows - 1)))
-            xs = np.unique(np.append(xs, min(cx + s, cols - 1)))
-        idx = (ys[:, None] * cols + xs[None, :]).ravel()
+        axes = []
+        for c, n in zip(np.unravel_index(u, shape), shape):
+            at = np.arange(c, min(c + s, n - 1) + 1, max(h, 1))
+            axes.append(np.unique(np.append(at, min(c + s, n - 1))) if s > 2 else at)
+        idx = np.ravel_multi_index(np.meshgrid(*axes, indexing="ij"), shape).ravel()
         idx = idx[todo.reshape(-1)[idx]]
         if len(idx):
             yield idx

@@ -51,7 +51,7 @@ def approximate(plan, calibrations=None):
         plan.warnings.append(
             f"no SSIM calibration for {plan.spec.name} ({plan.spec.weights}) at input "
             f"{'x'.join(map(str, plan.input_hw))} with patch {'x'.join(map(str, patch))}: ran EXACT. "
-            f"Calibrate with TUNE {plan.spec.name} ON <sample images> PATCH "
+            f"Calibrate with TUNE {plan.spec.name} ON <sample {'volumes' if plan.ndim == 3 else 'images'}> PATCH "
             f"{patch[0] if len(set(patch)) == 1 else 'x'.join(map(str, patch))}")
         plan.record("approximate", f"{keyword} {approx.value:g}: no calibration, running exact")
         if plan.query.drilldown is not None:   # its SSIM cannot be predicted either
