@@ -130,7 +130,11 @@ def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
     outside, inside, after = figures = [int(v) for v in out.stdout.split()]
     pages = 48 * 2**20 // 4096
     assert outside >= 5 * pages, figures      # a fresh mapping every time
-    assert inside <= 2 * pages, figures       # one block, faulted in once
+    # one block, faulted in once: ideally ~1 block's pages; the kernel may
+    # still reclaim idle heap pages between rounds (this machine runs DAMON
+    # reclaim, seen at 4 blocks' pages of 10 once under load), so the bound
+    # is "well below a fresh mapping every round"
+    assert inside <= outside // 2, figures
     assert after < 8, figures
 
 
