@@ -87,6 +87,7 @@ class OcclusionSensitivity:
             ValueError: a batch of more than one, a mask larger than the
                 (boxed) image, a bad overlap or bounding box.
         """
+        from kql.executor.allocator import reuse_freed_memory
         from kql.tensor_api import as_module, occlusion
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -118,37 +119,41 @@ class OcclusionSensitivity:
             score = "sigmoid" if x.shape[1] == 1 else "softmax"
         else:
             score = "logits"
-        was_training = self.nn_module.training if isinstance(self.nn_module, nn.Module) else None
-        try:
-            result = occlusion(module, x, tuple(mask), step, target="all", baseline=self._fill(x, mask),
-                               score=score, region=tuple(box),
-                               progress="on" if self.verbose else "off")[0]
-        finally:
-            if was_training:
-                self.nn_module.train()
-        weights = _importance(mask, self.mode == "gaussian")
-        starts = [np.asarray(s) - lo for s, (lo, _) in zip(result.starts, box)]
-        blended = torch.from_numpy(_blend(result.maps, starts, weights, size))   # (pixels, classes)
-        classes = blended.shape[1]
-        # the most probable class where the classes lie next to each other in memory
-        best = blended.argmax(dim=1).reshape(1, 1, *size)
-        maps = blended.T.reshape(1, classes, *size)                               # a view, classes first
-        crop = (slice(None), slice(None)) + tuple(slice(lo, hi) for lo, hi in box)
-        if b_box is not None:
-            lo = [max(int(b), 0) for b in b_box[0::2]]
-            hi = [int(b) if b > 0 else s for b, s in zip(b_box[1::2], shape)]
-            crop = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))
-        inside = all(b_lo <= (c.start or 0) and min(c.stop, n) <= b_hi
-                     for c, (b_lo, b_hi), n in zip(crop[2:], box, shape))
-        if inside:       # what is returned lies in the blended box: slice it, copy once
-            rel = crop[:2] + tuple(slice(c.start - b_lo, min(c.stop, n) - b_lo)
-                                   for c, (b_lo, _), n in zip(crop[2:], box, shape))
-            out, most = maps[rel].contiguous(), best[rel].contiguous()
-        else:            # a b_box reaching past the blended box: zeros there, as MONAI
-            out = torch.zeros((1, classes, *shape), dtype=torch.float32)
-            out[(slice(None), slice(None)) + tuple(slice(lo, hi) for lo, hi in box)] = maps
-            out = out[crop]
-            most = out.argmax(dim=1, keepdim=True)
+        # The blend's map (classes x pixels: 200 MB for 1000 classes at 224x224)
+        # reuses the memory the query freed rather than faulting in fresh pages
+        # (0.3-0.5 s of a 5.8 s call, measured): one allocator block for both.
+        with reuse_freed_memory():
+            was_training = self.nn_module.training if isinstance(self.nn_module, nn.Module) else None
+            try:
+                result = occlusion(module, x, tuple(mask), step, target="all", baseline=self._fill(x, mask),
+                                   score=score, region=tuple(box),
+                                   progress="on" if self.verbose else "off")[0]
+            finally:
+                if was_training:
+                    self.nn_module.train()
+            weights = _importance(mask, self.mode == "gaussian")
+            starts = [np.asarray(s) - lo for s, (lo, _) in zip(result.starts, box)]
+            blended = torch.from_numpy(_blend(result.maps, starts, weights, size))   # (pixels, classes)
+            classes = blended.shape[1]
+            # the most probable class where the classes lie next to each other in memory
+            best = blended.argmax(dim=1).reshape(1, 1, *size)
+            maps = blended.T.reshape(1, classes, *size)                               # a view, classes first
+            crop = (slice(None), slice(None)) + tuple(slice(lo, hi) for lo, hi in box)
+            if b_box is not None:
+                lo = [max(int(b), 0) for b in b_box[0::2]]
+                hi = [int(b) if b > 0 else s for b, s in zip(b_box[1::2], shape)]
+                crop = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))
+            inside = all(b_lo <= (c.start or 0) and min(c.stop, n) <= b_hi
+                         for c, (b_lo, b_hi), n in zip(crop[2:], box, shape))
+            if inside:       # what is returned lies in the blended box: slice it, copy once
+                rel = crop[:2] + tuple(slice(c.start - b_lo, min(c.stop, n) - b_lo)
+                                       for c, (b_lo, _), n in zip(crop[2:], box, shape))
+                out, most = maps[rel].contiguous(), best[rel].contiguous()
+            else:            # a b_box reaching past the blended box: zeros there, as MONAI
+                out = torch.zeros((1, classes, *shape), dtype=torch.float32)
+                out[(slice(None), slice(None)) + tuple(slice(lo, hi) for lo, hi in box)] = maps
+                out = out[crop]
+                most = out.argmax(dim=1, keepdim=True)
         return out.to(x.device), most.to(x.device)
 
     def _fill(self, x: torch.Tensor, mask: Sequence[int]):
