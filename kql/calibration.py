@@ -167,13 +167,9 @@ class Calibration:
         (``local`` or ``frozen``) at tuned threshold ``tau`` (1: gates alone),
         by default what 80 % of them reached (``quantile=None``: their mean);
         None: not measured."""
-        if not self.gates or mode not in self.gates.get("ssim", {}):
+        i = self._gate_index("ssim", mode, tau)
+        if i is None:
             return None
-        taus = [round(float(t), 9) for t in self.gates["taus"]]
-        key = round(float(tau), 9)
-        if key not in taus:
-            return None
-        i = taus.index(key)
         values = [v[i] for v in self.gates["ssim"][mode].values()]
         return float(np.mean(values) if quantile is None else np.quantile(values, quantile))
 
@@ -202,11 +198,18 @@ class Calibration:
     def gate_share(self, mode: str, tau: float) -> Optional[float]:
         """The work share TUNE's cost model gave gates ``mode`` at ``tau``
         (shown by SHOW CALIBRATIONS; the planner computes it for each query's grid)."""
-        if not self.gates or mode not in self.gates.get("share", {}):
+        i = self._gate_index("share", mode, tau)
+        return None if i is None else float(self.gates["share"][mode][i])
+
+    def _gate_index(self, field: str, mode: str, tau: float) -> Optional[int]:
+        """Where ``tau`` is among the gate measurements' thresholds; None when
+        ``field`` (``ssim`` or ``share``) holds nothing for ``mode`` or ``tau``
+        was not tuned."""
+        if not self.gates or mode not in self.gates.get(field, {}):
             return None
         taus = [round(float(t), 9) for t in self.gates["taus"]]
         key = round(float(tau), 9)
-        return float(self.gates["share"][mode][taus.index(key)]) if key in taus else None
+        return taus.index(key) if key in taus else None
 
     def drilldown_ssim(self, fraction: float, stride_one, stride) -> Optional[float]:
         """Predicted SSIM of Krypton's drill-down with ``fraction`` and stage-one

@@ -31,6 +31,7 @@ sample image bound as a query binding (never pasted into query text).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import glob
 import os
@@ -179,12 +180,12 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
     patch = stmt.patch_for(ndim)
     stride = stmt.stride_for(ndim) or default_stride(patch)
     kind = "volume" if volumes else "image"
-    scan = {"window": stmt.window, "normalize": stmt.normalize, "resample": stmt.resample}
 
     approx_taus = [t for t in taus if t < 1]
     # a model with global (squeeze-and-excitation) gates: gate freezing is measured
     # too, both modes alone (τ 1) and with every tuned τ
-    first = con.plan(_exact_select(stmt, patch, stride), dict(bindings, **{_BOUND: images[0][1]}))
+    base = _exact_select(stmt, patch, stride)
+    first = con.plan(base, dict(bindings, **{_BOUND: images[0][1]}))
     gated = len(gate_sources(first.graph))
     gate_taus = [1.0] + approx_taus             # τ 1: the gates alone, every other region exact
     gate_runs = len(GATE_APPROX) * len(gate_taus) if gated else 0
@@ -198,10 +199,20 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
     maps: dict[str, list] = {}
     trajectories: dict[str, list] = {}
     bar = _bar(total, progress)
+
+    def approx_ssim(run: dict, label: ast.Label, exact_map: np.ndarray, tau: float,
+                    gates: Optional[str] = None) -> float:
+        """The SSIM of the map at threshold ``tau`` (gates ``gates``) against the exact one."""
+        nonlocal done
+        query = dataclasses.replace(base, label=label, mode="approx", approx=ast.Approx("tau", tau), gates=gates)
+        value = heatmap_ssim(exact_map, _heatmap(con, query, run).heatmap)
+        done += 1
+        bar.update(1)
+        return value
+
     try:
         for name, array in images:
             run = dict(bindings, **{_BOUND: array})
-            base = _exact_select(stmt, patch, stride)
             exact = _heatmap(con, base, run)
             done += 1
             bar.update(1)
@@ -224,27 +235,9 @@ def tune(con, stmt: ast.Tune, bindings: Optional[dict] = None, progress: str = "
             if policy.too_small(exact.heatmap.shape) is None:   # replayed on the exact map: no inference
                 trajectories[name] = [list(t) for t in refine.trajectory(policy, exact.heatmap)]
             label = ast.Label("index", exact.label)
-            row = []
-            for tau in taus:
-                if tau >= 1:
-                    row.append(1.0)
-                    continue
-                query = ast.Select(source=base.source, model=stmt.model, weights=stmt.weights, patch=patch,
-                                   stride=stride, color=stmt.color, label=label, mode="approx",
-                                   approx=ast.Approx("tau", tau), **scan)
-                row.append(heatmap_ssim(exact.heatmap, _heatmap(con, query, run).heatmap))
-                done += 1
-                bar.update(1)
+            row = [1.0 if tau >= 1 else approx_ssim(run, label, exact.heatmap, tau) for tau in taus]
             for mode in GATE_APPROX if gated else ():
-                gate_row = []
-                for tau in gate_taus:
-                    query = ast.Select(source=base.source, model=stmt.model, weights=stmt.weights, patch=patch,
-                                       stride=stride, color=stmt.color, label=label, mode="approx",
-                                       approx=ast.Approx("tau", tau), gates=mode, **scan)
-                    gate_row.append(heatmap_ssim(exact.heatmap, _heatmap(con, query, run).heatmap))
-                    done += 1
-                    bar.update(1)
-                gate_ssim[mode][name] = gate_row
+                gate_ssim[mode][name] = [approx_ssim(run, label, exact.heatmap, tau, mode) for tau in gate_taus]
             ssim[name] = row
     except KeyboardInterrupt:
         raise QueryInterrupted(f"TUNE interrupted after {done} of {total} heatmaps; no calibration "
