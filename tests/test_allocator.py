@@ -1,6 +1,6 @@
 """``SET allocator`` and kql.executor.allocator: freed memory is kept for the
-next batch while a query runs and given back when it ends; results do not
-depend on it."""
+next batch while a query runs, and for the next query a few seconds after it,
+then given back; results do not depend on it."""
 from __future__ import annotations
 
 import subprocess
@@ -70,6 +70,7 @@ def test_freed_memory_is_kept_during_a_query_and_given_back_after():
     returned when the block ends."""
     code = textwrap.dedent("""
         import torch
+        from kql.executor import allocator
         from kql.executor.allocator import reuse_freed_memory
         from kql.executor.memory import rss_bytes
         MiB = 2**20
@@ -86,14 +87,17 @@ def test_freed_memory_is_kept_during_a_query_and_given_back_after():
                 t = torch.ones(24 * MiB // 4)
                 del t
             again = rss_bytes() - base
+        between = rss_bytes() - base           # kept for the next query
+        allocator.give_back()
         after = rss_bytes() - base
-        print(kept // MiB, ten // MiB, again // MiB, after // MiB)
+        print(kept // MiB, ten // MiB, again // MiB, between // MiB, after // MiB)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    kept, ten, again, after = figures = [int(v) for v in out.stdout.split()]
+    kept, ten, again, between, after = figures = [int(v) for v in out.stdout.split()]
     assert kept >= 20, figures
     assert again <= ten + 2 and again <= 8 * 24, figures
+    assert between >= 20, figures
     assert after < 8, figures
 
 
@@ -106,6 +110,7 @@ def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
     code = textwrap.dedent("""
         import resource
         import torch
+        from kql.executor import allocator
         from kql.executor.allocator import reuse_freed_memory
         from kql.executor.memory import rss_bytes
         MiB = 2**20
@@ -122,6 +127,7 @@ def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
         with reuse_freed_memory():
             faults(1)
             inside = faults(10)
+        allocator.give_back()
         after = rss_bytes() - base
         print(outside, inside, after // MiB)
     """)
@@ -138,21 +144,26 @@ def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
     assert after < 8, figures
 
 
+class Recorder:
+    """glibc's malloc tuning calls, recorded and passed on."""
+
+    def __init__(self):
+        self.calls, self.libc = [], allocator._glibc()
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return self.libc.mallopt(param, value)
+
+    def malloc_trim(self, pad):
+        self.calls.append(("trim", pad))
+        return self.libc.malloc_trim(pad)
+
+
 @needs_glibc
 def test_nested_and_concurrent_blocks_give_memory_back_once(monkeypatch):
-    calls = []
-    libc = allocator._glibc()
-
-    class Recorder:
-        def mallopt(self, param, value):
-            calls.append(("mallopt", param, value))
-            return libc.mallopt(param, value)
-
-        def malloc_trim(self, pad):
-            calls.append(("trim", pad))
-            return libc.malloc_trim(pad)
-
-    monkeypatch.setattr(allocator, "_libc", Recorder())
+    rec = Recorder()
+    calls = rec.calls
+    monkeypatch.setattr(allocator, "_libc", rec)
     started, release = threading.Barrier(3), threading.Event()
 
     def query():
@@ -172,9 +183,40 @@ def test_nested_and_concurrent_blocks_give_memory_back_once(monkeypatch):
     release.set()
     for t in threads:
         t.join(10)
-    assert calls[3:] == [("mallopt", allocator.M_MMAP_MAX, allocator.MMAP_MAX_DEFAULT),
-                         ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.TRIM_AFTER), ("trim", 0)]
-    assert allocator._running == 0
+    assert calls[3:] == [("mallopt", allocator.M_MMAP_MAX, allocator.MMAP_MAX_DEFAULT)]
+    allocator.give_back()
+    assert calls[4:] == [("mallopt", allocator.M_TRIM_THRESHOLD, allocator.TRIM_AFTER), ("trim", 0)]
+    assert allocator._running == 0 and allocator._timer is None
+
+
+@needs_glibc
+def test_memory_is_given_back_once_no_query_has_run_for_the_keeping_time(monkeypatch):
+    rec = Recorder()
+    monkeypatch.setattr(allocator, "_libc", rec)
+    monkeypatch.setattr(allocator, "KEEP_SECONDS", 0.3)
+    trimmed = ("trim", 0)
+    with allocator.reuse_freed_memory():
+        pass
+    assert trimmed not in rec.calls and allocator._timer is not None
+    with allocator.reuse_freed_memory():     # the next query within the time: nothing given back
+        pass
+    assert trimmed not in rec.calls
+    for _ in range(50):
+        if trimmed in rec.calls:
+            break
+        threading.Event().wait(0.1)
+    assert rec.calls[-2:] == [("mallopt", allocator.M_TRIM_THRESHOLD, allocator.TRIM_AFTER), trimmed]
+    assert rec.calls.count(trimmed) == 1 and allocator._timer is None
+
+
+@needs_glibc
+def test_nothing_is_kept_with_no_keeping_time(monkeypatch):
+    rec = Recorder()
+    monkeypatch.setattr(allocator, "_libc", rec)
+    monkeypatch.setattr(allocator, "KEEP_SECONDS", 0)
+    with allocator.reuse_freed_memory():
+        pass
+    assert rec.calls[-1] == ("trim", 0) and allocator._timer is None
 
 
 def test_disabled_changes_nothing(monkeypatch):
