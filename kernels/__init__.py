@@ -1,4 +1,4 @@
-"""Input-preparation kernels of incremental inference: :func:`gather` and :func:`paste`.
+"""Input-preparation kernels of incremental inference (:func:`gather`, :func:`paste`), and a blend.
 
 Krypton (Nakandala & Kumar, SIGMOD 2019) materializes every layer's output for the
 original image once; for each occlusion position it recomputes only the changed
@@ -15,11 +15,6 @@ pure memory copy, and it is what these kernels do:
   ``(C, H, W)`` and volumes ``(C, D, H, W)`` (3-D CNNs: CT / MRI, video clips), with
   positions and sizes given per axis. Two axes run the 2-D kernels unchanged.
 
-One post-processing kernel: :func:`blend` -- per-window values (classes x windows)
-blended into a classes-first per-pixel map by a sparse weight matrix, with each
-pixel's most probable class (MONAI's occlusion map, ``kql.compat.monai``). Backends
-``torch`` and ``numba`` (:mod:`kql.kernels.blend_cpu`); CPU tensors only.
-
 Backends, all giving identical results (float32 copies, no arithmetic):
 
 =========  ==============================================  ======================
@@ -29,6 +24,11 @@ Backends, all giving identical results (float32 copies, no arithmetic):
 ``auto``   CUDA tensors: ``cuda`` if Numba sees the GPU, else ``torch``;
            CPU tensors: :func:`choose_backend`'s size rule
 =========  ==============================================  ======================
+
+And one post-processing kernel, :func:`blend`: per-window values (classes x windows)
+blended into a classes-first per-pixel map by a sparse weight matrix, with each
+pixel's most probable class (MONAI's occlusion map, ``kql.compat.monai``). Backends
+``torch`` and ``numba`` (:mod:`kql.kernels.blend_cpu`); CPU tensors only.
 
 Every argument is validated up front and a bad one raises ``ValueError`` naming
 it with both values. (Not a :class:`kql.errors.KqlError`: the planner computes

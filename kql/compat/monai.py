@@ -20,8 +20,8 @@ outputs of the windows covering it. Here every window position is one
 position of one incremental plan whose output is every class
 (``kql.occlusion(..., target='all')``); the windows' outputs are then blended
 as MONAI blends them, by one kernel (:func:`kql.kernels.blend`) that writes the
-map and the most probable class in one pass. ``n_batch`` is a memory hint only: the planner sizes
-batches itself.
+map and the most probable class in one pass. ``n_batch`` is a memory hint
+only: the planner sizes batches itself.
 """
 from __future__ import annotations
 
