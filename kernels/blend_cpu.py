@@ -17,8 +17,11 @@ Design, for a thousand classes at 224x224 (a 200 MB map, MONAI's
   float32 from zero -- so the sums are bit for bit those of ``placed @ values``.
 * The most probable class is a scan of the pixel's row while it is in cache;
   then the block is written transposed into the classes-first output, one run
-  of the chunk's pixels per class. Writing the 200 MB once is most of the
-  cost (``docs/performance.md``, MONAI drop-in).
+  of the chunk's pixels per class, so the 200 MB are written once and never
+  read back. At 224x224, 729 windows, 1000 classes, 2 cores: ~50 ms (the
+  sums ~10, the argmax ~15, the transposed writes the rest), where scipy's
+  product, torch's argmax and a transposing copy took ~0.25 s
+  (``docs/performance.md``, MONAI drop-in).
 
 Arguments are trusted: :mod:`kql.kernels` validates them first. The kernel is
 compiled on first use and cached on disk (``cache=True``).
