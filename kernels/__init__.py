@@ -1,4 +1,4 @@
-"""Input-preparation kernels of incremental inference: :func:`gather` and :func:`paste`.
+"""Input-preparation kernels of incremental inference (:func:`gather`, :func:`paste`), and a blend.
 
 Krypton (Nakandala & Kumar, SIGMOD 2019) materializes every layer's output for the
 original image once; for each occlusion position it recomputes only the changed
@@ -25,6 +25,11 @@ Backends, all giving identical results (float32 copies, no arithmetic):
            CPU tensors: :func:`choose_backend`'s size rule
 =========  ==============================================  ======================
 
+And one post-processing kernel, :func:`blend`: per-window values (classes x windows)
+blended into a classes-first per-pixel map by a sparse weight matrix, with each
+pixel's most probable class (MONAI's occlusion map, ``kql.compat.monai``). Backends
+``torch`` and ``numba`` (:mod:`kql.kernels.blend_cpu`); CPU tensors only.
+
 Every argument is validated up front and a bad one raises ``ValueError`` naming
 it with both values. (Not a :class:`kql.errors.KqlError`: the planner computes
 these arguments, so a bad one is a bug in KQL, not a user mistake.)
@@ -40,7 +45,7 @@ import torch
 
 from . import reference
 
-__all__ = ["gather", "paste", "gather_nd", "paste_nd", "available_backends", "auto_backend",
+__all__ = ["gather", "paste", "gather_nd", "paste_nd", "blend", "available_backends", "auto_backend",
            "choose_backend", "numba_min_cells", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "numba", "cuda")
@@ -282,6 +287,67 @@ def _paste(name, base, patch, patch_starts, out):
     return gather_cuda.paste_nd(base, patch, patch_starts, out)
 
 
+def blend(values, indptr, indices, weights, *, backend="auto", out=None):
+    """Per-window values blended per pixel, classes first, and each pixel's most probable class.
+
+    Args:
+        values: float32 CPU tensor ``(K, W)``, ``K >= 1`` classes by ``W`` windows
+            (any strides).
+        indptr, indices, weights: the CSR form of the ``(P, W)`` blend matrix ``A``
+            (pixels x windows): integer ``(P + 1,)`` starting at 0, non-decreasing,
+            ending at ``nnz``; integer ``(nnz,)`` in ``[0, W)``; float32 ``(nnz,)``.
+            Tensors or numpy arrays (e.g. a ``scipy.sparse.csr_matrix``'s).
+        backend: ``"auto"`` (``"numba"`` when available), ``"torch"`` or ``"numba"``.
+        out: optional contiguous float32 CPU tensor ``(K, P)`` to write into.
+
+    Returns:
+        ``(out, best)``: ``out[k, p] = sum_j A[p, j] * values[k, j]`` (float32,
+        summed from zero in CSR order on ``numba``, as ``scipy.sparse`` does) and
+        ``best[p] = out[:, p].argmax()`` (int64 ``(P,)``, as ``torch.argmax``: the
+        first maximum, a NaN counting as the maximum). A pixel without windows
+        gets zeros and class 0.
+
+    Raises:
+        ValueError: an argument of the wrong type, shape, dtype or device, a CSR
+            matrix that is not one, or a backend that is unknown or unavailable.
+
+    >>> blend(torch.tensor([[1., 3.], [2., 2.]]), [0, 1, 3], [0, 0, 1],
+    ...       torch.tensor([1., .5, .5]), backend="torch")
+    (tensor([[1., 2.],
+            [2., 2.]]), tensor([1, 0]))
+    """
+    values = _as_cpu_tensor("values", values)
+    if values.dim() != 2 or values.shape[0] < 1 or values.dtype != torch.float32:
+        raise ValueError(f"values must be float32 (K, W) with K >= 1 classes, got "
+                         f"{values.dtype} {tuple(values.shape)}")
+    indptr = _positions("indptr", indptr).cpu()
+    if indptr.shape[0] < 1:
+        raise ValueError("indptr must have P + 1 >= 1 entries")
+    indices = _positions("indices", indices).cpu()
+    weights = _as_cpu_tensor("weights", weights)
+    nnz = indices.shape[0]
+    if weights.dtype != torch.float32 or tuple(weights.shape) != (nnz,):
+        raise ValueError(f"weights must be float32 ({nnz},) like indices, got {weights.dtype} "
+                         f"{tuple(weights.shape)}")
+    if indptr[0] != 0 or indptr[-1] != nnz or bool((indptr.diff() < 0).any()):
+        raise ValueError(f"indptr must start at 0, never decrease and end at nnz = {nnz}, got "
+                         f"{indptr[0].item()} ... {indptr[-1].item()}")
+    if nnz and (indices.min() < 0 or indices.max() >= values.shape[1]):
+        raise ValueError(f"indices must lie in [0, {values.shape[1]}) (values' windows), got "
+                         f"[{indices.min().item()}, {indices.max().item()}]")
+    _check_out(out, (values.shape[0], indptr.shape[0] - 1), values)
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"unknown backend {backend!r} for blend: choose auto, torch or numba")
+    if backend == "auto":
+        backend = "numba" if "numba" in available_backends() else "torch"
+    if backend == "torch":
+        return reference.blend(values, indptr, indices, weights, out)
+    if "numba" not in available_backends():
+        raise ValueError("backend 'numba' is not available here (available: torch)")
+    from . import blend_cpu
+    return blend_cpu.blend(values, indptr, indices, weights, out)
+
+
 @functools.cache
 def available_backends() -> list[str]:
     """Backends usable in this process, ``"torch"`` first (``"auto"`` not listed).
@@ -414,6 +480,17 @@ def _check_out(out, shape, base):
         raise ValueError(f"out is on {out.device} but base is on {base.device}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous: the kernels write it in place")
+
+
+def _as_cpu_tensor(name, value):
+    """A CPU tensor from a tensor or numpy array (zero copy), for :func:`blend`."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch tensor or numpy array, got {type(value).__name__}")
+    if value.device.type != "cpu":
+        raise ValueError(f"{name} is on {value.device}: blend runs on the CPU")
+    return value.detach()
 
 
 def _positions(name, value, B=None, batch_from=None):

@@ -1,4 +1,5 @@
-"""Torch implementations of the two input-preparation kernels (the oracle and fallback).
+"""Torch implementations of the kernels (the oracle and fallback): the two input-preparation
+kernels and the blend of per-window values into a per-pixel map.
 
 Incremental inference (Krypton, Algorithm 1 and INCREMENTALTOFULLPROJECTION) reads,
 for each occlusion position of a batch, a window of the layer's materialized input
@@ -28,6 +29,10 @@ strategies produce identical results:
 :func:`gather_nd` / :func:`paste_nd` (and their two strategies) do the same for a
 base with any number of spatial axes, e.g. a volume ``(C, D, H, W)``.
 
+:func:`blend` is post-processing, not input preparation: every pixel's value per
+class as a weighted sum of the windows covering it (a sparse product), classes
+first, with the most probable class per pixel -- MONAI's occlusion map.
+
 Arguments are trusted: :mod:`kql.kernels` validates them before calling in.
 Positions are int64 tensors of shape ``(B,)`` on any device; the result is a new
 contiguous float32 tensor, or ``out`` when given. Being torch ops, these are
@@ -41,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["gather", "paste", "gather_vectorised", "gather_looped", "gather_nd", "paste_nd",
-           "gather_vectorised_nd", "gather_looped_nd"]
+           "gather_vectorised_nd", "gather_looped_nd", "blend"]
 
 
 def gather(base, win_y0, win_x0, win_h, win_w, patch=None, patch_y0=None, patch_x0=None,
@@ -323,3 +328,28 @@ def _overlay_vectorised_nd(out, starts, patch, patch_starts):
     flat = flat.expand([B, 1, *Wn]).reshape(B, 1, cells)
     from_patch = patch.reshape(B, C, -1).gather(2, flat.expand(B, C, cells)).view(out.shape)
     torch.where(covered, from_patch, out, out=out)
+
+
+def blend(values, indptr, indices, weights, out=None):
+    """Per-window values blended per pixel, classes first, and each pixel's most probable class.
+
+    ``values`` is float32 ``(K, W)`` (classes x windows); ``indptr`` ``(P + 1,)``,
+    ``indices`` and ``weights`` ``(nnz,)`` a CSR matrix ``A`` of ``(P, W)``
+    (pixels x windows). Returns ``(out, best)``: ``out[k, p] = sum_j A[p, j] *
+    values[k, j]`` ``(K, P)`` (``out`` when given) and ``best = out.argmax(0)``
+    ``(P,)`` int64: the first maximum, a NaN counting as the maximum.
+
+    >>> blend(torch.tensor([[1., 3.], [2., 2.]]), torch.tensor([0, 1, 3]),
+    ...       torch.tensor([0, 0, 1]), torch.tensor([1., .5, .5]))
+    (tensor([[1., 2.],
+            [2., 2.]]), tensor([1, 0]))
+    """
+    P = indptr.shape[0] - 1
+    rows = torch.repeat_interleave(torch.arange(P, device=indptr.device), indptr.diff())
+    matrix = torch.sparse_coo_tensor(torch.stack([rows, indices]), weights, (P, values.shape[1]),
+                                     check_invariants=True)
+    blended = torch.sparse.mm(matrix, values.T).T
+    if out is None:
+        out = torch.empty_like(blended)
+    out.copy_(blended)
+    return out, out.argmax(0)

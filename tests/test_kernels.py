@@ -683,3 +683,124 @@ def test_auto_on_a_large_volume():
     got = K.gather_nd(base, starts, (6, 6, 6), backend="auto")
     np.testing.assert_array_equal(got.numpy(), naive_gather_nd(base.numpy(), [s.tolist() for s in starts],
                                                                 (6, 6, 6)))
+
+
+# ================================================================ blend
+# Per-window values (classes x windows) blended per pixel, classes first, with the most
+# probable class: MONAI's occlusion map. Oracle: each window's weights added to its box
+# of a dense float64 grid in plain torch, every pixel divided by its total weight.
+
+def blend_case(grid, window, stride, K, seed):
+    """Windows of ``window`` every ``stride`` over ``grid`` (the last ones may hang past
+    it), Gaussian-like weights, random values with two tied classes and NaNs. Returns the
+    float32 values (K, W), the row-normalised CSR matrix (pixels x windows) and the dense
+    float64 oracle (K, pixels); pixels no window covers (gaps, far edges) stay 0."""
+    gen = torch.Generator().manual_seed(seed)
+    axes = [range(0, g - w // 2, s) for g, w, s in zip(grid, window, stride)]
+    corners = list(itertools.product(*axes))
+    weight = torch.rand(window, generator=gen, dtype=torch.float64) + 0.1
+    values = torch.rand(K, len(corners), generator=gen)
+    values[4] = values[1] = values[1] + 1.0          # classes 1 and 4 tie as the maximum: 1 wins
+    values[2, 0] = values[6, 0] = float("nan")       # window 0's pixels: NaN in 2 and 6, the first NaN wins
+    values[0, -1] = float("-inf")
+    dense = torch.zeros(math.prod(grid), len(corners), dtype=torch.float64)   # pixels x windows
+    for n, c in enumerate(corners):
+        box = torch.zeros(grid, dtype=torch.float64)
+        src = tuple(slice(0, min(w, g - a)) for a, w, g in zip(c, window, grid))
+        box[tuple(slice(a, a + w) for a, w in zip(c, window))] = weight[src]
+        dense[:, n] = box.reshape(-1)
+    total = dense.sum(1, keepdim=True)
+    dense = torch.where(total > 0, dense / total.clamp(min=1e-300), dense)
+    import scipy.sparse as sp
+    placed = sp.csr_matrix(dense.float().numpy())
+    want = torch.zeros(K, len(dense), dtype=torch.float64)
+    for n in range(len(corners)):          # only where the window lies: 0 * NaN is no term
+        at = dense[:, n] > 0
+        want[:, at] += values[:, n, None].double() * dense[at, n]
+    return values, placed, want
+
+
+BLEND_CASES = [((13, 17), (5, 3), (3, 2), 9), ((1, 31), (1, 4), (1, 6), 8),
+               ((5, 7, 9), (3, 3, 5), (2, 3, 3), 10), ((4, 6, 3), (2, 5, 3), (1, 2, 2), 7)]
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("grid,window,stride,K", BLEND_CASES)
+def test_blend_matches_oracle(grid, window, stride, K, backend):
+    values, placed, want = blend_case(grid, window, stride, K, seed=len(grid) + K)
+    got, best = K_blend(values, placed, backend)
+    assert got.shape == (K, math.prod(grid)) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2e-6, atol=1e-6)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert best.dtype == torch.int64 and torch.equal(best, want.argmax(0))
+    covered = torch.from_numpy(np.diff(placed.indptr) > 0)
+    nan = torch.isnan(got).any(0)
+    assert torch.equal(best[covered & ~nan].unique(), torch.tensor([1]))      # the tie's first
+    assert (best[nan] == 2).all()                                             # the first NaN
+    assert (got[:, ~covered] == 0).all() and (best[~covered] == 0).all()
+    assert (~covered).any() or stride[-1] <= window[-1]     # gaps between windows: pixels of none
+
+
+def K_blend(values, placed, backend, **kw):
+    return K.blend(values, placed.indptr, placed.indices, placed.data, backend=backend, **kw)
+
+
+def test_blend_sums_as_scipy_does_bit_for_bit():
+    """numba sums each pixel from zero, window by window in CSR order, in float32: the
+    sums of scipy's ``placed @ values`` (what the MONAI drop-in computed before)."""
+    values, placed, _ = blend_case((23, 19), (6, 4), (3, 3), 50, seed=3)
+    values = values.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    got, best = K_blend(values, placed, "numba")
+    want = torch.from_numpy(np.asarray(placed @ values.T.contiguous().numpy()))
+    assert torch.equal(got, want.T) and torch.equal(best, want.argmax(1))
+
+
+def test_blend_argmax_as_torch_on_many_classes():
+    """The first maximum and the first NaN over a thousand classes, all ties."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 3, (1000, 40), generator=gen).float()       # ties everywhere
+    values[700:, 5] = float("nan")
+    values[900, 6] = float("nan")
+    import scipy.sparse as sp
+    placed = sp.random(257, 40, density=0.1, random_state=1, format="csr", dtype=np.float32)
+    got, best = K_blend(values, placed, "numba")
+    assert torch.equal(best, got.argmax(0))
+    assert torch.equal(best, K_blend(values, placed, "torch")[0].argmax(0))
+
+
+def test_blend_writes_into_out_and_takes_any_values_strides():
+    values, placed, want = blend_case((9, 8), (3, 3), (2, 2), 7, seed=5)
+    out = torch.full((7, 72), 7.0)
+    got, _ = K_blend(values.T.contiguous().T, placed, "numba", out=out)
+    assert got is out
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=2e-6, atol=1e-6)
+
+
+def test_blend_without_pixels():
+    got, best = K.blend(torch.ones(3, 2), [0], torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                        backend="numba")
+    assert got.shape == (3, 0) and best.shape == (0,)
+
+
+BAD_BLEND = [
+    (dict(values=torch.zeros(3, 4, dtype=torch.float64)), "values must be float32 (K, W) with K >= 1 "
+                                                          "classes, got torch.float64 (3, 4)"),
+    (dict(values=torch.zeros(0, 4)),
+     "values must be float32 (K, W) with K >= 1 classes, got torch.float32 (0, 4)"),
+    (dict(values=[[1.0]]), "values must be a torch tensor or numpy array, got list"),
+    (dict(indptr=[0, 2, 1]), "indptr must start at 0, never decrease and end at nnz = 2, got 0 ... 1"),
+    (dict(indptr=[0, 1, 3]), "indptr must start at 0, never decrease and end at nnz = 2, got 0 ... 3"),
+    (dict(indices=[0, 4]), "indices must lie in [0, 4) (values' windows), got [0, 4]"),
+    (dict(indices=[-1, 2]), "indices must lie in [0, 4) (values' windows), got [-1, 2]"),
+    (dict(weights=torch.zeros(3)), "weights must be float32 (2,) like indices, got torch.float32 (3,)"),
+    (dict(out=torch.zeros(3, 3)), "out must have shape (3, 2), got (3, 3)"),
+    (dict(backend="cuda"), "unknown backend 'cuda' for blend: choose auto, torch or numba"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_BLEND, ids=[m[:40] for _, m in BAD_BLEND])
+def test_blend_rejects(change, message):
+    a = dict(values=torch.zeros(3, 4), indptr=[0, 1, 2], indices=[0, 3], weights=torch.ones(2))
+    with pytest.raises(ValueError) as err:
+        K.blend(**{**a, **change})
+    assert str(err.value) == message
