@@ -98,7 +98,8 @@ def batch_hook(hook: Callable[[int, int], None]):
 
 
 def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = "auto",
-                desc: str = "positions", plan=None) -> float:
+                desc: str = "positions", plan=None, bar=None, before: int = 0,
+                total: Optional[int] = None) -> float:
     """Call ``step`` for consecutive slices of ``range(n)`` (see :func:`batches`)
     with a progress bar.
 
@@ -108,15 +109,23 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
     and becomes an :class:`ExecutionError` naming the model (see
     :func:`model_failed`). A :func:`batch_hook` in force sees every batch and
     may cancel between them.
+
+    One call may be one round of a longer loop (refinement runs one per
+    stage): ``bar`` is that loop's progress bar, advanced here instead of a
+    bar of this call's own, and ``before`` of ``total`` positions were done
+    before this call, so the hook sees ``(before + done, total)`` and is
+    called before the first batch only when nothing is done yet.
     """
     slices = list(batches(n, size))
     hook = _BATCH_HOOK.get()
+    total = n if total is None else total
     start = time.perf_counter()
     done = 0
     try:
-        if hook is not None:
-            hook(0, n)
-        with progress_bar(n, progress, desc, "pos", steps=len(slices)) as bar:
+        if hook is not None and before == 0:
+            hook(0, total)
+        with (progress_bar(n, progress, desc, "pos", steps=len(slices)) if bar is None
+              else contextlib.nullcontext(bar)) as bar:
             for sl in slices:
                 try:
                     step(sl)
@@ -129,9 +138,10 @@ def run_batches(n: int, size, step: Callable[[slice], None], *, progress: str = 
                 done = sl.stop
                 bar.update(sl.stop - sl.start)
                 if hook is not None:
-                    hook(done, n)
+                    hook(before + done, total)
     except KeyboardInterrupt:
-        raise QueryInterrupted(f"interrupted after {done} of {n} positions; nothing was written") from None
+        raise QueryInterrupted(f"interrupted after {before + done} of {total} positions; "
+                               f"nothing was written") from None
     return time.perf_counter() - start
 
 

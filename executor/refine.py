@@ -10,9 +10,11 @@ back to the policy, which decides what comes next and when to stop.
 
 Progress: one bar over the grid's positions whose description carries the
 current stage and estimated SSIM (it usually stops before the end: the
-positions refinement did not need). A :func:`~kql.executor.common.batch_hook`
-sees ``(done, grid size)`` after every batch and may cancel; Ctrl-C raises
-:class:`~kql.errors.QueryInterrupted` saying how far refinement got.
+positions refinement did not need). Each stage's batches go through
+:func:`~kql.executor.common.run_batches`, so a
+:func:`~kql.executor.common.batch_hook` sees ``(done, grid size)`` after every
+batch and may cancel; Ctrl-C raises :class:`~kql.errors.QueryInterrupted`
+saying how far refinement got.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import time
 import numpy as np
 import torch
 
-from kql.errors import KqlError, QueryInterrupted
-from kql.executor.common import _BATCH_HOOK, model_failed, progress_bar
+from kql.errors import QueryInterrupted
+from kql.executor.common import progress_bar, run_batches
 
 
 def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
@@ -39,14 +41,11 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
     regions = plan.regions
     if regions is None:
         regions = propagate(plan.graph, Rects.from_patches(*plan.positions(), plan.patch), None)
-    hook = _BATCH_HOOK.get()
     bar = progress_bar(n, progress, "refining", "pos")
     state = policy.start(shape, plan.batch_size)
     done = 0
     stage = "lattice"
     try:
-        if hook is not None:
-            hook(0, n)
         with torch.inference_mode():
             runner = IncrementalRunner(plan, model, regions, frozenset(plan.full_layers or ()),
                                        plan.gather_backend)
@@ -54,23 +53,19 @@ def occlusion_probabilities(plan, model, label: int, progress: str = "auto"):
             while len(todo):
                 order, bounds = policy.batches(plan, todo)
                 values = np.full(n, np.nan)
-                for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                    idx = order[a:b]
-                    try:
-                        values[idx] = runner.run(idx, label)
-                    except (KqlError, KeyboardInterrupt):
-                        raise
-                    except Exception as e:
-                        raise model_failed(plan, e, len(idx)) from e
+
+                def step(sl: slice) -> None:
+                    nonlocal done
+                    idx = order[sl]
+                    values[idx] = runner.run(idx, label)
                     done += len(idx)
-                    bar.update(len(idx))
-                    if hook is not None:
-                        hook(done, n)
+
+                run_batches(len(order), bounds, step, plan=plan, bar=bar, before=done, total=n)
                 policy.update(state, todo, values[todo], stage)
                 bar.set_description(f"refining (est. SSIM {state.estimated_ssim:.3f})")
                 stage = "refine"
                 todo = policy.next(state)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # also run_batches' QueryInterrupted, which says less
         raise QueryInterrupted(f"interrupted during refinement after {done} of {n} positions "
                                f"(estimated SSIM {state.estimated_ssim:.3f}); nothing was written") from None
     finally:

@@ -37,6 +37,23 @@ def test_hook_of_array_bounds_counts_positions():
     assert seen == [0, 3, 7]
 
 
+def test_rounds_of_a_longer_loop_report_against_its_total():
+    """Refinement runs one run_batches per stage over one bar: the hook counts
+    the whole loop's positions and sees 0 once."""
+    seen = []
+    with batch_hook(lambda done, total: seen.append((done, total))):
+        run_batches(4, 2, lambda sl: None, progress="off", before=0, total=10)
+        run_batches(6, 3, lambda sl: None, progress="off", before=4, total=10)
+    assert seen == [(0, 10), (2, 10), (4, 10), (7, 10), (10, 10)]
+
+    def stop(done, total):
+        if done > 4:
+            raise KeyboardInterrupt
+    with batch_hook(stop), pytest.raises(kql.QueryInterrupted) as info:
+        run_batches(6, 3, lambda sl: None, progress="off", before=4, total=10)
+    assert str(info.value) == "interrupted after 7 of 10 positions; nothing was written"
+
+
 @pytest.mark.parametrize("mode", ["NAIVE", "EXACT"])
 def test_hook_sees_both_executors(mode):
     con = kql.connect(progress="off")

@@ -14,7 +14,7 @@ import pytest
 
 import kql
 from kql import calibration
-from kql.errors import QueryInterrupted
+from kql.errors import ExecutionError, QueryInterrupted
 from kql.executor.common import batch_hook
 from kql.planner import refine
 from kql.planner.candidates import enumerate_plans
@@ -250,6 +250,19 @@ def test_ctrl_c_during_refinement(con, error):
             raise error("stop")
     with batch_hook(hook), pytest.raises(QueryInterrupted, match=r"^interrupted during refinement after \d+ "
                                                                   r"of 900 positions"):
+        con.execute(f"{Q} APPROX SSIM 0.9", img=img, net=net)
+
+
+def test_a_model_failing_during_refinement_is_named(con, monkeypatch):
+    from kql.executor.incremental import IncrementalRunner
+    net, img = _net(), _image()
+    calibration.save(_calibration(net))
+
+    def fail(self, idx, label):
+        raise RuntimeError("shapes do not match\nsecond line")
+    monkeypatch.setattr(IncrementalRunner, "run", fail)
+    with pytest.raises(ExecutionError, match=r"^model 'net' failed on a batch of \d+ occluded images: "
+                                             r"RuntimeError: shapes do not match( \(|$)"):
         con.execute(f"{Q} APPROX SSIM 0.9", img=img, net=net)
 
 
