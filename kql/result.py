@@ -250,10 +250,12 @@ class HeatmapResult:
         """This result restricted to one of its labels (a class index)."""
         import dataclasses
         i = self._index(label)
-        return dataclasses.replace(self, heatmap=self.maps[i], label=self.labels[i],
-                                   label_name=self.label_names[i], p_original=float(self.originals[i]),
-                                   maps=None, labels=None, label_names=None, originals=None,
-                                   warnings=list(self.warnings))
+        one = dataclasses.replace(self, heatmap=self.maps[i], label=self.labels[i],
+                                  label_name=self.label_names[i], p_original=float(self.originals[i]),
+                                  maps=None, labels=None, label_names=None, originals=None,
+                                  warnings=list(self.warnings))
+        one._coverage_count = self._coverage_cache()   # same grid, patch and image: same count
+        return one
 
     def _index(self, label: int) -> int:
         try:
@@ -314,27 +316,50 @@ class HeatmapResult:
     def _pixel_mean(self, grid: np.ndarray) -> np.ndarray:
         """Per pixel, the float64 mean of ``grid`` (rows x cols) over the
         positions whose patch covers it; NaN where none does."""
+        total = self._spread(np.asarray(grid, dtype=np.float64))
+        count = self._coverage()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    def _coverage(self) -> np.ndarray:
+        """Per pixel, how many patches cover it (read-only float64).
+
+        It depends on the grid, the patch and the input's shape, not on any
+        map's values, so it is computed once for a result and the results
+        :meth:`select` derives from it (LABEL ALL: a thousand maps, one
+        count). The key it is kept with notices a changed grid, patch or image.
+        """
+        key = (self.voxel_shape, self.patch, tuple(s.tobytes() for s in self.starts))
+        cache = self._coverage_cache()
+        if cache.get("key") != key:
+            # Prefix sums leave tiny residues (~1e-16) in uncovered pixels: round counts.
+            count = np.rint(self._spread(np.ones(tuple(len(s) for s in self.starts))))
+            count.flags.writeable = False
+            cache.clear()
+            cache.update(key=key, count=count)
+        return cache["count"]
+
+    def _coverage_cache(self) -> dict:
+        """The dict :meth:`_coverage` keeps its count in: an attribute, not a
+        field (no part of equality or repr), shared with :meth:`select`'s results."""
+        if not hasattr(self, "_coverage_count"):
+            self._coverage_count = {}
+        return self._coverage_count
+
+    def _spread(self, weights: np.ndarray) -> np.ndarray:
+        """Per pixel, the float64 sum of ``weights`` (one per grid position)
+        over the positions whose patch covers it, by N-D prefix sums."""
         shape = self.voxel_shape
         # Clip patches to the input; a patch wholly outside contributes nothing.
         first = [np.clip(s, 0, n) for s, n in zip(self.starts, shape)]
         past = [np.clip(s + p, 0, n) for s, p, n in zip(self.starts, self.patch, shape)]
-        values = np.asarray(grid, dtype=np.float64)
-
-        def spread(weights: np.ndarray) -> np.ndarray:
-            acc = np.zeros([n + 1 for n in shape], dtype=np.float64)
-            for corner in itertools.product((0, 1), repeat=len(shape)):
-                at = np.meshgrid(*[(past if c else first)[a] for a, c in enumerate(corner)], indexing="ij")
-                np.add.at(acc, tuple(at), -weights if sum(corner) % 2 else weights)
-            for axis in range(len(shape)):
-                acc = acc.cumsum(axis=axis)
-            return acc[tuple(slice(0, n) for n in shape)]
-
-        total = spread(values)
-        count = spread(np.ones_like(values))
-        # Prefix sums leave tiny residues (~1e-16) in uncovered pixels: round counts.
-        count = np.rint(count)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        acc = np.zeros([n + 1 for n in shape], dtype=np.float64)
+        for corner in itertools.product((0, 1), repeat=len(shape)):
+            at = np.meshgrid(*[(past if c else first)[a] for a, c in enumerate(corner)], indexing="ij")
+            np.add.at(acc, tuple(at), -weights if sum(corner) % 2 else weights)
+        for axis in range(len(shape)):
+            acc = acc.cumsum(axis=axis)
+        return acc[tuple(slice(0, n) for n in shape)]
 
     # -- output ---------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:

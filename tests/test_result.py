@@ -70,6 +70,27 @@ def test_pixel_map_matches_slow_reference(H, W, patch, stride, region):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+def test_coverage_is_counted_once_for_all_labels_and_follows_a_changed_grid(monkeypatch):
+    """The count of patches over each pixel depends only on the grid, the
+    patch and the image: every label's map (and select's results) shares it."""
+    rng = np.random.default_rng(1)
+    one = make(20, 24, (5, 4), (3, 5))
+    maps = rng.random((6, *one.heatmap.shape)).astype(np.float32)
+    res = make(20, 24, (5, 4), (3, 5), maps=maps, labels=[3, 1, 4, 5, 9, 2], label_names=None,
+               originals=rng.random(6).astype(np.float32))
+    spread, calls = HeatmapResult._spread, []
+    monkeypatch.setattr(HeatmapResult, "_spread", lambda self, w: calls.append(1) or spread(self, w))
+    for i, label in enumerate(res.labels):
+        want = float(res.originals[i]) - slow_pixel_map(res.select(label))
+        np.testing.assert_allclose(res.attribution(label), want, rtol=1e-5, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(res.select(label).pixel_map(), slow_pixel_map(res.select(label)),
+                                   rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert len(calls) == 1 + 2 * len(res.labels)   # one count, one sum per map
+    res.patch = (6, 6)                              # a changed patch is a new count
+    np.testing.assert_allclose(res.pixel_map(), slow_pixel_map(res), rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert len(calls) == 1 + 2 * len(res.labels) + 2
+
+
 def test_pixel_map_region_is_nan_outside():
     res = make(30, 31, (5, 7), (2, 3), Region(4, 6, 25, 21))
     pm = res.pixel_map()
