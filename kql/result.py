@@ -471,7 +471,7 @@ class HeatmapResult:
         from matplotlib.figure import Figure
 
         scan = np.clip(self.scan, 0.0, 1.0)
-        spacing = self._model_spacing()
+        spacing = getattr(self.image, "spacing", (1.0, 1.0, 1.0))   # a ScanView's, on the model's grid
         n = min(len(self.labels), MAX_VOLUME_ROWS)
         fig = Figure(figsize=(12.5, 4.2 * n), layout="constrained")
         FigureCanvasAgg(fig)
@@ -511,15 +511,6 @@ class HeatmapResult:
         if len(self.labels) > n:
             fig.suptitle(f"the first {n} of {len(self.labels)} labels")
         return fig
-
-    def _model_spacing(self) -> tuple[float, float, float]:
-        """Voxel size (mm) per axis on the model's grid, for the slices' aspect."""
-        affine = getattr(self.image, "affine", None)
-        original = getattr(self.image, "original_shape", None)
-        if affine is None or original is None:
-            return (1.0, 1.0, 1.0)
-        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-        return tuple(float(s * o / n) for s, o, n in zip(spacing, original, self.voxel_shape))
 
     def _figure(self):
         """The PNG figure (object-oriented matplotlib: no pyplot global state):

@@ -116,6 +116,18 @@ def test_window_resample_and_colours_in_scan_units():
     assert spec.fill_value(Color("gray"), view).tolist() == pytest.approx([0.5])
 
 
+def test_voxel_spacing_on_the_model_grid():
+    """The slices' aspect: the source's voxel size stretched by RESAMPLE; 1
+    without an affine (a .npy or a bound array)."""
+    spec = spec_from_module("net", net3d())
+    vol = Volume(np.zeros((1, 8, 16, 32), np.float32), np.diag([1.2, 1.5, 2.0, 1.0]))
+    assert vol.spacing == pytest.approx((1.2, 1.5, 2.0))
+    _, view = preprocess_volume(vol, spec, resample=(16,))
+    assert view.spacing == pytest.approx((1.2 * 8 / 16, 1.5, 2.0 * 32 / 16))
+    _, view = preprocess_volume(Volume(vol.data), spec, resample=(16,))
+    assert view.spacing == (1.0, 1.0, 1.0) and Volume(vol.data).spacing == (1.0, 1.0, 1.0)
+
+
 @pytest.mark.parametrize("normalize, check", [
     ("zscore", lambda x: abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3),
     ("minmax", lambda x: float(x.min()) == 0 and abs(float(x.max()) - 1) < 1e-6),

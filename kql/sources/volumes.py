@@ -77,12 +77,23 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size per axis (mm) from the affine; 1 without one."""
-        if self.affine is None:
-            return (1.0, 1.0, 1.0)
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return voxel_spacing(self.affine)
 
     def __repr__(self) -> str:
         return f"<Volume {self.description} {size_text(self.data.shape)}>"
+
+
+def voxel_spacing(affine: Optional[np.ndarray]) -> tuple[float, float, float]:
+    """Voxel size per axis (mm) of a 4x4 voxel-to-world matrix: the lengths
+    of its first three columns (a voxel step along each axis, in the world);
+    1 without an affine.
+
+    >>> voxel_spacing(np.diag([1.5, 2.0, 3.0, 1.0]))
+    (1.5, 2.0, 3.0)
+    """
+    if affine is None:
+        return (1.0, 1.0, 1.0)
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
 def is_volume_path(path: Union[str, os.PathLike]) -> bool:
@@ -314,6 +325,14 @@ class ScanView:
     @property
     def resampled(self) -> bool:
         return self.shape != tuple(self.original_shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) per axis on the model's grid (the source's,
+        stretched by RESAMPLE); 1 without an affine."""
+        if self.affine is None:   # no size in the world: the model's voxels are shown square
+            return (1.0, 1.0, 1.0)
+        return tuple(s * o / n for s, o, n in zip(voxel_spacing(self.affine), self.original_shape, self.shape))
 
 
 def _stats(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
