@@ -104,6 +104,14 @@ def fmnist_se_cnn() -> nn.Sequential:
 ARCHITECTURES = {"cnn": (fmnist_cnn, FMNIST_RECIPE), "se": (fmnist_se_cnn, FMNIST_SE_RECIPE)}
 
 
+def _architecture(name: str):
+    """``(build, recipe)`` of a name in :data:`ARCHITECTURES`, checked once
+    for every function that takes ``architecture``."""
+    if name not in ARCHITECTURES:
+        raise PlanError(f"unknown Fashion-MNIST architecture {name!r}: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
 def fmnist_input(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """uint8 images ``(N, 28, 28)`` as the network's float32 input ``(N, 1, 28, 28)``.
 
@@ -161,11 +169,10 @@ def train_fmnist(*, epochs: float = 1.0, batch_size: int = 64, seed: int = 0, th
         PlanError: the data set is not installed (the message names the apt
             package), or an argument is out of range.
     """
-    if architecture not in ARCHITECTURES:
-        raise PlanError(f"unknown Fashion-MNIST architecture {architecture!r}: {', '.join(ARCHITECTURES)}")
+    build, _ = _architecture(architecture)
     images, labels = load_fashion_mnist("train", root)
     x_all = torch.from_numpy(images)
-    return _train("train_fmnist", ARCHITECTURES[architecture][0], lambda idx: fmnist_input(x_all[idx]), labels,
+    return _train("train_fmnist", build, lambda idx: fmnist_input(x_all[idx]), labels,
                   epochs=epochs, batch_size=batch_size, seed=seed, threads=threads, max_lr=max_lr)
 
 
@@ -242,9 +249,7 @@ def trained_fmnist_net(cache_dir: Union[str, os.PathLike], *, threads: int = 1,
     Returns:
         A new network in eval mode on every call (callers may change it freely).
     """
-    if architecture not in ARCHITECTURES:
-        raise PlanError(f"unknown Fashion-MNIST architecture {architecture!r}: {', '.join(ARCHITECTURES)}")
-    make, recipe = ARCHITECTURES[architecture]
+    make, recipe = _architecture(architecture)
     return _cached(Path(cache_dir) / f"fmnist_{recipe}", make,
                    lambda: train_fmnist(threads=threads, root=root, architecture=architecture))
 

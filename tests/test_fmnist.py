@@ -142,6 +142,14 @@ def test_training_is_deterministic_and_leaves_global_state_alone():
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("call", [lambda folder: zoo.train_fmnist(architecture="resnet", root=folder),
+                                  lambda folder: zoo.trained_fmnist_net(folder / "zoo", architecture="resnet")])
+def test_unknown_architecture_is_refused_before_any_work(call, tmp_path):
+    with pytest.raises(PlanError, match=r"^unknown Fashion-MNIST architecture 'resnet': cnn, se$"):
+        call(tmp_path)
+    assert not any(tmp_path.iterdir())      # no cache folder made, no data looked for
+
+
 def test_cache_trains_once_under_concurrency_and_retrains_a_broken_file(monkeypatch, tmp_path):
     calls = []
 
