@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -141,6 +142,19 @@ def _give_back_after_wait() -> None:
             return                      # a query started meanwhile (and cancelled this timer)
         _timer = None
         _release(_glibc())
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: a keeping timer of the
+    parent's does not exist there, and its lock may have been taken by a
+    thread that does not either."""
+    global _lock, _timer
+    _lock = threading.Lock()
+    _timer = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _release(libc) -> None:

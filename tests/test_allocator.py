@@ -224,3 +224,26 @@ def test_disabled_changes_nothing(monkeypatch):
     with allocator.reuse_freed_memory(enabled=False):
         pass
     assert allocator._running == 0
+
+
+@needs_glibc
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
+def test_a_forked_child_neither_inherits_the_timer_nor_the_lock(monkeypatch):
+    import os
+    monkeypatch.setattr(allocator, "KEEP_SECONDS", 60)
+    with allocator.reuse_freed_memory():
+        pass
+    assert allocator._timer is not None
+    with allocator._lock:               # held by this thread when forking
+        pid = os.fork()
+        if pid == 0:                    # the child: a fresh lock, no timer; a query runs and ends
+            ok = allocator._timer is None and allocator._lock.acquire(timeout=5)
+            if ok:
+                allocator._lock.release()
+                with allocator.reuse_freed_memory():
+                    pass
+                allocator.give_back()
+            os._exit(0 if ok and allocator._timer is None else 1)
+    _, status = os.waitpid(pid, 0)
+    allocator.give_back()
+    assert os.waitstatus_to_exitcode(status) == 0
