@@ -82,17 +82,6 @@ def positions_nd(S, patch, stride, B):
 CLOCK = time.perf_counter
 
 
-def median_ms(fn, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = CLOCK()
-        fn()
-        times.append(CLOCK() - t0)
-    return statistics.median(times) * 1e3
-
-
 def interleaved_ms(fns, repeats, warmup=3):
     """Median ms per function, the functions called in turn on every repeat."""
     for _ in range(warmup):
@@ -163,48 +152,40 @@ def print_table(rows):
               + f" {best_torch / t['numba']:10.1f}x {auto:>6s}")
 
 
-def sweep(repeats):
-    """Where Numba overtakes torch (NUMBA_MIN_CELLS) and its thread pool pays
-    (gather_cpu.PARALLEL_MIN_CELLS), on windows of a 28x28 map."""
-    print(f"{'B':>3s} {'C':>4s} {'win':>4s} {'cells':>8s} {'torch':>8s} {'1 thread':>8s} "
-          f"{'all':>8s} {'torch/best numba':>17s}")
-    for B, C, win in [(1, 1, 3), (1, 4, 3), (2, 8, 3), (4, 8, 4), (4, 16, 4), (4, 16, 8),
-                      (8, 32, 4), (8, 32, 8), (8, 64, 8), (16, 64, 8), (16, 128, 8),
-                      (64, 64, 6), (64, 128, 10)]:
-        H = W = 28
-        g = torch.Generator().manual_seed(0)
-        base = torch.randn(C, H, W, generator=g)
-        py, px = positions_nd((H, W), (win - 2, win - 2), 1, B)
-        upd = torch.randn(B, C, win - 2, win - 2, generator=g)
-        args = (base, py - 1, px - 1, win, win, upd, py, px)
-        t_torch = min(median_ms(lambda: reference.gather_looped(*args), repeats),
-                      median_ms(lambda: reference.gather_vectorised(*args), repeats))
-        t_one = median_ms(lambda: gather_cpu.gather(*args, parallel=False), repeats)
-        t_all = median_ms(lambda: gather_cpu.gather(*args, parallel=True), repeats)
-        cells = B * C * win * win
-        print(f"{B:3d} {C:4d} {win:4d} {cells:8d} {t_torch:8.3f} {t_one:8.3f} "
-              f"{t_all:8.3f} {t_torch / min(t_one, t_all):16.1f}x")
+# The crossover sweeps, per number of spatial axes: the map, and (B, C, window side) per
+# row; each window holds a patch of side - 2 plus one cell of context each side.
+SWEEPS = {
+    2: ((28, 28), [(1, 1, 3), (1, 4, 3), (2, 8, 3), (4, 8, 4), (4, 16, 4), (4, 16, 8),
+                   (8, 32, 4), (8, 32, 8), (8, 64, 8), (16, 64, 8), (16, 128, 8),
+                   (64, 64, 6), (64, 128, 10)]),
+    3: ((16, 16, 16), [(1, 1, 3), (1, 4, 3), (2, 4, 3), (2, 8, 4), (4, 8, 4), (4, 16, 4),
+                       (4, 16, 6), (8, 32, 4), (8, 32, 6), (16, 64, 5), (16, 128, 6)]),
+}
 
 
-def sweep_volumes(repeats):
-    """The crossover for volumes: windows of a 16^3 map, torch vs Numba interleaved."""
+def sweep(n_axes, repeats):
+    """Where Numba overtakes torch on windows of a map with ``n_axes`` spatial axes
+    (``SWEEPS``), the better torch form against Numba on one thread and on all, called
+    in turn: for images NUMBA_MIN_CELLS and where Numba's thread pool pays
+    (gather_cpu.PARALLEL_MIN_CELLS), for volumes NUMBA_MIN_CELLS_VOLUME."""
     print(f"{'B':>3s} {'C':>4s} {'win':>4s} {'cells':>8s} {'torch':>8s} {'1 thread':>8s} "
           f"{'all':>8s} {'torch/best numba':>17s}")
-    S = (16, 16, 16)
-    for B, C, win in [(1, 1, 3), (1, 4, 3), (2, 4, 3), (2, 8, 4), (4, 8, 4), (4, 16, 4),
-                      (4, 16, 6), (8, 32, 4), (8, 32, 6), (16, 64, 5), (16, 128, 6)]:
+    S, rows = SWEEPS[n_axes]
+    loop, vec = torch_forms(n_axes)
+    for B, C, win in rows:
         g = torch.Generator().manual_seed(0)
         base = torch.randn(C, *S, generator=g)
-        ps = positions_nd(S, (win - 2,) * 3, 1, B)
-        upd = torch.randn(B, C, *(win - 2,) * 3, generator=g)
-        args = (base, [p - 1 for p in ps], (win,) * 3, upd, ps)
+        patch = (win - 2,) * n_axes
+        ps = positions_nd(S, patch, 1, B)
+        upd = torch.randn(B, C, *patch, generator=g)
+        args = (base, [p - 1 for p in ps], (win,) * n_axes, upd, ps, 0.0)
         t = interleaved_ms({
-            "loop": lambda: reference.gather_looped_nd(*args),
-            "vec": lambda: reference.gather_vectorised_nd(*args),
+            "loop": lambda: loop(*args),
+            "vec": lambda: vec(*args),
             "one": lambda: gather_cpu.gather_nd(*args, parallel=False),
             "all": lambda: gather_cpu.gather_nd(*args, parallel=True)}, repeats)
         t_torch = min(t["loop"], t["vec"])
-        cells = B * C * win ** 3
+        cells = B * C * win ** n_axes
         print(f"{B:3d} {C:4d} {win:4d} {cells:8d} {t_torch:8.3f} {t['one']:8.3f} "
               f"{t['all']:8.3f} {t_torch / min(t['one'], t['all']):16.1f}x")
 
@@ -243,9 +224,9 @@ def main():
                              parallel=parallel)
     if opts.sweep:
         if not opts.volumes:
-            sweep(opts.repeats)
+            sweep(2, opts.repeats)
             print()
-        sweep_volumes(opts.repeats)
+        sweep(3, opts.repeats)
         return
     if not opts.volumes:
         rows = [gather_row(name, C, (H, W), (p, p), ctx, stride, B, pad, opts.repeats)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 from numba import cuda
@@ -151,12 +152,7 @@ def paste(base, patch, patch_y0, patch_x0, out=None, *, stream=None,
 def paste_nd(base, patch, patch_starts, out=None, *, stream=None,
              threads_per_block=THREADS_PER_BLOCK):
     """:func:`kql.kernels.reference.paste_nd` for 2 or 3 spatial axes in one CUDA launch."""
-    n = len(patch_starts[0])
-    if _is_torch(base):
-        import torch
-        zeros = torch.zeros(n, dtype=torch.int64, device=base.device)
-    else:
-        zeros = np.zeros(n, dtype=np.int64)
+    zeros = _zeros(len(patch_starts[0]), _torch_device(base) if _is_torch(base) else None)
     return gather_nd(base, [zeros] * len(patch_starts), tuple(base.shape[1:]), patch,
                      patch_starts, 0.0, out, stream=stream, threads_per_block=threads_per_block)
 
@@ -164,6 +160,48 @@ def paste_nd(base, patch, patch_starts, out=None, *, stream=None,
 def _is_torch(x) -> bool:
     # Without importing torch: this module also serves plain numba callers.
     return type(x).__module__.partition(".")[0] == "torch"
+
+
+def _torch_device(t):
+    """The CUDA device of a torch tensor, with its index; ValueError off CUDA."""
+    import torch
+
+    device = t.device
+    if device.type != "cuda":
+        raise ValueError(f"the cuda kernels need CUDA tensors, got base on {device}")
+    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
+_ZEROS: dict = {}  # device key -> int64 zeros: the starts of an image's depth axis, of a paste's
+_ZEROS_LOCK = threading.Lock()  # window, of an absent patch; only read, so one buffer per device
+
+
+def _zeros(n, device=None):
+    """``n`` int64 zeros on ``device`` (a torch CUDA device with its index) or, without one,
+    a numba device array in the current context: a view of one buffer per device, grown by
+    doubling, instead of a fresh array (an allocation and a fill or copy) per launch.
+
+    The kernel only reads its start arrays, so any stream may read the buffer. A new
+    buffer is made under a device-wide synchronisation: its fill is complete before a
+    launch on another stream reads it, and no launch still reads the buffer it replaces
+    when that is freed (the caching allocator could otherwise hand that memory on).
+    """
+    key = device if device is not None else ("numba", getattr(cuda.current_context().device, "id", None))
+    z = _ZEROS.get(key)
+    if z is None or len(z) < n:
+        with _ZEROS_LOCK:
+            z = _ZEROS.get(key)
+            if z is None or len(z) < n:
+                size = max(n, 2 * len(z) if z is not None else 64)
+                if device is not None:
+                    import torch
+                    z = torch.zeros(size, dtype=torch.int64, device=device)
+                    torch.cuda.synchronize(device)
+                else:
+                    cuda.synchronize()
+                    z = cuda.to_device(np.zeros(size, dtype=np.int64))
+                _ZEROS[key] = z
+    return z[:n]
 
 
 def _launch(base, starts, patch, patch_starts, pad_value, out, stream, threads_per_block):
@@ -190,9 +228,7 @@ def _as_volume(base, starts, patch, patch_starts, out, zeros):
 def _gather_torch(base, starts, sizes, patch, patch_starts, pad_value, out, threads_per_block):
     import torch
 
-    device = base.device
-    if device.type != "cuda":
-        raise ValueError(f"the cuda kernels need CUDA tensors, got base on {device}")
+    device = _torch_device(base)
     B, C = len(starts[0]), base.shape[0]
     if out is None:
         out = torch.empty((B, C, *sizes), dtype=torch.float32, device=device)
@@ -203,20 +239,19 @@ def _gather_torch(base, starts, sizes, patch, patch_starts, pad_value, out, thre
         return torch.as_tensor(t).to(device=device, dtype=dtype).detach().contiguous()
 
     starts = [on_device(t, torch.int64) for t in starts]
+    zeros = _zeros(B, device)
     if patch is None:
         patch = torch.empty((B, C) + (0,) * len(sizes), dtype=torch.float32, device=device)
-        patch_starts = [torch.zeros(B, dtype=torch.int64, device=device)] * len(sizes)
+        patch_starts = [zeros] * len(sizes)
     else:
         patch = on_device(patch, torch.float32)
         patch_starts = [on_device(t, torch.int64) for t in patch_starts]
     base = base.detach().contiguous()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with cuda.gpus[index]:
+    with cuda.gpus[device.index]:
         # Launch on torch's stream: ordered after the producers of base and patch and
         # before later consumers of out, with no host-side wait (hence sync=False).
         stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
         wrap = lambda t: cuda.as_cuda_array(t, sync=False)  # noqa: E731
-        zeros = torch.zeros(B, dtype=torch.int64, device=device)
         vb, vs, vp, vps, vo = _as_volume(base, starts, patch, patch_starts, out, zeros)
         _launch(wrap(vb), [wrap(t) for t in vs], wrap(vp), [wrap(t) for t in vps], pad_value,
                 wrap(vo), stream, threads_per_block)
@@ -238,13 +273,13 @@ def _gather_numba(base, starts, sizes, patch, patch_starts, pad_value, out, stre
     else:
         out_dev = out
     if B and C and math.prod(sizes):
+        zeros = _zeros(B)
         if patch is None:
             patch_dev = cuda.to_device(np.empty((B, C) + (0,) * len(sizes), dtype=np.float32))
-            ps = [cuda.to_device(np.zeros(B, dtype=np.int64))] * len(sizes)
+            ps = [zeros] * len(sizes)
         else:
             patch_dev = dev(patch, np.float32)
             ps = [dev(t, np.int64) for t in patch_starts]
-        zeros = cuda.to_device(np.zeros(B, dtype=np.int64), stream=stream or 0)
         vb, vs, vp, vps, vo = _as_volume(dev(base, np.float32), [dev(t, np.int64) for t in starts],
                                          patch_dev, ps, out_dev, zeros)
         _launch(vb, vs, vp, vps, pad_value, vo, stream, threads_per_block)

@@ -97,14 +97,6 @@ class Region:
         return yx if self.z0 is None else ((self.z0, self.z1), *yx)
 
     @property
-    def starts(self) -> tuple[int, ...]:
-        return tuple(b[0] for b in self.bounds)
-
-    @property
-    def stops(self) -> tuple[int, ...]:
-        return tuple(b[1] for b in self.bounds)
-
-    @property
     def shape(self) -> tuple[int, ...]:
         """The box's size per axis, in tensor order."""
         return tuple(b - a for a, b in self.bounds)

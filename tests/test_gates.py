@@ -20,10 +20,11 @@ import torch.nn as nn
 from torchvision.ops import SqueezeExcitation
 
 import kql
-from helpers import rand_image, trained_like
 from kql import calibration, tune, zoo
 from kql.errors import PlanError
 from kql.planner.geometry import Rects, gate_sources, propagate
+from kql.sources.models import trained_like
+from helpers import rand_image
 
 QUERY = "SELECT HEATMAP FROM img USING net PATCH 10 STRIDE 5"
 

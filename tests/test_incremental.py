@@ -22,7 +22,8 @@ import kql
 from kql.executor.incremental import IncrementalRunner
 from kql.planner.graph import Kind
 from kql.parser import parse
-from helpers import naive_outputs, rand_image, trained_like
+from kql.sources.models import trained_like
+from helpers import naive_outputs, rand_image
 
 M = torchvision.models
 

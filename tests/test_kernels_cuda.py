@@ -49,6 +49,12 @@ SIM_CASES = {
     "empty batch":                 ("gather", "numpy", 2, 4, 4, 3, 3, [], [], (2, 2), [], [], 0.0),
     "paste clipped":               ("paste", "numpy", 2, 5, 5, 0, 0, [], [], (3, 3), [-1, 3, 1], [-2, 4, 1], 0.0),
     "paste on device arrays":      ("paste", "device", 1, 4, 5, 0, 0, [], [], (2, 2), [3, -1], [0, 4], 0.0),
+    # batches longer than the zero starts the module keeps between launches (64 at first):
+    # the buffer grows, and later cases read views of the grown one
+    "batch past the kept zeros":   ("gather", "numpy", 1, 4, 4, 1, 2, [i % 6 - 1 for i in range(70)],
+                                    [i % 5 - 1 for i in range(70)], None, None, None, 0.5),
+    "paste past the kept zeros":   ("paste", "numpy", 1, 3, 3, 0, 0, [], [], (1, 1),
+                                    [i % 5 - 1 for i in range(150)], [i % 4 - 1 for i in range(150)], 0.0),
 }
 
 # Volumes: name: (op, mode, C, (D, H, W), window sizes, window starts per axis,

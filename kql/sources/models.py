@@ -236,15 +236,27 @@ def trained_like(module: nn.Module, seed: int = 0) -> nn.Module:
 
     A fresh network's batch norms hold mean 0 and variance 1 whatever its
     activations are, so its output hardly depends on the input and an
-    occlusion map would be flat. Here every batch norm gets running means
-    N(0, 0.1), variances and gains in [0.5, 1.5) and biases N(0, 0.1), and
-    convolutions and linear layers fan-in scaled Gaussian weights (variance
-    2 / fan-in, so the signal survives depth), all from one seeded generator:
-    the same network every time (the test suite's recipe for random nets).
+    occlusion map would be flat (a fresh MobileNetV2 outputs ~1e-10 for any
+    input). Here every batch norm gets running means N(0, 0.1), variances
+    and gains in [0.5, 1.5) and biases N(0, 0.1); every affine layer norm
+    gains in [0.5, 1.5) and biases N(0, 0.1); a ``layer_scale`` parameter
+    (ConvNeXt's, 1e-6 when fresh, which lets every block's residual branch
+    vanish) a trained-like 0.1-1; and convolutions and linear layers fan-in
+    scaled Gaussian weights (variance 2 / fan-in for convolutions, so the
+    signal survives depth; 1 / fan-in for linear layers), all from one
+    seeded generator: the same network every time (the test suite's recipe
+    for random nets too).
     """
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(getattr(m, "layer_scale", None), nn.Parameter):
+            m.layer_scale.copy_(torch.rand(m.layer_scale.shape, generator=g) * 0.9 + 0.1)
+        if isinstance(m, nn.LayerNorm):
+            if m.elementwise_affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)

@@ -17,13 +17,10 @@ def _x(sizes) -> str:
 
 def region_bounds(region, ndim: int) -> tuple[tuple[int, int], ...]:
     """``(start, stop)`` per spatial axis of a query's REGION, in tensor order."""
-    bounds = getattr(region, "bounds", None)
-    if bounds is None:  # an AST Region without axes of its own: (x0, y0, x1, y1)
-        bounds = ((region.y0, region.y1), (region.x0, region.x1))
-    bounds = tuple((int(a), int(b)) for a, b in bounds)
+    bounds = tuple((int(a), int(b)) for a, b in region.bounds)
     if len(bounds) != ndim:
         kind = {2: "an image", 3: "a volume"}[ndim]
-        raise PlanError(f"REGION {getattr(region, 'text', lambda: str(bounds))()} has {len(bounds)} axes; "
+        raise PlanError(f"REGION {region.text()} has {len(bounds)} axes; "
                         f"the model takes {kind}: REGION takes "
                         + ("(x0, y0, x1, y1)" if ndim == 2 else "(x0, y0, z0, x1, y1, z1)"))
     return bounds
@@ -31,10 +28,7 @@ def region_bounds(region, ndim: int) -> tuple[tuple[int, int], ...]:
 
 def whole_region(shape) -> Region:
     """The REGION of the whole input of spatial ``shape``."""
-    if len(shape) == 2:
-        return Region(0, 0, shape[1], shape[0])
-    from_bounds = getattr(Region, "from_bounds", None)
-    return from_bounds(tuple((0, n) for n in shape)) if from_bounds is not None else None
+    return Region.from_bounds(tuple((0, n) for n in shape))
 
 
 def resolve_region(plan):
@@ -55,11 +49,11 @@ def resolve_region(plan):
         raise PlanError(f"stride must be at least 1, got {bad}")
     if q.region is None:
         region = whole_region(shape)
-        bounds = tuple((0, n) for n in shape)
+        bounds = region.bounds
     else:
         region = q.region
         bounds = region_bounds(region, ndim)
-        text = region.text() if hasattr(region, "text") else f"({region.x0}, {region.y0}, {region.x1}, {region.y1})"
+        text = region.text()
         if ndim == 2:
             r = region
             if r.x1 <= r.x0 or r.y1 <= r.y0:
@@ -80,7 +74,7 @@ def resolve_region(plan):
                 raise PlanError(f"region {text} does not lie inside the volume {_x(shape)} (REGION takes "
                                 f"(x0, y0, z0, x1, y1, z1) with 0 <= x0 < x1 <= {W}, 0 <= y0 < y1 <= {H} "
                                 f"and 0 <= z0 < z1 <= {D})")
-    sizes = tuple(b - a for a, b in bounds)
+    sizes = region.shape
     if any(p > m for p, m in zip(patch, sizes)):
         what = "image" if ndim == 2 else "volume"
         where = f"{what} {_x(shape)}" if q.region is None else f"region {_x(sizes)}"
