@@ -278,7 +278,8 @@ def test_several_labels_never_choose_refinement_and_tau_says_what_it_predicts(co
     position of each, so the contract does not count on refinement's savings.
     A τ plan's SSIM is calibrated on the predicted class's map only: it says so."""
     from kql.planner.rules import approximate
-    monkeypatch.setattr(approximate, "tau_cost", lambda plan, tau: 0.5)  # this small net gains nothing from τ
+    monkeypatch.setattr(approximate, "work_shares",                     # this small net gains nothing from τ
+                        lambda graph, starts, patch: lambda tau, gates="exact": 0.5)
     net, img = _net(), _image()
     calibration.save(_calibration(net))
     plan = con.plan(f"{Q} LABEL TOP 2 APPROX SSIM 0.9", {"img": img, "net": net})

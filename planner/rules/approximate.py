@@ -102,9 +102,9 @@ def _contract(plan, target: float, calibration):
     gated = bool(gate_sources(plan.graph))
     asked = plan.query.gates
     modes = () if not gated else ("local", "frozen") if asked is None else tuple(m for m in (asked,) if m != "exact")
-    cands = tuple(enumerate_plans(plan, target, calibration, policy, share, lambda tau: tau_cost(plan, tau),
-                                  refine_measured=bool(calibration.refine), gate_modes=modes,
-                                  gate_cost=work_shares(plan.graph, plan.grid.starts, plan.patch)))
+    cost = work_shares(plan.graph, plan.grid.starts, plan.patch)    # exact's FLOPs once for every candidate
+    cands = tuple(enumerate_plans(plan, target, calibration, policy, share, cost,
+                                  refine_measured=bool(calibration.refine), gate_modes=modes, gate_cost=cost))
     contract = SsimContract(target, cands)
     chosen = contract.chosen
     if asked is not None and not gated:
@@ -163,19 +163,13 @@ def _contract(plan, target: float, calibration):
     return plan
 
 
-def tau_cost(plan, tau: Optional[float], gates: str = "exact") -> float:
-    """Incremental FLOPs of a plan at threshold ``tau`` (None or 1: exact
-    regions) with global gates ``gates`` as a share of the exact plan's,
-    over every third row and column of the grid (a sample is enough to
-    compare)."""
-    return work_shares(plan.graph, plan.grid.starts, plan.patch)(tau, gates)
-
-
 def work_shares(graph, grid_starts, patch):
-    """``share(tau, gates)``: :func:`tau_cost` for a graph and a grid
-    (``Grid.starts``), the exact plan's FLOPs computed once for every plan
-    compared (the gate plans of APPROX SSIM; TUNE records each gate plan's
-    share with it)."""
+    """``share(tau, gates)``: the incremental FLOPs of a plan at threshold
+    ``tau`` (None or 1: exact regions) with global gates ``gates``, as a share
+    of the exact plan's, for a graph and a grid (``Grid.starts``), over every
+    third position along each axis (a sample is enough to compare). The exact
+    plan's FLOPs are computed once for every plan compared (APPROX SSIM's
+    candidates; TUNE records each gate plan's share with it)."""
     from kql.planner.cost import theoretical_speedup
     starts = tuple(a.ravel() for a in np.meshgrid(*(s[::3] for s in grid_starts), indexing="ij"))
     exact = []
