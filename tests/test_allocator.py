@@ -125,22 +125,26 @@ def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
         base = rss_bytes()
         outside = faults(10)
         with reuse_freed_memory():
-            faults(1)
+            settling = faults(20)
             inside = faults(10)
         allocator.give_back()
         after = rss_bytes() - base
-        print(outside, inside, after // MiB)
+        print(outside, settling, inside, after // MiB)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    outside, inside, after = figures = [int(v) for v in out.stdout.split()]
+    outside, settling, inside, after = figures = [int(v) for v in out.stdout.split()]
     pages = 48 * 2**20 // 4096
     assert outside >= 5 * pages, figures      # a fresh mapping every time
-    # one block, faulted in once: ideally ~1 block's pages; the kernel may
-    # still reclaim idle heap pages between rounds (this machine runs DAMON
-    # reclaim, seen at 4 blocks' pages of 10 once under load), so the bound
-    # is "well below a fresh mapping every round"
-    assert inside <= outside // 2, figures
+    # torch asks for aligned blocks (posix_memalign), and glibc 2.36 cannot
+    # serve an aligned request from a freed chunk of exactly the block's size:
+    # the heap grows by a block in each of the first rounds until freed
+    # neighbours coalesce into a large enough chunk. Measured: it grows in at
+    # most 6 of 30 rounds, always among the first 7 (120 runs, two at a time),
+    # and never after. So the heap settles well before 20 rounds, after which
+    # no round faults a block in again.
+    assert settling <= 10 * pages, figures
+    assert inside <= 2 * pages, figures
     assert after < 8, figures
 
 
