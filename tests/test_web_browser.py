@@ -153,10 +153,12 @@ def test_explain_a_prediction_in_the_browser(server, browser_page):
     expect(page.locator("#colorbar")).to_be_visible()
     expect(page.locator("#explain")).to_contain_text("measured:")
     expect(page.locator("#explain-what")).to_contain_text("REGION (50, 50, 170, 170)")
-    # visible is not loaded: on a busy machine the PNG may still be decoding
-    page.wait_for_function("document.getElementById('overlay').complete "
-                           "&& document.getElementById('overlay').naturalWidth > 0")
-    assert page.evaluate("document.getElementById('overlay').naturalWidth") == 224
+    # visible is not loaded: on a busy machine the PNG may still be decoding. Wait by reading the
+    # element's properties, not with page.wait_for_function: that evals its string in the page,
+    # which our CSP (script-src 'self', no 'unsafe-eval') rightly refuses in newer Chromium builds.
+    overlay = page.locator("#overlay")
+    expect(overlay).to_have_js_property("complete", True)
+    expect(overlay).to_have_js_property("naturalWidth", 224)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "web.png"
     page.screenshot(path=str(shot), full_page=True)
