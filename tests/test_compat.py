@@ -199,6 +199,76 @@ def test_captum_bad_input_is_a_clear_error(call, error, text):
         call(Occlusion(net("plain")), inputs(3, 16))
 
 
+def test_captum_drop_in_runs_no_forward_pass_of_its_own():
+    """The engine's unoccluded forward (its reference and materialization)
+    is the only full-size pass: the drop-in checks the target on it instead
+    of running the model once more (a tenth of the time on a 3-D network).
+    The first call also traces the model (shape propagation: one more pass,
+    once per model and input shape)."""
+    m, x = _plain().eval(), inputs(1, 16)
+    full = []
+    m[0].register_forward_hook(lambda mod, inp, out: full.append(tuple(inp[0].shape) == (1, 3, 16, 16)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Occlusion(m).attribute(x, (3, 4, 4), strides=2, target=1)
+        full.clear()
+        Occlusion(m).attribute(x, (3, 4, 4), strides=2, target=1)
+    assert sum(full) == 1
+
+
+@pytest.mark.parametrize("target", [-1, -10, torch.tensor([-3])])
+def test_captum_negative_targets_count_from_the_last_class(target):
+    m, x = net("plain"), inputs(3, 16)
+    ref = captum_attr.Occlusion(m).attribute(x, (3, 4, 4), strides=3, target=target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # the incremental path
+        got = Occlusion(m).attribute(x, (3, 4, 4), strides=3, target=target)
+    assert close(got, ref, forward(m, x)) <= TOL
+
+
+@pytest.mark.parametrize("target", [[-1, 3, 2], torch.tensor([-2, 0, 9]), torch.tensor([1, 10, 2]), -11])
+def test_captum_targets_out_of_range_are_a_value_error(target):
+    """Captum indexes negative ints from the end but fails inside torch.gather
+    (RuntimeError) on negative lists and tensors; here each is a ValueError."""
+    with pytest.raises(ValueError, match="out of range"):
+        Occlusion(net("plain")).attribute(inputs(3, 16), (3, 4, 4), strides=3, target=target)
+
+
+class _Shaped(nn.Module):
+    """The plain net's ten outputs, reshaped: ``(N, 10, 1)``, ``(N, 5, 2)`` or ``(N, 1)`` (their sum)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.body, self.shape = net("plain"), shape
+
+    def forward(self, x):
+        out = self.body(x)
+        return out.sum(1, keepdim=True) if self.shape == (1,) else out.reshape(x.shape[0], *self.shape)
+
+
+@pytest.mark.parametrize("shape, target", [((10, 1), 4), ((1,), None)])
+def test_captum_outputs_captum_accepts_are_accepted(shape, target):
+    m, x = _Shaped(shape).eval(), inputs(3, 16)
+    ref = captum_attr.Occlusion(m).attribute(x, (3, 4, 4), strides=3, target=target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = Occlusion(m).attribute(x, (3, 4, 4), strides=3, target=target)
+    assert close(got, ref, forward(m, x)) <= TOL
+
+
+@pytest.mark.parametrize("shape, target, text", [
+    ((5, 2), 1, "one value per example"),        # output[:, 1] is (N, 2)
+    ((10, 1), [1, 2, 3], "must be 2D"),           # a list selects from a 2-D output only
+    ((10, 1), None, "one value per example"),
+])
+def test_captum_several_values_per_example_are_refused(shape, target, text):
+    """Captum 0.9 gives such outputs an attribution per output value, shaped
+    (N x values, C, H, W); the drop-in computes one map per example and says so."""
+    m, x = _Shaped(shape).eval(), inputs(3, 16)
+    with pytest.raises(ValueError, match=text):
+        Occlusion(m).attribute(x, (3, 4, 4), strides=3, target=target)
+
+
 # -- MONAI --------------------------------------------------------------------------------
 MONAI_CASES = [
     dict(mode="gaussian"),                                            # MONAI's default: overlap 0.6

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kql.errors import KqlError
+
 __all__ = ["Occlusion"]
 
 
@@ -80,16 +82,25 @@ class Occlusion:
             raise ValueError("perturbations_per_eval must be an integer and at least 1")
         args = () if additional_forward_args is None else (
             additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
-        with torch.no_grad():
-            initial = _select(_forward(self.forward_func, xs, args), target)
-        if initial.numel() != len(xs[0]):
-            raise ValueError(f"the forward function's output selected by target has shape "
-                             f"{tuple(initial.shape)}: give a target that selects one value per example")
-        why = self._why_naive(xs, windows, args, target, initial)
-        if why is None:
+        _check_count(target, len(xs[0]))
+        why = self._why_naive(xs, windows, args, target)
+        if why is None and not _negative(target):
+            # the engine's own unoccluded forward checks the output against
+            # the target (_CaptumScore): no separate forward pass here
             try:
-                attr = self._exact(xs[0], windows[0], steps[0], bases[0], target, args, initial,
-                                   show_progress)
+                attr = self._exact(xs[0], windows[0], steps[0], bases[0], target, args, show_progress)
+                return (attr,) if is_tuple else attr
+            except _Untraceable as e:
+                why = str(e)
+        with torch.no_grad():
+            output = _forward(self.forward_func, xs, args)
+        initial = _select(output, target)
+        if initial.numel() != len(xs[0]):
+            raise ValueError(_one_per_example(initial.shape))
+        if why is None:                  # negative targets, now known to be in range
+            try:
+                attr = self._exact(xs[0], windows[0], steps[0], bases[0], _nonnegative(target, output.shape[1]),
+                                   args, show_progress)
                 return (attr,) if is_tuple else attr
             except _Untraceable as e:
                 why = str(e)
@@ -100,7 +111,7 @@ class Occlusion:
         return attrs if is_tuple else attrs[0]
 
     # -- which path ---------------------------------------------------------------
-    def _why_naive(self, xs, windows, args, target, initial) -> Optional[str]:
+    def _why_naive(self, xs, windows, args, target) -> Optional[str]:
         if len(xs) != 1:
             return "several input tensors"
         x, w = xs[0], windows[0]
@@ -121,7 +132,7 @@ class Occlusion:
             return f"target {target!r} selects from a >2-D output"
         return None
 
-    def _exact(self, x, window, stride, baseline, target, args, initial, show_progress):
+    def _exact(self, x, window, stride, baseline, target, args, show_progress):
         from kql.tensor_api import as_module, occlusion
         fn = self.forward_func
         if args:
@@ -137,15 +148,77 @@ class Occlusion:
         targets = [[0]] * N if target is None else _per_example(target, N)
         try:
             results = occlusion(module, x, tuple(window[1:]), tuple(stride[1:]), target=targets,
-                                baseline=baseline, score="logits", grid="clip",
+                                baseline=baseline, score=_CaptumScore(target), grid="clip",
                                 progress="on" if show_progress else "off")
         except ValueError as e:
             if "cannot plan" in str(e):
                 raise _Untraceable(str(e)) from None
             raise
+        except KqlError as e:
+            if isinstance(e.__cause__, _BadOutput):   # the output does not fit the target
+                raise ValueError(str(e.__cause__)) from None
+            raise
         maps = np.stack([r.attribution() for r in results])          # (N, H, W)
         attr = torch.from_numpy(maps).to(x.device)
         return attr[:, None].expand(N, x.shape[1], *maps.shape[1:]).contiguous()
+
+
+class _BadOutput(ValueError):
+    """The model's output does not give one value per example for the target."""
+
+
+class _CaptumScore:
+    """The engine's score: the raw output, checked as Captum's target
+    selection checks it (``_select``), on every batch the engine runs
+    (B examples): one value per example for ``target=None``; a ``(B, K)``
+    output (trailing axes of size 1 allowed) for an int; exactly 2-D for a
+    list or tensor of targets."""
+
+    def __init__(self, target) -> None:
+        self.kind = "none" if target is None else "int" if isinstance(target, numbers.Integral) or (
+            isinstance(target, torch.Tensor) and target.numel() == 1) else "list"
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        if self.kind == "list" and output.dim() != 2:
+            raise _BadOutput(f"output must be 2D to select a list or tensor of targets; the forward "
+                             f"function's output has shape {tuple(output.shape)}")
+        if self.kind == "int" and output.dim() < 2:
+            raise _BadOutput(f"cannot choose a target column with output shape {tuple(output.shape)}")
+        selected = output if self.kind == "none" else output[:, 0]
+        if output.dim() == 0 or selected.numel() != len(output):
+            raise _BadOutput(_one_per_example(selected.shape))
+        return output.reshape(len(output), -1)
+
+
+def _check_count(target, N: int) -> None:
+    """What :func:`_select` checks before it sees the output: one target per example."""
+    if isinstance(target, torch.Tensor) and target.numel() not in (1, N):
+        raise ValueError(f"tensor target of shape {tuple(target.shape)} is not valid for {N} examples")
+    if isinstance(target, list) and len(target) != N:
+        raise ValueError(f"target list length ({len(target)}) does not match the output ({N} examples)")
+
+
+def _one_per_example(shape) -> str:
+    return (f"the forward function's output selected by target has shape {tuple(shape)}: give a target "
+            f"that selects one value per example")
+
+
+def _negative(target) -> bool:
+    if isinstance(target, numbers.Integral):
+        return target < 0
+    if isinstance(target, torch.Tensor):
+        return bool((target < 0).any())
+    if isinstance(target, list):
+        return any(isinstance(t, numbers.Integral) and t < 0 for t in target)
+    return False
+
+
+def _nonnegative(target, classes: int):
+    """Captum's negative int target (counted from the last class) as a class
+    index (:func:`_select` has refused negative lists and tensors)."""
+    if isinstance(target, (numbers.Integral, torch.Tensor)) and int(target) < 0:
+        return int(target) % classes
+    return target
 
 
 class _Untraceable(Exception):
@@ -231,6 +304,9 @@ def _select(output: torch.Tensor, target) -> torch.Tensor:
         elif target.dim() == 1 and target.numel() == output.shape[0]:
             if output.dim() != 2:
                 raise ValueError("output must be 2D to select tensor of targets")
+            if bool(((target < 0) | (target >= output.shape[1])).any()):
+                raise ValueError(f"targets {target.tolist()} out of range: the output has {output.shape[1]} "
+                                 f"columns")
             return torch.gather(output, 1, target.reshape(len(output), 1).to(output.device)).squeeze(-1)
         else:
             raise ValueError(f"tensor target of shape {tuple(target.shape)} is not valid for output "
