@@ -9,6 +9,7 @@ batch-norm statistics, and every reference map must move (not be flat).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -89,6 +90,15 @@ def close(got: torch.Tensor, ref: torch.Tensor, scale_of: torch.Tensor) -> float
     assert tuple(got.shape) == tuple(ref.shape)
     assert float(ref.abs().max()) > 1e-3, "the reference map is flat: the test would compare nothing"
     return float((got - ref).abs().max()) / max(float(ref.abs().max()), float(scale_of.abs().max()))
+
+
+def within_rounding(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, scale_of: torch.Tensor) -> None:
+    """``got`` (KQL, float32) is as close to ``truth`` (the reference package
+    in float64) as ``ref`` (the package in float32) is, plus TOL: where a
+    network's own float32 rounding exceeds TOL, two float32 computations that
+    sum in different orders cannot agree to TOL, and neither is wrong."""
+    rounding = close(ref.double(), truth, scale_of)
+    assert close(got.double(), truth, scale_of) <= rounding + TOL, (close(got, ref, scale_of), rounding)
 
 
 def moves(heatmap: np.ndarray) -> bool:
@@ -191,20 +201,25 @@ def test_dropins_on_monai_3d_networks(arch):
         probs = softmax(model(x))
     cls = int(probs.argmax())
     box = [12, 18, 12, 18, 12, 18]                    # MONAI widens it by 3 on each side: 2^3 positions
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref_map, _ = monai_visualize.OcclusionSensitivity(model, mask_size=8, n_batch=8, verbose=False, mode=0.0,
-                                                          overlap=0.5, activate=softmax)(x, b_box=box)
+    model64 = copy.deepcopy(model).double()             # the packages in float64: the maps' true values
+
+    def monai(m, v):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return monai_visualize.OcclusionSensitivity(m, mask_size=8, n_batch=8, verbose=False, mode=0.0,
+                                                        overlap=0.5, activate=softmax)(v, b_box=box)[0].as_tensor()
     got_map, _ = OcclusionSensitivity(model, mask_size=8, n_batch=8, verbose=False, mode=0.0, overlap=0.5,
                                       activate=softmax)(x, b_box=box)
-    assert close(got_map, ref_map.as_tensor(), probs) <= TOL
+    # random DenseNet121-3D at 32^3 rounds to ~6e-5 in float32 (its last blocks run at 1^3, their
+    # batch-norm statistics come from 4 values): TOL plus what MONAI's own float32 run misses by
+    within_rounding(got_map, monai(model, x), monai(model64, x.double()), probs)
 
     crop = x[:, :, 8:20, 8:20, 8:20].clone()         # Captum on a 12^3 box of the volume: 2^3 windows
 
     class Paste(nn.Module):
         """The box's voxels pasted back into the volume, then the model's probabilities."""
 
-        def __init__(self):
+        def __init__(self, model):
             super().__init__()
             self.model = model
             outside = x.clone()
@@ -214,13 +229,13 @@ def test_dropins_on_monai_3d_networks(arch):
         def forward(self, v):
             return self.model(torch.nn.functional.pad(v, (8, 12, 8, 12, 8, 12)) + self.outside).softmax(1)
 
-    paste = Paste().eval()
-    ref = captum_attr.Occlusion(paste).attribute(crop, (1, 8, 8, 8), strides=(1, 4, 4, 4), target=cls,
-                                                 perturbations_per_eval=8)
+    def captum(paste, v):
+        return captum_attr.Occlusion(paste.eval()).attribute(v, (1, 8, 8, 8), strides=(1, 4, 4, 4), target=cls,
+                                                              perturbations_per_eval=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = Occlusion(paste).attribute(crop, (1, 8, 8, 8), strides=(1, 4, 4, 4), target=cls)
-    assert close(got, ref, probs) <= TOL
+        got = Occlusion(Paste(model).eval()).attribute(crop, (1, 8, 8, 8), strides=(1, 4, 4, 4), target=cls)
+    within_rounding(got, captum(Paste(model), crop), captum(Paste(model64).double(), crop.double()), probs)
 
 
 # -- multi-image jobs over a folder of volumes --------------------------------------------
