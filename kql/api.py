@@ -135,7 +135,12 @@ class Connection:
             mean, std: per-channel normalisation of pixels in [0, 1] (default 0 and 1).
             labels: class names, so LABEL can name a class.
             channels: input channels (default: the first Conv2d's in_channels).
+
+        A module with float64 (or half) weights is registered as a float32
+        copy, with a warning (the engine computes in float32).
         """
+        from kql.tensor_api import in_float32
+        module, _ = in_float32(module, name, stacklevel=3) if isinstance(module, torch.nn.Module) else (module, name)
         self.catalog.add_model(name, sources.spec_from_module(
             name, module, input_size=input_size, mean=mean, std=std, labels=labels, channels=channels))
 

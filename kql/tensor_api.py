@@ -21,10 +21,13 @@ The drop-ins ``kql.compat.captum`` and ``kql.compat.monai`` are built on it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import itertools
 import numbers
 import time
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -35,7 +38,7 @@ from kql import ast
 from kql.catalog import Catalog
 from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
 
-__all__ = ["occlusion", "as_module", "SCORES"]
+__all__ = ["occlusion", "as_module", "in_float32", "SCORES"]
 
 SCORES = ("softmax", "sigmoid", "logits")
 GRIDS = ("edge", "clip")
@@ -105,8 +108,12 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
         ValueError: a bad shape, patch, stride, region, baseline, target,
             score or mode, or a model torch.fx cannot trace (the message
             says where tracing stopped).
+
+    The engine computes in float32: a module with float64 (or half)
+    weights is run as a float32 copy, with a warning; a function around
+    such modules is refused (``TypeError``: pass ``model.float()``).
     """
-    module, name = as_module(model)
+    module, name = in_float32(*as_module(model))
     x = _check_inputs(inputs)
     N, C, *S = x.shape
     patch_hw = _per_axis(patch, "patch", len(S), C)
@@ -350,6 +357,35 @@ def as_module(model) -> tuple[nn.Module, str]:
         raise TypeError(f"model must be a torch.nn.Module or a function around one, got "
                         f"{type(model).__name__}")
     return _Forward(model, _modules_of(model)), getattr(model, "__name__", type(model).__name__)
+
+
+def in_float32(module: nn.Module, name: str, stacklevel: int = 4) -> tuple[nn.Module, str]:
+    """``(module, name)`` with float32 weights: ``module`` itself, or a
+    float32 copy of it (with a warning) where it holds other floating-point
+    weights or buffers; the engine's views, kernels and memory sizing are
+    float32. The user's module is never changed.
+
+    Raises:
+        TypeError: a function around such modules (its code calls the
+            originals, so a copy would not be what runs), or a module that
+            cannot be copied.
+    """
+    dtypes = {t.dtype for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return module, name
+    held = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+    advice = f"KQL computes in float32: pass a float32 model ({name}.float()), or a copy of it"
+    if isinstance(module, _Forward):
+        raise TypeError(f"the function {name!r} runs modules with {held} weights; {advice}")
+    try:
+        copied = copy.deepcopy(module).float()
+    except Exception as e:  # noqa: BLE001 - any failure to copy is the same answer
+        raise TypeError(f"model {name!r} holds {held} weights and cannot be copied "
+                        f"({type(e).__name__}: {e}); {advice}") from None
+    warnings.warn(f"model {name!r} holds {held} weights: KQL computes in float32, so the maps come from a "
+                  f"float32 copy of it and agree with the model's own outputs to float32 rounding",
+                  stacklevel=stacklevel)           # 4: the caller of kql.occlusion or of a drop-in
+    return copied, name
 
 
 class _Forward(nn.Module):

@@ -7,6 +7,7 @@ The bar: max |difference| <= 1e-5 relative to the output scale (:func:`close`).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -179,6 +180,26 @@ def test_captum_fallback_warns_once_and_still_matches(why, model, window):
     mine = [r for r in record if "kql.compat.captum" in str(r.message)]
     assert len(mine) == 1 and why in str(mine[0].message) and "batched naive" in str(mine[0].message)
     assert close(got, ref, forward(m, x)) <= TOL
+
+
+def test_float64_models_in_both_drop_ins():
+    """Captum and MONAI run a float64 model as it is; the engine computes in
+    float32: Captum's drop-in falls back to batched naive (warned, Captum's
+    own computation), MONAI's runs a float32 copy (warned). Both equal the
+    packages; the user's model stays float64."""
+    m = copy.deepcopy(net("plain")).double()
+    x = inputs(3, 20).double()
+    ref = captum_attr.Occlusion(m).attribute(x, (3, 6, 6), strides=(3, 4, 5), target=[0, 1, 2])
+    with pytest.warns(UserWarning, match="the input is torch.float64 .* batched naive"):
+        got = Occlusion(m).attribute(x, (3, 6, 6), strides=(3, 4, 5), target=[0, 1, 2])
+    assert close(got, ref, forward(m, x)) <= TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_map, _ = monai_visualize.OcclusionSensitivity(m, mask_size=8, n_batch=16, verbose=False)(x[:1])
+    with pytest.warns(UserWarning, match="float64 weights.*float32 copy"):
+        got_map, _ = OcclusionSensitivity(m, mask_size=8, n_batch=16, verbose=False)(x[:1])
+    assert close(got_map, ref_map.as_tensor().to(got_map.dtype), forward(m, x[:1]).softmax(1)) <= TOL
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
 
 
 @pytest.mark.parametrize("call, error, text", [

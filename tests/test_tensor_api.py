@@ -2,6 +2,7 @@
 the API and in the language (``LABEL TOP k``, ``LABEL ALL``, a list)."""
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -145,6 +146,27 @@ def test_an_untraceable_model_is_a_value_error_naming_it():
 
     with pytest.raises(ValueError, match="cannot plan Branchy"):
         kql.occlusion(Branchy(), X[:1], 4, 4)
+
+
+def test_a_float64_model_runs_as_a_float32_copy_and_stays_float64():
+    net64 = copy.deepcopy(NET).double()
+    with pytest.warns(UserWarning, match="'Sequential' holds float64 weights.*float32 copy"):
+        got = kql.occlusion(net64, X[:1].double(), 4, 4, target=[[1, 4]])[0]
+    ref = kql.occlusion(NET, X[:1], 4, 4, target=[[1, 4]])[0]
+    assert np.abs(np.asarray(got.maps) - np.asarray(ref.maps)).max() < 1e-6
+    assert {p.dtype for p in net64.parameters()} == {torch.float64}
+    # a function's code calls the float64 modules themselves: a copy would not be what runs
+    with pytest.raises(TypeError, match="runs modules with float64 weights.*float32"):
+        kql.occlusion(lambda v: net64(v).softmax(1), X[:1], 4, 4)
+    # and in queries: registered as a float32 copy
+    con = kql.connect(progress="off")
+    with pytest.warns(UserWarning, match="float32 copy"):
+        con.register_model("net64", net64)
+    con.register_model("net32", NET)
+    con.register_image("img", np.random.default_rng(0).random((20, 18, 3)))
+    heat = {m: con.execute(f"SELECT HEATMAP FROM img USING {m} PATCH 4 STRIDE 4 LABEL 2").heatmap
+            for m in ("net64", "net32")}
+    assert np.abs(heat["net64"] - heat["net32"]).max() < 1e-6
 
 
 # -- the language -----------------------------------------------------------------------

@@ -119,13 +119,16 @@ class Occlusion:
             return f"the input is {x.dim()}-D, not images (N, C, H, W) or volumes (N, C, D, H, W)"
         if w[0] != x.shape[1]:
             return f"the window {w} does not span all {x.shape[1]} channels"
-        if not x.is_floating_point():
-            return f"the input is {x.dtype}"
+        if x.dtype != torch.float32:
+            return f"the input is {x.dtype} (the engine computes in float32)"
         if any(isinstance(a, torch.Tensor) for a in args):
             return "additional_forward_args holds tensors"
         module = self.forward_func if isinstance(self.forward_func, nn.Module) else None
         if module is not None and module.training:
             return "the model is in training mode"
+        held = {t.dtype for t in module.parameters() if t.is_floating_point()} if module is not None else set()
+        if held - {torch.float32}:
+            return f"the model holds {', '.join(sorted(map(str, held)))} weights (the engine computes in float32)"
         if not (target is None or isinstance(target, numbers.Integral)
                 or isinstance(target, torch.Tensor) and target.dim() <= 1
                 or isinstance(target, list) and all(isinstance(t, numbers.Integral) for t in target)):
