@@ -140,7 +140,8 @@ class Connection:
         copy, with a warning (the engine computes in float32).
         """
         from kql.tensor_api import in_float32
-        module, _ = in_float32(module, name, stacklevel=3) if isinstance(module, torch.nn.Module) else (module, name)
+        if isinstance(module, torch.nn.Module):       # anything else: spec_from_module's error
+            module = in_float32(module, name, stacklevel=3)
         self.catalog.add_model(name, sources.spec_from_module(
             name, module, input_size=input_size, mean=mean, std=std, labels=labels, channels=channels))
 

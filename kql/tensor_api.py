@@ -38,7 +38,7 @@ from kql import ast
 from kql.catalog import Catalog
 from kql.errors import ExecutionError, KqlError, PlanError, QueryInterrupted
 
-__all__ = ["occlusion", "as_module", "in_float32", "SCORES"]
+__all__ = ["occlusion", "as_module", "in_float32", "float_dtypes", "SCORES"]
 
 SCORES = ("softmax", "sigmoid", "logits")
 GRIDS = ("edge", "clip")
@@ -113,7 +113,8 @@ def occlusion(model: Union[nn.Module, Callable], inputs: torch.Tensor, patch, st
     weights is run as a float32 copy, with a warning; a function around
     such modules is refused (``TypeError``: pass ``model.float()``).
     """
-    module, name = in_float32(*as_module(model))
+    module, name = as_module(model)
+    module = in_float32(module, name)
     x = _check_inputs(inputs)
     N, C, *S = x.shape
     patch_hw = _per_axis(patch, "patch", len(S), C)
@@ -359,9 +360,14 @@ def as_module(model) -> tuple[nn.Module, str]:
     return _Forward(model, _modules_of(model)), getattr(model, "__name__", type(model).__name__)
 
 
-def in_float32(module: nn.Module, name: str, stacklevel: int = 4) -> tuple[nn.Module, str]:
-    """``(module, name)`` with float32 weights: ``module`` itself, or a
-    float32 copy of it (with a warning) where it holds other floating-point
+def float_dtypes(module: nn.Module) -> set:
+    """The floating-point dtypes of ``module``'s parameters and buffers."""
+    return {t.dtype for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()}
+
+
+def in_float32(module: nn.Module, name: str, stacklevel: int = 4) -> nn.Module:
+    """``module`` with float32 weights: ``module`` itself, or a float32
+    copy of it (with a warning) where it holds other floating-point
     weights or buffers; the engine's views, kernels and memory sizing are
     float32. The user's module is never changed.
 
@@ -370,9 +376,9 @@ def in_float32(module: nn.Module, name: str, stacklevel: int = 4) -> tuple[nn.Mo
             originals, so a copy would not be what runs), or a module that
             cannot be copied.
     """
-    dtypes = {t.dtype for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()}
+    dtypes = float_dtypes(module)
     if dtypes <= {torch.float32}:
-        return module, name
+        return module
     held = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
     advice = f"KQL computes in float32: pass a float32 model ({name}.float()), or a copy of it"
     if isinstance(module, _Forward):
@@ -385,7 +391,7 @@ def in_float32(module: nn.Module, name: str, stacklevel: int = 4) -> tuple[nn.Mo
     warnings.warn(f"model {name!r} holds {held} weights: KQL computes in float32, so the maps come from a "
                   f"float32 copy of it and agree with the model's own outputs to float32 rounding",
                   stacklevel=stacklevel)           # 4: the caller of kql.occlusion or of a drop-in
-    return copied, name
+    return copied
 
 
 class _Forward(nn.Module):

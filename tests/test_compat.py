@@ -223,7 +223,7 @@ def test_captum_bad_input_is_a_clear_error(call, error, text):
 def test_captum_drop_in_runs_no_forward_pass_of_its_own():
     """The engine's unoccluded forward (its reference and materialization)
     is the only full-size pass: the drop-in checks the target on it instead
-    of running the model once more (a tenth of the time on a 3-D network).
+    of running the model once more.
     The first call also traces the model (shape propagation: one more pass,
     once per model and input shape)."""
     m, x = _plain().eval(), inputs(1, 16)

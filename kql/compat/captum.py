@@ -126,7 +126,8 @@ class Occlusion:
         module = self.forward_func if isinstance(self.forward_func, nn.Module) else None
         if module is not None and module.training:
             return "the model is in training mode"
-        held = {t.dtype for t in module.parameters() if t.is_floating_point()} if module is not None else set()
+        from kql.tensor_api import float_dtypes
+        held = float_dtypes(module) if module is not None else set()
         if held - {torch.float32}:
             return f"the model holds {', '.join(sorted(map(str, held)))} weights (the engine computes in float32)"
         if not (target is None or isinstance(target, numbers.Integral)
